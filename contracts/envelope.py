@@ -1,0 +1,124 @@
+"""The envelope: the one JSON document that travels from stage to stage for a job.
+
+It carries the accumulated state (fields produced so far), per-node outputs, the error log, the
+decision trail of runtime nodes, timings and token usage. It stays lean: traces belong to the
+monitor. Methods return new envelopes; an envelope is never mutated in place.
+"""
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ErrorKind = Literal["contract", "stage", "lm", "timeout", "pipeline", "routing"]
+
+
+class ErrorRecord(BaseModel):
+    """One error in a job's log. `retryable` says whether the failing call could succeed later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    stage: str | None = None
+    kind: ErrorKind = "stage"
+    error_type: str
+    message: str
+    retryable: bool = False
+    attempts: int = 1
+    fields: list[str] = Field(default_factory=list)
+    at: float = Field(default_factory=time.time)
+
+
+class StageTiming(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    stage: str
+    identity: str
+    worker: str = ""
+    queued_at: float | None = None
+    started_at: float
+    seconds: float
+    attempts: int = 1
+    cached: bool = False
+
+
+class Decision(BaseModel):
+    """What a runtime node decided (branch taken, loop iteration, map fan-out, structure chosen)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    node: str
+    kind: str
+    choice: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+
+    def plus(self, other: "Usage") -> "Usage":
+        return Usage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            calls=self.calls + other.calls,
+        )
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    pipeline: str
+    pipeline_version: str
+    submitted_at: float = Field(default_factory=time.time)
+    state: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    errors: list[ErrorRecord] = Field(default_factory=list)
+    timings: list[StageTiming] = Field(default_factory=list)
+    trail: list[Decision] = Field(default_factory=list)
+    usage: dict[str, Usage] = Field(default_factory=dict)
+    failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
+    def pick(self, names: list[str], rename: dict[str, str] | None = None) -> dict[str, Any]:
+        """The state fields a stage reads: contract field name <- state field name (present ones only)."""
+        rename = rename or {}
+        return {name: self.state[rename.get(name, name)] for name in names if rename.get(name, name) in self.state}
+
+    def with_output(
+        self,
+        node_path: str,
+        outputs: dict[str, Any],
+        timing: StageTiming | None = None,
+        usage: Usage | None = None,
+        rename: dict[str, str] | None = None,
+    ) -> "Envelope":
+        rename = rename or {}
+        state = {**self.state, **{rename.get(k, k): v for k, v in outputs.items()}}
+        update: dict[str, Any] = {"state": state, "outputs": {**self.outputs, node_path: outputs}}
+        if timing is not None:
+            update["timings"] = [*self.timings, timing]
+        if usage is not None and timing is not None:
+            update["usage"] = {**self.usage, timing.stage: self.usage.get(timing.stage, Usage()).plus(usage)}
+        return self.model_copy(update=update)
+
+    def with_error(self, error: ErrorRecord, fatal: bool) -> "Envelope":
+        update: dict[str, Any] = {"errors": [*self.errors, error]}
+        if fatal and self.failure is None:
+            update["failure"] = error
+        return self.model_copy(update=update)
+
+    def with_decision(self, decision: Decision) -> "Envelope":
+        return self.model_copy(update={"trail": [*self.trail, decision]})
+
+    def with_timing(self, timing: StageTiming, usage: Usage | None) -> "Envelope":
+        usages = dict(self.usage)
+        if usage is not None:
+            usages[timing.stage] = usages.get(timing.stage, Usage()).plus(usage)
+        return self.model_copy(update={"timings": [*self.timings, timing], "usage": usages})

@@ -1,0 +1,43 @@
+"""Errors raised while loading or checking contracts. All are permanent: retrying cannot fix them."""
+
+from dataclasses import dataclass
+
+
+class StagecoachError(Exception):
+    """Root of every error Stagecoach raises on purpose."""
+
+
+class ContractError(StagecoachError):
+    """Data does not match a declared contract; carries one problem per offending field."""
+
+    def __init__(self, where: str, problems: list["FieldProblem"]) -> None:
+        self.where = where
+        self.problems = problems
+        detail = "; ".join(str(p) for p in problems)
+        super().__init__(f"{where}: {detail}")
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    field: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"field '{self.field}': {self.problem}"
+
+
+class SpecError(StagecoachError):
+    """A stage or pipeline definition is invalid (unknown stage, cycle, bad type name...)."""
+
+
+class UnknownPipelineError(SpecError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = known
+        super().__init__(f"unknown pipeline '{name}'; known pipelines: {', '.join(sorted(known)) or 'none'}")
+
+
+class UnknownStageError(SpecError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        super().__init__(f"unknown stage '{name}'; known stages: {', '.join(sorted(known)) or 'none'}")

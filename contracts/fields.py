@@ -1,0 +1,110 @@
+"""Field declarations of stage and pipeline contracts, and the pydantic models built from them.
+
+A contract is written as data (`question: str`, `sub_questions: list[str]`), so pipelines can be
+defined in YAML and validated by any process without importing the stage's code.
+"""
+
+from functools import lru_cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from contracts.errors import ContractError, FieldProblem, SpecError
+
+_SCALARS: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any, "dict": dict[str, Any]}
+
+
+def parse_type(name: str) -> Any:
+    """Turn a type name (`str`, `list[str]`, `enum[a,b]`, `int?`) into a Python annotation."""
+    text = name.replace(" ", "")
+    if text.endswith("?"):
+        return parse_type(text[:-1]) | None
+    if text in _SCALARS:
+        return _SCALARS[text]
+    if text.startswith("list[") and text.endswith("]"):
+        return list[parse_type(text[5:-1])]  # type: ignore[misc]
+    if text.startswith("enum[") and text.endswith("]"):
+        values = tuple(v for v in text[5:-1].split(",") if v)
+        if values:
+            return Literal[values]
+    raise SpecError(f"unknown field type '{name}'; use str, int, float, bool, dict, any, list[T], enum[a,b], T?")
+
+
+class FieldSpec(BaseModel):
+    """One declared field: its type name, an optional description and an optional default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = "str"
+    description: str = ""
+    default: Any = None
+    required: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_type_name(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _type_is_known(self) -> "FieldSpec":
+        parse_type(self.type)
+        return self
+
+    def annotation(self) -> Any:
+        return parse_type(self.type)
+
+
+Fields = dict[str, FieldSpec]
+
+
+def build_model(name: str, fields: Fields) -> type[BaseModel]:
+    """A strict pydantic model for a contract: unknown fields are rejected, types are checked."""
+    return _cached_model(name, tuple(sorted((k, v.model_dump_json()) for k, v in fields.items())))
+
+
+@lru_cache(maxsize=512)
+def _cached_model(name: str, frozen_fields: tuple[tuple[str, str], ...]) -> type[BaseModel]:
+    definitions: dict[str, Any] = {}
+    for field_name, raw in frozen_fields:
+        spec = FieldSpec.model_validate_json(raw)
+        default = ... if spec.required and spec.default is None else spec.default
+        definitions[field_name] = (spec.annotation(), Field(default, description=spec.description))
+    model: type[BaseModel] = create_model(  # type: ignore[call-overload]
+        name, __config__=ConfigDict(extra="forbid"), **definitions
+    )
+    return model
+
+
+def problems_of(error: ValidationError) -> list[FieldProblem]:
+    """One readable problem per field from a pydantic error (field name, what is wrong, what came)."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<input>"
+        message = _describe(item)
+        problems.append(FieldProblem(field, message))
+    return problems
+
+
+def _describe(item: Any) -> str:
+    kind = item["type"]
+    if kind == "missing":
+        return "missing required field"
+    if kind == "extra_forbidden":
+        return "unexpected field (not in the contract)"
+    given = repr(item.get("input"))
+    if len(given) > 80:
+        given = given[:77] + "..."
+    return f"{item['msg'].lower()} (got {given})"
+
+
+def validate(where: str, fields: Fields, data: dict[str, Any]) -> dict[str, Any]:
+    """Validate data against a contract; return it coerced to plain JSON, or raise ContractError."""
+    model = build_model(_model_name(where), fields)
+    try:
+        return model.model_validate(data).model_dump(mode="json")
+    except ValidationError as error:
+        raise ContractError(where, problems_of(error)) from None
+
+
+def _model_name(where: str) -> str:
+    return "".join(part.capitalize() for part in where.replace(".", " ").replace("-", " ").split()) or "Contract"

@@ -1,0 +1,61 @@
+"""Job request, status and result: what clients send and read back."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
+
+JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
+
+
+class JobRequest(BaseModel):
+    """The payload of `pipeline.run`: plain JSON any Celery client can send."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    job_id: str | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    state: JobState
+    pipeline: str | None = None
+    node: str | None = Field(None, description="node path the job is in now")
+    stage: str | None = Field(None, description="stage the job is in now")
+    stages_done: int = 0
+    updated_at: float | None = None
+    submitted_at: float | None = None
+
+
+class JobResult(BaseModel):
+    """A finished job: the answer fields, the full state and everything that happened."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str
+    pipeline: str
+    pipeline_version: str
+    state: JobState
+    answer: dict[str, Any] = Field(default_factory=dict, description="the pipeline's declared outputs")
+    fields: dict[str, Any] = Field(default_factory=dict, description="every state field at the end")
+    outputs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-node outputs")
+    error: ErrorRecord | None = None
+    errors: list[ErrorRecord] = Field(default_factory=list)
+    timings: list[StageTiming] = Field(default_factory=list)
+    trail: list[Decision] = Field(default_factory=list)
+    usage: dict[str, Usage] = Field(default_factory=dict)
+    submitted_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "succeeded"
+
+    @property
+    def seconds(self) -> float | None:
+        if self.submitted_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.submitted_at

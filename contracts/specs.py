@@ -1,0 +1,245 @@
+"""Stage and pipeline specifications: pipelines are data, compiled to Celery canvas by `routing`.
+
+A pipeline's `root` is a tree of nodes. Nodes whose shape is known before the job starts
+(stage, sequence, parallel, ensemble, subpipeline) become chain/group/chord up front; nodes that
+depend on a stage's output (branch, loop, map, adaptive) become a routing task deciding at run time.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from contracts.fields import Fields
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LMOverride(Model):
+    """Per-stage or per-node LM settings that replace the worker's defaults."""
+
+    model: str | None = None
+    api_base: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    rollout_id: int | None = None
+
+
+class RetryPolicy(Model):
+    max_retries: int = Field(3, ge=0, le=20)
+    backoff_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(30.0, ge=0)
+
+
+class StageSpec(Model):
+    """A stage: name, version, input/output contracts and the DSPy module that implements it.
+
+    `module` is an import path `package.module:Name` to a `dspy.Module` subclass, a factory
+    returning one, or a `dspy.Signature` (wrapped in `program`). `state` names JSON written by
+    `module.save(...)`; its digest is part of the stage identity, so a new optimisation is a new
+    version.
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    version: str = "1"
+    description: str = ""
+    module: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    program: Literal["predict", "chain_of_thought"] = "predict"
+    state: str | None = None
+    inputs: Fields
+    outputs: Fields
+    lm: LMOverride | None = None
+    retry: RetryPolicy = RetryPolicy()
+    time_limit: float | None = Field(None, gt=0, description="seconds before the stage is stopped")
+    state_digest: str | None = Field(None, description="sha256 of the saved state; filled on load")
+
+    @property
+    def identity(self) -> str:
+        digest = f"#{self.state_digest[:12]}" if self.state_digest else ""
+        return f"{self.name}@{self.version}{digest}"
+
+    def resolve_state(self, base: Path) -> "StageSpec":
+        """Absolute state path and its digest, relative paths read from the defining file's folder."""
+        if self.state is None:
+            return self
+        path = Path(self.state) if Path(self.state).is_absolute() else base / self.state
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+        return self.model_copy(update={"state": str(path), "state_digest": digest})
+
+
+class NodeBase(Model):
+    id: str | None = Field(None, description="name of this node in outputs and traces")
+
+
+class StageNode(NodeBase):
+    kind: Literal["stage"] = "stage"
+    stage: str
+    inputs: dict[str, str] = Field(default_factory=dict, description="stage input field <- state field")
+    outputs: dict[str, str] = Field(default_factory=dict, description="stage output field -> state field")
+    critical: bool = Field(True, description="on a permanent error: fail the job, or record and continue")
+    lm: LMOverride | None = None
+
+
+class SequenceNode(NodeBase):
+    kind: Literal["sequence"] = "sequence"
+    steps: list["Node"] = Field(min_length=1)
+
+
+class SubPipelineNode(NodeBase):
+    """Runs another pipeline (by name, resolved when the catalog loads) or an inline node."""
+
+    kind: Literal["subpipeline"] = "subpipeline"
+    pipeline: str | None = None
+    node: "Node | None" = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "SubPipelineNode":
+        if (self.pipeline is None) == (self.node is None):
+            raise ValueError("a subpipeline names exactly one of 'pipeline' or 'node'")
+        return self
+
+
+class BranchNode(NodeBase):
+    """A router stage picks one named branch at run time from one of its output fields."""
+
+    kind: Literal["branch"] = "branch"
+    router: StageNode
+    field: str
+    branches: dict[str, "Node"] = Field(min_length=1)
+    default: str | None = None
+
+
+class StopCondition(Model):
+    field: str
+    threshold: float
+    direction: Literal["above", "below"] = "above"
+
+
+class LoopNode(NodeBase):
+    """Iterative refinement: repeat `body` until a threshold, patience or max_iterations."""
+
+    kind: Literal["loop"] = "loop"
+    body: "Node"
+    max_iterations: int = Field(3, ge=1, le=100)
+    until: StopCondition | None = None
+    patience: int | None = Field(None, ge=1)
+    epsilon: float = 0.0
+    score_field: str | None = None
+
+
+class MapNode(NodeBase):
+    """Fan `node` out over the items of a list field; gather results in input order."""
+
+    kind: Literal["map"] = "map"
+    over: str
+    item: str = Field(description="state field each item is bound to inside the mapped node")
+    node: "Node"
+    collect: dict[str, str] = Field(description="mapped node output field -> list field in state")
+    max_fanout: int = Field(32, ge=1, le=1000)
+    on_error: Literal["fail", "drop"] = "fail"
+
+
+class ParallelNode(NodeBase):
+    """Named members run at once on the same state; a merger combines their outputs."""
+
+    kind: Literal["parallel"] = "parallel"
+    members: dict[str, "Node"] = Field(min_length=1)
+    merge: str = Field("fields", description="fields | concat | import path of a merger")
+    concat_field: str | None = None
+    member_timeout: float | None = Field(None, gt=0)
+
+
+class EnsembleNode(NodeBase):
+    """N processors then an aggregator (weighted_voting, best_confidence, consensus, or custom)."""
+
+    kind: Literal["ensemble"] = "ensemble"
+    members: list["Node"] = Field(min_length=1)
+    aggregator: str = "weighted_voting"
+    answer_field: str = "answer"
+    confidence_field: str = "confidence"
+    threshold: float = Field(0.5, ge=0, le=1)
+    member_timeout: float | None = Field(None, gt=0)
+
+
+class AdaptiveNode(NodeBase):
+    """Analyse the input and pick one of several named structures."""
+
+    kind: Literal["adaptive"] = "adaptive"
+    text_field: str
+    structures: dict[str, "Node"] = Field(min_length=1)
+    rules: dict[str, str] = Field(default_factory=dict, description="analysis type -> structure name")
+    default: str | None = None
+
+
+Node = Annotated[
+    StageNode
+    | SequenceNode
+    | SubPipelineNode
+    | BranchNode
+    | LoopNode
+    | MapNode
+    | ParallelNode
+    | EnsembleNode
+    | AdaptiveNode,
+    Field(discriminator="kind"),
+]
+
+RUNTIME_KINDS = frozenset({"branch", "loop", "map", "adaptive"})
+
+
+def normalise_node(value: Any) -> Any:
+    """Shorthands in data files: a bare string is a stage; a dict with `stage` and no kind too."""
+    if isinstance(value, str):
+        return {"kind": "stage", "stage": value}
+    if isinstance(value, dict) and "kind" not in value and "stage" in value:
+        return {"kind": "stage", **value}
+    if isinstance(value, list):
+        return {"kind": "sequence", "steps": value}
+    return value
+
+
+class PipelineSpec(Model):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_\-]*$")
+    version: str = "1"
+    description: str = ""
+    inputs: Fields
+    outputs: list[str] = Field(default_factory=list, description="state fields reported as the answer")
+    example: dict[str, Any] = Field(default_factory=dict)
+    root: Node
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _shorthand_root(cls, value: Any) -> Any:
+        return _normalise_tree(value)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+_CHILD_KEYS = ("steps", "node", "body", "branches", "members", "structures", "router")
+
+
+def _normalise_tree(value: Any) -> Any:
+    value = normalise_node(value)
+    if not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for key in _CHILD_KEYS:
+        child = out.get(key)
+        if isinstance(child, list):
+            out[key] = [_normalise_tree(c) for c in child]
+        elif isinstance(child, dict) and key in ("branches", "members", "structures") and "kind" not in child:
+            out[key] = {k: _normalise_tree(c) for k, c in child.items()}
+        elif child is not None:
+            out[key] = _normalise_tree(child)
+    return out
+
+
+for _model in (SequenceNode, SubPipelineNode, BranchNode, LoopNode, MapNode, ParallelNode, EnsembleNode,
+               AdaptiveNode, PipelineSpec):
+    _model.model_rebuild()

@@ -1,0 +1,1 @@
+"""Example DSPy stages used by the pipelines in `pipelines/`."""

@@ -1,0 +1,60 @@
+"""The Python client: submit jobs by pipeline name, follow their status, read their results."""
+
+import uuid
+from typing import Any
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from contracts.jobs import JobRequest, JobResult, JobStatus
+from contracts.names import ROUTING_QUEUE, RUN_TASK
+from routing.errors import JobTimeoutError, PipelineError
+from workers.factory import catalog_of, jobs_of
+
+
+class JobHandle:
+    def __init__(self, client: "Client", job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def status(self) -> JobStatus:
+        return self.client.status(self.id)
+
+    def ready(self) -> bool:
+        return AsyncResult(self.id, app=self.client.app).ready()
+
+    def get(self, timeout: float | None = None, raise_errors: bool = False) -> JobResult:
+        """Wait for the JobResult. With raise_errors, a failed job raises PipelineError."""
+        try:
+            raw = AsyncResult(self.id, app=self.client.app).get(timeout=timeout, propagate=True)
+        except CeleryTimeout:
+            raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
+        result = JobResult.model_validate(raw)
+        if raise_errors and result.error is not None:
+            raise PipelineError(result.error.message, self.id)
+        return result
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+
+class Client:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None) -> JobHandle:
+        """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue."""
+        catalog_of(self.app).validate_inputs(pipeline, inputs)
+        job_id = job_id or uuid.uuid4().hex
+        request = JobRequest(pipeline=pipeline, inputs=inputs)
+        jobs_of(self.app).queued(job_id, pipeline)
+        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json", exclude_none=True)],
+                           task_id=job_id, queue=ROUTING_QUEUE)
+        return JobHandle(self, job_id)
+
+    def handle(self, job_id: str) -> JobHandle:
+        return JobHandle(self, job_id)
+
+    def status(self, job_id: str) -> JobStatus:
+        return jobs_of(self.app).status(job_id)

@@ -1,0 +1,119 @@
+"""Routing tasks: `pipeline.run` (start a job by name), `pipeline.finish`, and runtime nodes.
+
+`pipeline.run` takes plain JSON (`{"pipeline": NAME, "inputs": {...}}`) so any Celery client can
+start a job. Bad requests do not raise: they finish as a failed JobResult naming the problem, so
+the caller's `.get()` returns an explanation and the worker keeps serving.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery, Task
+from pydantic import ValidationError
+
+from contracts.catalog import Catalog
+from contracts.envelope import Envelope, ErrorRecord
+from contracts.errors import ContractError, StagecoachError
+from contracts.fields import problems_of
+from contracts.jobs import JobRequest, JobResult
+from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
+from routing.compile import Compiler, bind_input
+from workers.factory import jobs_of
+from workers.jobs import JobStore
+from workers.settings import Settings
+
+RuntimeHandler = Callable[[Task, Compiler, Envelope, dict[str, Any], str], Any]
+
+# kind -> handler deciding a runtime node; the handler returns task.replace(...) or an envelope dict
+RUNTIME_HANDLERS: dict[str, RuntimeHandler] = {}
+
+
+def register(app: Celery, catalog: Catalog, settings: Settings) -> None:
+    compiler = Compiler(app, catalog)
+    jobs = jobs_of(app)
+    _register_run(app, catalog, compiler, jobs)
+    _register_finish(app, catalog, jobs)
+    for kind, handler in RUNTIME_HANDLERS.items():
+        _register_runtime(app, compiler, kind, handler)
+
+
+def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore) -> None:
+    @app.task(name=RUN_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    def run_pipeline(self: Task, request: dict[str, Any]) -> Any:
+        job_id = self.request.id
+        try:
+            envelope, spec = start_envelope(catalog, request, job_id)
+        except StagecoachError as error:
+            return rejected(job_id, request, error, jobs).model_dump(mode="json")
+        jobs.entered(job_id, "", None)
+        canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
+        return self.replace(canvas)
+
+
+def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tuple[Envelope, Any]:
+    try:
+        parsed = JobRequest.model_validate(request)
+    except ValidationError as error:
+        raise ContractError("pipeline.run request", problems_of(error)) from None
+    spec = catalog.pipeline(parsed.pipeline)
+    inputs = catalog.validate_inputs(parsed.pipeline, parsed.inputs)
+    envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs)
+    return envelope, spec
+
+
+def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) -> JobResult:
+    """A request that could not start: a failed result that names the pipeline and fields."""
+    pipeline = request.get("pipeline") if isinstance(request, dict) else None
+    fields = [p.field for p in error.problems] if isinstance(error, ContractError) else []
+    record = ErrorRecord(
+        node="", kind="contract", error_type=type(error).__name__, message=str(error), fields=fields
+    )
+    jobs.finished(job_id, "failed")
+    return JobResult(
+        job_id=job_id,
+        pipeline=str(pipeline or ""),
+        pipeline_version="",
+        state="failed",
+        error=record,
+        errors=[record],
+        finished_at=time.time(),
+    )
+
+
+def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore) -> None:
+    @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    def finish_pipeline(self: Task, envelope: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+        job = Envelope.model_validate(envelope)
+        result = job_result(job, outputs)
+        jobs.finished(job.job_id, result.state)
+        return result.model_dump(mode="json")
+
+
+def job_result(job: Envelope, outputs: list[str]) -> JobResult:
+    answer = {name: job.state.get(name) for name in outputs} if not job.failed else {}
+    return JobResult(
+        job_id=job.job_id,
+        pipeline=job.pipeline,
+        pipeline_version=job.pipeline_version,
+        state="failed" if job.failed else "succeeded",
+        answer=answer,
+        fields=job.state,
+        outputs=job.outputs,
+        error=job.failure,
+        errors=job.errors,
+        timings=job.timings,
+        trail=job.trail,
+        usage=job.usage,
+        submitted_at=job.submitted_at,
+        finished_at=time.time(),
+    )
+
+
+def _register_runtime(app: Celery, compiler: Compiler, kind: str, handler: RuntimeHandler) -> None:
+    @app.task(name=routing_task(kind), bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
+        job = Envelope.model_validate(envelope)
+        if job.failed:
+            return envelope
+        return handler(self, compiler, job, node, path)

@@ -1,0 +1,1 @@
+"""Stage workers: the Celery app, one task per stage, the LM configuration and the stage runner."""

@@ -1,0 +1,50 @@
+"""Job status records in Redis: which stage a job is in, readable by any client."""
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from contracts.jobs import JobState, JobStatus
+from contracts.names import job_key
+
+
+class JobStore:
+    def __init__(self, client: "redis.Redis[bytes]", ttl_seconds: int) -> None:
+        self.client = client
+        self.ttl = ttl_seconds
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: int) -> "JobStore":
+        return cls(redis.Redis.from_url(url), ttl_seconds)
+
+    def queued(self, job_id: str, pipeline: str) -> None:
+        now = time.time()
+        self._write(job_id, {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now})
+
+    def entered(self, job_id: str, node: str, stage: str | None) -> None:
+        self._update(job_id, {"state": "running", "node": node, "stage": stage})
+
+    def left(self, job_id: str) -> None:
+        self.client.hincrby(job_key(job_id), "stages_done", 1)
+
+    def finished(self, job_id: str, state: JobState) -> None:
+        self._update(job_id, {"state": state, "node": None, "stage": None})
+
+    def status(self, job_id: str) -> JobStatus:
+        raw = self.client.hgetall(job_key(job_id))
+        if not raw:
+            return JobStatus(job_id=job_id, state="unknown")
+        fields = {k.decode(): json.loads(v) for k, v in raw.items()}
+        return JobStatus(job_id=job_id, **fields)
+
+    def _update(self, job_id: str, fields: dict[str, Any]) -> None:
+        self._write(job_id, {**fields, "updated_at": time.time()})
+
+    def _write(self, job_id: str, fields: dict[str, Any]) -> None:
+        key = job_key(job_id)
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()

@@ -1,0 +1,104 @@
+"""One Celery task per stage, named and queued `stage.<name>`.
+
+Tasks are thin: validate the envelope, call the stage runner, serialise. Errors become values in
+the envelope (its error log, and `failure` when fatal) rather than exceptions across task
+boundaries, so a chain or chord never hangs on a failed member and the job result explains what
+went wrong. Transient LM errors are retried with exponential backoff, each attempt logged.
+"""
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from contracts.envelope import Envelope, ErrorRecord, StageTiming
+from contracts.names import stage_queue, stage_task
+from contracts.specs import StageNode, StageSpec
+from workers.errors import StageError, StageTimeoutError
+from workers.jobs import JobStore
+from workers.settings import Settings
+from workers.stage import StageRunner
+
+HARD_LIMIT_GRACE = 30.0
+
+
+def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Settings, jobs: JobStore) -> None:
+    for spec in stages.values():
+        runner = StageRunner(spec, settings.lm)
+        _register(app, spec, StageExecutor(runner, jobs), settings)
+
+
+def _register(app: Celery, spec: StageSpec, executor: "StageExecutor", settings: Settings) -> None:
+    soft = spec.time_limit or settings.stage_time_limit
+
+    @app.task(
+        name=stage_task(spec.name),
+        bind=True,
+        queue=stage_queue(spec.name),
+        acks_late=True,
+        reject_on_worker_lost=True,
+        soft_time_limit=soft,
+        time_limit=soft + HARD_LIMIT_GRACE,
+        max_retries=spec.retry.max_retries,
+    )
+    def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> dict[str, Any]:
+        job = Envelope.model_validate(envelope)
+        call = StageNode.model_validate(node)
+        return executor.execute(self, job, call, path).model_dump(mode="json")
+
+
+class StageExecutor:
+    """Runs a stage for one envelope and folds the outcome (output, retry or error) into it."""
+
+    def __init__(self, runner: StageRunner, jobs: JobStore) -> None:
+        self.runner = runner
+        self.jobs = jobs
+        self.spec = runner.spec
+
+    def execute(self, task: Task, job: Envelope, call: StageNode, path: str) -> Envelope:
+        if job.failed:
+            return job  # a fatal error earlier: pass through to the end of the pipeline
+        self.jobs.entered(job.job_id, path, self.spec.name)
+        try:
+            run = self.runner.run(job.pick(list(self.spec.inputs), call.inputs), call.lm)
+        except SoftTimeLimitExceeded:
+            return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
+        except StageError as error:
+            if error.retryable and task.request.retries < self.spec.retry.max_retries:
+                raise self._retry(task, job, call, path, error) from error
+            return self._failed(job, call, path, error, task)
+        self.jobs.left(job.job_id)
+        timing = StageTiming(
+            node=path,
+            stage=self.spec.name,
+            identity=self.spec.identity,
+            worker=task.request.hostname or "",
+            started_at=run.started_at,
+            seconds=run.seconds,
+            attempts=task.request.retries + 1,
+        )
+        return job.with_output(path, run.outputs, timing, run.usage, call.outputs)
+
+    def _retry(self, task: Task, job: Envelope, call: StageNode, path: str, error: StageError) -> Exception:
+        logged = job.with_error(self._record(path, error, task), fatal=False)
+        policy = self.spec.retry
+        countdown = min(policy.backoff_seconds * 2 ** task.request.retries, policy.backoff_max_seconds)
+        node = call.model_dump(mode="json")
+        kwargs = {"node": node, "path": path}
+        return task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
+
+    def _failed(self, job: Envelope, call: StageNode, path: str, error: StageError, task: Task) -> Envelope:
+        self.jobs.left(job.job_id)
+        return job.with_error(self._record(path, error, task), fatal=call.critical)
+
+    def _record(self, path: str, error: StageError, task: Task) -> ErrorRecord:
+        return ErrorRecord(
+            node=path,
+            stage=self.spec.name,
+            kind=error.kind,  # type: ignore[arg-type]
+            error_type=type(error).__name__,
+            message=str(error),
+            retryable=error.retryable,
+            attempts=task.request.retries + 1,
+            fields=error.fields,
+        )
