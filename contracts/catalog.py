@@ -63,15 +63,11 @@ def load_catalog(paths: Iterable[Path | str]) -> Catalog:
 def check_catalog(catalog: Catalog) -> None:
     for pipeline in catalog.pipelines.values():
         for node in iter_nodes(pipeline.root):
-            if isinstance(node, StageNode):
-                if node.stage not in catalog.stages:
-                    raise SpecError(f"pipeline '{pipeline.name}': {UnknownStageError(node.stage, list(catalog.stages))}")
-            elif isinstance(node, SubPipelineNode) and node.pipeline is not None:
-                if node.pipeline not in catalog.pipelines:
-                    raise SpecError(
-                        f"pipeline '{pipeline.name}': "
-                        f"{UnknownPipelineError(node.pipeline, list(catalog.pipelines))}"
-                    )
+            if isinstance(node, StageNode) and node.stage not in catalog.stages:
+                raise SpecError(f"pipeline '{pipeline.name}': {UnknownStageError(node.stage, list(catalog.stages))}")
+            if isinstance(node, SubPipelineNode) and node.pipeline and node.pipeline not in catalog.pipelines:
+                known = list(catalog.pipelines)
+                raise SpecError(f"pipeline '{pipeline.name}': {UnknownPipelineError(node.pipeline, known)}")
         _check_nesting(catalog, pipeline.name, [])
 
 

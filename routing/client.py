@@ -22,7 +22,7 @@ class JobHandle:
         return self.client.status(self.id)
 
     def ready(self) -> bool:
-        return AsyncResult(self.id, app=self.client.app).ready()
+        return bool(AsyncResult(self.id, app=self.client.app).ready())
 
     def get(self, timeout: float | None = None, raise_errors: bool = False) -> JobResult:
         """Wait for the JobResult. With raise_errors, a failed job raises PipelineError."""

@@ -6,7 +6,6 @@ canvas it chose. Every task receives the envelope as its first argument; node pa
 so each output in the job is keyed by where it ran (`retrieve`, `hops[2]/retrieve`).
 """
 
-from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, chain
@@ -15,11 +14,7 @@ from celery.canvas import Signature, _chain, chord, group
 from contracts.catalog import Catalog
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, routing_task, stage_queue, stage_task
 from contracts.specs import RUNTIME_KINDS, Node, PipelineSpec, SequenceNode, StageNode, SubPipelineNode
-
-NodeCompiler = Callable[["Compiler", Any, str], Signature]
-
-# kind -> compiler for nodes known before the job starts; other packages add theirs here
-STATIC_COMPILERS: dict[str, NodeCompiler] = {}
+from routing.registry import STATIC_COMPILERS
 
 
 class Compiler:

@@ -6,12 +6,12 @@ the caller's `.get()` returns an explanation and the worker keeps serving.
 """
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
 from pydantic import ValidationError
 
+import routing.nodes  # noqa: F401  (registers every node kind)
 from contracts.catalog import Catalog
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, StagecoachError
@@ -19,14 +19,10 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from routing.compile import Compiler, bind_input
+from routing.registry import RUNTIME_HANDLERS, RuntimeHandler
 from workers.factory import jobs_of
 from workers.jobs import JobStore
 from workers.settings import Settings
-
-RuntimeHandler = Callable[[Task, Compiler, Envelope, dict[str, Any], str], Any]
-
-# kind -> handler deciding a runtime node; the handler returns task.replace(...) or an envelope dict
-RUNTIME_HANDLERS: dict[str, RuntimeHandler] = {}
 
 
 def register(app: Celery, catalog: Catalog, settings: Settings) -> None:

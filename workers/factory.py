@@ -12,7 +12,7 @@ import importlib
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
@@ -54,7 +54,7 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "task_track_started": True,
-        "task_queues": [Queue(stage_queue(name)) for name in catalog.stages] + [Queue(ROUTING_QUEUE)],
+        "task_queues": [Queue(stage_queue(name)) for name in catalog.stages] + [Queue(ROUTING_QUEUE)],  # type: ignore[no-untyped-call]
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,
         "worker_hijack_root_logger": False,

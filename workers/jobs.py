@@ -11,7 +11,7 @@ from contracts.names import job_key
 
 
 class JobStore:
-    def __init__(self, client: "redis.Redis[bytes]", ttl_seconds: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_seconds: int) -> None:
         self.client = client
         self.ttl = ttl_seconds
 
@@ -36,7 +36,7 @@ class JobStore:
         raw = self.client.hgetall(job_key(job_id))
         if not raw:
             return JobStatus(job_id=job_id, state="unknown")
-        fields = {k.decode(): json.loads(v) for k, v in raw.items()}
+        fields = {_text(k): json.loads(v) for k, v in raw.items()}
         return JobStatus(job_id=job_id, **fields)
 
     def _update(self, job_id: str, fields: dict[str, Any]) -> None:
@@ -48,3 +48,7 @@ class JobStore:
         pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
         pipe.expire(key, self.ttl)
         pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

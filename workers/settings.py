@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     concurrency: int = 4
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
     flower_port: int = 5555
-    lm: LMSettings = Field(default_factory=LMSettings)
+    lm: LMSettings = Field(default_factory=lambda: LMSettings())
 
     @property
     def backend_url(self) -> str:

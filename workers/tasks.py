@@ -85,7 +85,8 @@ class StageExecutor:
         countdown = min(policy.backoff_seconds * 2 ** task.request.retries, policy.backoff_max_seconds)
         node = call.model_dump(mode="json")
         kwargs = {"node": node, "path": path}
-        return task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
+        retry: Exception = task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
+        return retry
 
     def _failed(self, job: Envelope, call: StageNode, path: str, error: StageError, task: Task) -> Envelope:
         self.jobs.left(job.job_id)

@@ -17,6 +17,7 @@ Run: python -m workers.testlm --port 8091 [--latency-ms 50]
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import re
@@ -108,7 +109,7 @@ class Generator:
 
     def _number(self, name: str, schema: dict[str, Any], defs: dict[str, Any]) -> float:
         low, high = schema.get("minimum", 0.0), schema.get("maximum", 1.0)
-        return round(low + (high - low) * (digest(self.seed, name) % 1000) / 1000, 3)
+        return round(float(low + (high - low) * (digest(self.seed, name) % 1000) / 1000), 3)
 
     def _integer(self, name: str, schema: dict[str, Any], defs: dict[str, Any]) -> int:
         low, high = int(schema.get("minimum", 0)), int(schema.get("maximum", 9))
@@ -257,10 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     rules = json.loads(args.rules.read_text()) if args.rules else None
     server = make_server(args.host, args.port, Behaviour(args.latency_ms, args.fail_rate, rules))
     print(f"test LM listening on http://{args.host}:{server.server_address[1]}/v1", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

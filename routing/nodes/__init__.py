@@ -1,0 +1,1 @@
+"""Node kinds beyond stage/sequence/subpipeline; importing this registers them all."""

@@ -1,0 +1,71 @@
+"""Session fixtures: real Redis, the test LM server, and one worker subprocess per stage queue."""
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from contracts.catalog import Catalog, load_catalog
+from contracts.names import ROUTING_QUEUE, stage_queue
+from routing.client import Client
+from tests.services import Fleet, default_catalog, redis_server, test_lm, worker_env
+from workers.factory import create_app
+from workers.settings import LMSettings, Settings
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def lm_url() -> Iterator[str]:
+    with test_lm() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def catalog() -> Catalog:
+    return load_catalog(default_catalog())
+
+
+def client_app(redis_url: str, lm_url: str, catalog_paths: list[Path] | None = None) -> Celery:
+    settings = Settings(
+        broker_url=redis_url,
+        catalog=catalog_paths or default_catalog(),
+        lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False),
+    )
+    return create_app(settings)
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_url: str, lm_url: str, catalog: Catalog) -> Iterator[Fleet]:
+    """One worker per stage queue plus the routing worker, for the whole session."""
+    logdir = Path(tempfile.mkdtemp(prefix="stagecoach-workers-"))
+    fleet = Fleet(worker_env(redis_url, lm_url), logdir)
+    for name in catalog.stages:
+        fleet.start(f"stage-{name}", [stage_queue(name)], concurrency=4)
+    fleet.start("routing", [ROUTING_QUEUE], concurrency=8)
+    try:
+        fleet.wait_ready()
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture(scope="session")
+def app(redis_url: str, lm_url: str) -> Celery:
+    return client_app(redis_url, lm_url)
+
+
+@pytest.fixture(scope="session")
+def client(app: Celery, fleet: Fleet) -> Client:
+    return Client(app)
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=1, default=str)[:4000]
