@@ -39,7 +39,8 @@ class StageSpec(Model):
     """A stage: name, version, input/output contracts and the DSPy module that implements it.
 
     `module` is an import path `package.module:Name` to a `dspy.Module` subclass, a factory
-    returning one, or a `dspy.Signature` (wrapped in `program`). `state` names JSON written by
+    returning one (called with `options` as keyword arguments), or a `dspy.Signature` (wrapped in
+    `program`). `state` names JSON written by
     `module.save(...)`; its digest is part of the stage identity, so a new optimisation is a new
     version.
     """
@@ -50,6 +51,7 @@ class StageSpec(Model):
     module: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     program: Literal["predict", "chain_of_thought"] = "predict"
     state: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the module factory")
     inputs: Fields
     outputs: Fields
     lm: LMOverride | None = None

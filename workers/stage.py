@@ -63,7 +63,7 @@ def _import(spec: StageSpec) -> Any:
 def _instantiate(spec: StageSpec, target: Any) -> dspy.Module:
     if isinstance(target, type) and issubclass(target, dspy.Signature):
         return dspy.ChainOfThought(target) if spec.program == "chain_of_thought" else dspy.Predict(target)
-    program = target()
+    program = target(**spec.options)
     if not isinstance(program, dspy.Module):
         raise ModuleLoadError(spec.name, f"{spec.module} did not give a dspy.Module (got {type(program)})")
     return program
