@@ -1,0 +1,1 @@
+"""The `stagecoach` command line: run the local stack, submit jobs, read results."""
