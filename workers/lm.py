@@ -74,6 +74,18 @@ class SchemaJSONAdapter(dspy.JSONAdapter):
             "json_schema": {"name": "outputs", "strict": True, "schema": schema},
         }
 
+    # The schema already fixes the reply's shape; showing small models a template with `{answer}`
+    # placeholders makes them copy the placeholders, so the prompt only names the fields.
+    def format_field_structure(self, signature: Any) -> str:
+        return (
+            "The inputs follow, each under a [[ ## name ## ]] header. Reply with one JSON object holding "
+            "the output fields, each filled with real content (never a placeholder)."
+        )
+
+    def user_message_output_requirements(self, signature: Any) -> str:
+        names = ", ".join(f"`{name}`" for name in signature.output_fields)
+        return f"Respond with one JSON object with the fields {names}."
+
 
 def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """Copy of a JSON schema with maxItems on arrays and maxLength on strings where none is set."""
