@@ -142,7 +142,8 @@ class MapNode(NodeBase):
     node: "Node"
     collect: dict[str, str] = Field(description="mapped node output field -> list field in state")
     max_fanout: int = Field(32, ge=1, le=1000)
-    on_error: Literal["fail", "drop"] = "fail"
+    overflow: Literal["fail", "truncate"] = Field("fail", description="more items than max_fanout")
+    on_error: Literal["fail", "drop"] = Field("fail", description="an item fails: fail the job, or drop the item")
 
 
 class ParallelNode(NodeBase):

@@ -28,11 +28,12 @@ class Compiler:
         return chain(self.node(spec.root, ""), finish)
 
     def node(self, node: Node | StageNode, prefix: str) -> Signature:
+        # a runtime kind may register a compiler too (a branch runs its router stage first)
+        if node.kind in STATIC_COMPILERS:
+            return STATIC_COMPILERS[node.kind](self, node, prefix)
         if node.kind in RUNTIME_KINDS:
-            return self.runtime(node, prefix)
-        if node.kind not in STATIC_COMPILERS:
-            raise NotImplementedError(f"no compiler for node kind '{node.kind}'")
-        return STATIC_COMPILERS[node.kind](self, node, prefix)
+            return self.runtime(node, prefix)  # type: ignore[arg-type]
+        raise NotImplementedError(f"no compiler for node kind '{node.kind}'")
 
     def runtime(self, node: Node, prefix: str) -> Signature:
         path = prefix + (node.id or node.kind)

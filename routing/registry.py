@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from celery import Task
+    from celery import Celery, Task
     from celery.canvas import Signature
 
     from contracts.envelope import Envelope
@@ -21,3 +21,7 @@ STATIC_COMPILERS: dict[str, NodeCompiler] = {}
 # `task.replace(canvas)` or the envelope as a dict
 RuntimeHandler = Callable[["Task", "Compiler", "Envelope", dict[str, Any], str], Any]
 RUNTIME_HANDLERS: dict[str, RuntimeHandler] = {}
+
+# register(app, compiler) functions adding extra routing tasks, e.g. the chord body gathering a map
+TaskRegistrar = Callable[["Celery", "Compiler"], None]
+TASK_REGISTRARS: list[TaskRegistrar] = []

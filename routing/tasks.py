@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import Ignore, Retry
 from pydantic import ValidationError
 
 import routing.nodes  # noqa: F401  (registers every node kind)
@@ -19,7 +20,8 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from routing.compile import Compiler, bind_input
-from routing.registry import RUNTIME_HANDLERS, RuntimeHandler
+from routing.nodes.runtime import failed
+from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS, RuntimeHandler
 from workers.factory import jobs_of
 from workers.jobs import JobStore
 from workers.settings import Settings
@@ -32,6 +34,8 @@ def register(app: Celery, catalog: Catalog, settings: Settings) -> None:
     _register_finish(app, catalog, jobs)
     for kind, handler in RUNTIME_HANDLERS.items():
         _register_runtime(app, compiler, kind, handler)
+    for registrar in TASK_REGISTRARS:
+        registrar(app, compiler)
 
 
 def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore) -> None:
@@ -112,4 +116,10 @@ def _register_runtime(app: Celery, compiler: Compiler, kind: str, handler: Runti
         job = Envelope.model_validate(envelope)
         if job.failed:
             return envelope
-        return handler(self, compiler, job, node, path)
+        try:
+            return handler(self, compiler, job, node, path)
+        except (Ignore, Retry):
+            raise  # how `self.replace(...)` and retries end a task: not errors
+        except Exception as error:
+            # any other failure to decide ends the job as failed, never leaves it hanging
+            return failed(job, path, error)

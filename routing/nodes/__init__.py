@@ -1,1 +1,3 @@
 """Node kinds beyond stage/sequence/subpipeline; importing this registers them all."""
+
+from routing.nodes import map  # noqa: F401

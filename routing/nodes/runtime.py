@@ -1,0 +1,36 @@
+"""Helpers shared by the runtime node kinds (branch, loop, map, adaptive) and their tasks.
+
+A routing decision that cannot be made is a value, like a stage error: the envelope gets an
+ErrorRecord of kind "routing" and its `failure` set, so the rest of the chain passes it through to
+`pipeline.finish` and the job ends as failed instead of hanging.
+"""
+
+import re
+from typing import Any
+
+from contracts.envelope import Envelope, ErrorRecord
+from routing.errors import RoutingError
+
+_SEPARATORS = re.compile(r"[\s\-]+")
+
+
+def routing_record(path: str, error: BaseException) -> ErrorRecord:
+    return ErrorRecord(node=path, kind="routing", error_type=type(error).__name__, message=str(error))
+
+
+def failed(job: Envelope, path: str, error: BaseException) -> dict[str, Any]:
+    """The envelope with a fatal routing error, ready to return from a task."""
+    return job.with_error(routing_record(path, error), fatal=True).model_dump(mode="json")
+
+
+def normalise_choice(value: Any) -> str:
+    """`" Short Answer "`, `short-answer` and `SHORT_ANSWER` all become `short_answer`."""
+    return _SEPARATORS.sub("_", str(value).strip().lower())
+
+
+def state_value(job: Envelope, field: str, where: str) -> Any:
+    """A state field a runtime node decides on; a clear RoutingError when it is absent."""
+    if field not in job.state:
+        known = ", ".join(sorted(job.state)) or "none"
+        raise RoutingError(f"{where}: state field '{field}' is missing; state has: {known}", job.job_id)
+    return job.state[field]
