@@ -1,18 +1,155 @@
-"""`stagecoach` commands. Each command is a thin shell over a function in another cli module."""
+"""`stagecoach` commands. Each command is a thin shell over functions in the other cli modules.
+
+Exit codes: 0 done, 1 a job failed, 2 bad input (unknown pipeline, bad field, bad file line),
+3 not finished in time / unknown job, 4 services unreachable or the stack failed.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
+
+from cli import render
+from contracts.errors import StagecoachError
 
 app = typer.Typer(
     name="stagecoach",
     help="Run multi-stage DSPy programs as distributed Celery pipelines, one queue per stage.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON (the contracts' shapes)")]
+StateDir = Annotated[Path, typer.Option(help="where logs and the stack's state file go")]
+DEFAULT_STATE_DIR = Path(".stagecoach")
+EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES = 1, 2, 3, 4
 
 
 @app.callback()
 def _root() -> None:
     """Stagecoach: multi-stage DSPy pipelines on per-stage Celery queues."""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    render.err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _client() -> Any:
+    from cli.jobs import BrokerUnreachable, client_settings, make_client
+
+    try:
+        return make_client(client_settings())
+    except BrokerUnreachable as error:
+        fail(str(error), EXIT_SERVICES)
+    except StagecoachError as error:
+        fail(f"cannot load the pipeline catalog: {error}", EXIT_INPUT)
+
+
+@app.command()
+def up(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Run the local stack in the foreground: Redis (if none is reachable), the local LM server
+    (when the default LM is in use), one worker per stage queue, the routing worker and Flower.
+    Ctrl-C stops all of it."""
+    from cli.stack import StackError
+    from cli.up import up as run_up
+    from workers.settings import Settings
+
+    try:
+        raise typer.Exit(run_up(Settings(), state_dir))
+    except (StackError, StagecoachError) as error:
+        fail(str(error), EXIT_SERVICES)
+
+
+@app.command()
+def demo(
+    keep: Annotated[bool, typer.Option(help="keep the stack running afterwards, until Ctrl-C")] = False,
+    limit: Annotated[int, typer.Option(help="at most this many pipelines' examples")] = 8,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each job")] = 600.0,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Start the stack, run each pipeline's example, print answers with per-stage timings, stop."""
+    from cli.demo import demo as run_demo
+    from cli.stack import StackError
+    from workers.settings import Settings
+
+    try:
+        raise typer.Exit(run_demo(Settings(), state_dir, keep, limit, timeout))
+    except (StackError, StagecoachError) as error:
+        fail(str(error), EXIT_SERVICES)
+
+
+@app.command()
+def submit(
+    pipeline: str,
+    inputs: Annotated[list[str] | None, typer.Option("--input", "-i", help="NAME=VALUE (JSON if it parses)")] = None,
+    input_file: Annotated[Path | None, typer.Option(help="JSON lines, one job's inputs per line")] = None,
+    example: Annotated[bool, typer.Option("--example", help="use the pipeline's example input")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the result and print it")] = False,
+    as_json: JsonFlag = False,
+    timeout: Annotated[float, typer.Option(help="seconds --wait waits per job")] = 600.0,
+) -> None:
+    """Submit a job (or one per line of --input-file) to PIPELINE."""
+    from cli import commands
+    from workers.factory import catalog_of
+
+    client = _client()
+    try:
+        spec = catalog_of(client.app).pipeline(pipeline)
+        if input_file is not None:
+            if inputs or example:
+                fail("--input-file cannot be combined with --input or --example", EXIT_INPUT)
+            raise typer.Exit(commands.submit_file(client, pipeline, input_file, wait, as_json, timeout))
+        job_inputs = commands.gather_inputs(spec, inputs or [], example)
+        handle = client.submit(pipeline, job_inputs)
+    except (StagecoachError, ValueError) as error:
+        fail(str(error), EXIT_INPUT)
+    raise typer.Exit(commands.after_submit(handle, wait, as_json, timeout))
+
+
+@app.command()
+def status(job_id: str, as_json: JsonFlag = False) -> None:
+    """Where a job is: queued, running (in which stage), succeeded or failed."""
+    current = _client().status(job_id)
+    if as_json:
+        render.print_json(current.model_dump(mode="json"))
+    else:
+        render.out.print(render.status_table(current))
+    if current.state == "unknown":
+        fail(f"no job {job_id} (never submitted, or its record expired)", EXIT_PENDING)
+
+
+@app.command()
+def result(
+    job_id: str,
+    as_json: JsonFlag = False,
+    wait: Annotated[bool, typer.Option("--wait", help="wait until the job finishes")] = False,
+    timeout: Annotated[float, typer.Option(help="seconds --wait waits")] = 600.0,
+) -> None:
+    """A job's result: the answer, the error if it failed, per-stage timings."""
+    from cli import commands
+
+    raise typer.Exit(commands.show_result(_client(), job_id, wait, as_json, timeout))
+
+
+@app.command()
+def pipelines(as_json: JsonFlag = False) -> None:
+    """Every pipeline in the catalog: its stages, node kinds and input fields."""
+    from cli.catalog_view import describe_all, pipeline_kinds, pipeline_stages
+    from contracts.catalog import load_catalog
+    from workers.settings import Settings
+
+    try:
+        catalog = load_catalog(Settings().catalog)
+    except StagecoachError as error:
+        fail(f"cannot load the pipeline catalog: {error}", EXIT_INPUT)
+    if as_json:
+        render.print_json(describe_all(catalog))
+        return
+    rows = [(spec, pipeline_stages(catalog, spec), pipeline_kinds(catalog, spec))
+            for _, spec in sorted(catalog.pipelines.items())]
+    render.out.print(render.pipelines_table(rows))
 
 
 def main() -> None:

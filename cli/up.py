@@ -1,0 +1,66 @@
+"""`stagecoach up`: start the stack, show what runs where, stop all of it on Ctrl-C or SIGTERM."""
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cli import render
+from cli.stack import Stack, start_stack
+from workers.settings import Settings
+
+READY_SECONDS = 180.0
+
+
+@contextmanager
+def running_stack(settings: Settings, state_dir: Path, stop: threading.Event | None = None) -> Iterator[Stack]:
+    """A started and ready stack, stopped on the way out whatever happens."""
+    render.err.print(f"starting the stack (logs in {state_dir / 'logs'}) ...")
+    stack = start_stack(settings, state_dir)
+    try:
+        stack.wait_ready(READY_SECONDS, stop)
+        stack.write_state(state_dir / "stack.json")
+        yield stack
+    finally:
+        render.err.print("stopping the stack ...")
+        stack.stop()
+        (state_dir / "stack.json").unlink(missing_ok=True)
+        render.err.print("stack stopped")
+
+
+def show(stack: Stack) -> None:
+    rows = [(s.name, s.proc.pid, s.role, s.url, str(s.log)) for s in stack.services]
+    render.out.print(render.stack_table(rows))
+    render.out.print(f"broker: {stack.broker_url}   flower: {stack.flower_url}   LM: {stack.lm_url or 'configured'}")
+
+
+@contextmanager
+def stop_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (handlers restored afterwards)."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve_until_stopped(stack: Stack, stop: threading.Event) -> int:
+    """Block until a stop signal (exit 0) or until a service dies on its own (exit 1)."""
+    while not stop.wait(1.0):
+        dead = stack.dead()
+        if dead:
+            for service in dead:
+                render.err.print(f"[red]{service.name} exited (code {service.proc.returncode}); "
+                                 f"log {service.log}:[/]\n{service.log_tail(1500)}")
+            return 1
+    return 0
+
+
+def up(settings: Settings, state_dir: Path) -> int:
+    with stop_signals() as stop, running_stack(settings, state_dir, stop) as stack:
+        show(stack)
+        render.out.print("[green]stack ready[/] - Ctrl-C stops all of it", highlight=False)
+        return serve_until_stopped(stack, stop)
