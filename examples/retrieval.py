@@ -75,12 +75,14 @@ def open_retriever(
     """The process-wide retriever for a corpus, built or loaded from the disk cache on first use."""
     path = resolve_path(corpus, corpus_env)
     cache = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.is_file() else (0, 0)
     with _lock:
-        return _cached_retriever(path, fmt, cache)
+        return _cached_retriever(path, stamp, fmt, cache)
 
 
 @lru_cache(maxsize=8)
-def _cached_retriever(path: Path, fmt: CorpusFormat, cache: Path) -> Retriever:
+def _cached_retriever(path: Path, stamp: tuple[int, int], fmt: CorpusFormat, cache: Path) -> Retriever:
+    """One retriever per corpus file version (`stamp`: mtime and size, so an edited file is re-read)."""
     passages = read_corpus(path, fmt)
     digest = corpus_digest(passages)
     return Retriever(passages, _index(passages, cache / digest[:24]), digest)
