@@ -7,6 +7,7 @@ depend on a stage's output (branch, loop, map, adaptive) become a routing task d
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ class LMOverride(Model):
     temperature: float | None = None
     max_tokens: int | None = None
     rollout_id: int | None = None
+    timeout: float | None = Field(None, gt=0, description="seconds an LM HTTP call may take")
 
 
 class RetryPolicy(Model):
@@ -106,13 +108,23 @@ class SubPipelineNode(NodeBase):
 
 
 class BranchNode(NodeBase):
-    """A router stage picks one named branch at run time from one of its output fields."""
+    """A router stage picks one named branch at run time from one of its output fields.
+
+    Without a router the branch reads a state field already there (a conditional). The value is
+    normalised (case, spaces, dashes) before it is matched against the branch names.
+    """
 
     kind: Literal["branch"] = "branch"
-    router: StageNode
+    router: StageNode | None = None
     field: str
     branches: dict[str, "Node"] = Field(min_length=1)
     default: str | None = None
+
+    @model_validator(mode="after")
+    def _default_is_a_branch(self) -> "BranchNode":
+        if self.default is not None and self.default not in self.branches:
+            raise ValueError(f"default '{self.default}' is not a branch; branches: {', '.join(self.branches)}")
+        return self
 
 
 class StopCondition(Model):
@@ -128,9 +140,21 @@ class LoopNode(NodeBase):
     body: "Node"
     max_iterations: int = Field(3, ge=1, le=100)
     until: StopCondition | None = None
-    patience: int | None = Field(None, ge=1)
-    epsilon: float = 0.0
-    score_field: str | None = None
+    patience: int | None = Field(None, ge=1, description="stop after this many iterations without improvement")
+    epsilon: float = Field(0.0, ge=0, description="a smaller score change is no improvement")
+    score_field: str | None = Field(None, description="state field patience watches; default: until.field")
+    record: list[str] = Field(default_factory=list, description="state fields kept per iteration; default: outputs")
+
+    @model_validator(mode="after")
+    def _patience_has_a_score(self) -> "LoopNode":
+        if self.patience is not None and self.score_field is None and self.until is None:
+            raise ValueError("patience needs a score: set 'score_field' or 'until'")
+        return self
+
+    @property
+    def watched(self) -> str | None:
+        """The state field whose value is each iteration's score."""
+        return self.score_field or (self.until.field if self.until else None)
 
 
 class MapNode(NodeBase):
@@ -146,26 +170,78 @@ class MapNode(NodeBase):
     on_error: Literal["fail", "drop"] = Field("fail", description="an item fails: fail the job, or drop the item")
 
 
+MEMBER_NAME = r"^[A-Za-z0-9_\-]+$"
+MERGERS = ("fields", "concat")
+AGGREGATORS = ("weighted_voting", "best_confidence", "consensus")
+IMPORT_PATH = re.compile(r"^[\w.]+:[\w.]+$")
+
+
+def _check_named(what: str, value: str, builtins: tuple[str, ...]) -> str:
+    if value not in builtins and not IMPORT_PATH.match(value):
+        raise ValueError(f"{what} '{value}' is neither one of {', '.join(builtins)} nor an import path module:name")
+    return value
+
+
 class ParallelNode(NodeBase):
-    """Named members run at once on the same state; a merger combines their outputs."""
+    """Named members run at once on the same state; a merger combines their outputs.
+
+    A member that fails or times out is recorded and the rest are merged; when every member
+    fails the job fails naming each member's error. `member_timeout` bounds each stage call of a
+    member (Celery soft/hard time limits in prefork workers, the LM HTTP timeout in thread pools).
+    """
 
     kind: Literal["parallel"] = "parallel"
     members: dict[str, "Node"] = Field(min_length=1)
-    merge: str = Field("fields", description="fields | concat | import path of a merger")
-    concat_field: str | None = None
-    member_timeout: float | None = Field(None, gt=0)
+    merge: str = Field("fields", description="fields | concat | import path module:function of a merger")
+    concat_field: str | None = Field(None, description="with merge=concat: the text field joined across members")
+    separator: str = Field("\n\n", description="with merge=concat: put between the members' texts")
+    member_timeout: float | None = Field(None, gt=0, description="seconds each stage call of a member may take")
+
+    @field_validator("members")
+    @classmethod
+    def _member_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.match(MEMBER_NAME, name):
+                raise ValueError(f"member name '{name}' may hold only letters, digits, '_' and '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _merger(self) -> "ParallelNode":
+        _check_named("merge", self.merge, MERGERS)
+        if self.merge == "concat" and not self.concat_field:
+            raise ValueError("merge 'concat' needs 'concat_field', the text field to join")
+        return self
 
 
 class EnsembleNode(NodeBase):
-    """N processors then an aggregator (weighted_voting, best_confidence, consensus, or custom)."""
+    """N processors then an aggregator (weighted_voting, best_confidence, consensus, or custom).
+
+    Each member reports `answer_field` and `confidence_field` (a float in [0, 1]) in its state;
+    the node writes the aggregated answer and confidence to the same fields and the full report
+    (outcome, every member's answer, confidence or error) to `report_field`.
+    """
 
     kind: Literal["ensemble"] = "ensemble"
     members: list["Node"] = Field(min_length=1)
-    aggregator: str = "weighted_voting"
+    aggregator: str = Field("weighted_voting", description="weighted_voting | best_confidence | consensus | module:fn")
     answer_field: str = "answer"
     confidence_field: str = "confidence"
-    threshold: float = Field(0.5, ge=0, le=1)
-    member_timeout: float | None = Field(None, gt=0)
+    report_field: str = Field("ensemble", description="state field receiving the full report")
+    threshold: float = Field(0.5, ge=0, le=1, description="consensus: share of members that must agree")
+    member_timeout: float | None = Field(None, gt=0, description="seconds each stage call of a member may take")
+
+    @model_validator(mode="after")
+    def _aggregator(self) -> "EnsembleNode":
+        _check_named("aggregator", self.aggregator, AGGREGATORS)
+        names = self.member_names()
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ensemble members need distinct ids; repeated: {', '.join(duplicates)}")
+        return self
+
+    def member_names(self) -> list[str]:
+        """A member's name in node paths: its id, else its position (`0`, `1`, ...)."""
+        return [member.id or str(index) for index, member in enumerate(self.members)]
 
 
 class AdaptiveNode(NodeBase):
@@ -176,6 +252,15 @@ class AdaptiveNode(NodeBase):
     structures: dict[str, "Node"] = Field(min_length=1)
     rules: dict[str, str] = Field(default_factory=dict, description="analysis type -> structure name")
     default: str | None = None
+    complexity_threshold: float = Field(0.5, ge=0, le=1, description="score from which input is complex_reasoning")
+
+    @model_validator(mode="after")
+    def _names_are_structures(self) -> "AdaptiveNode":
+        named = {**self.rules, "default": self.default} if self.default else dict(self.rules)
+        for key, name in named.items():
+            if name not in self.structures:
+                raise ValueError(f"{key} -> '{name}' is not a structure; structures: {', '.join(self.structures)}")
+        return self
 
 
 Node = Annotated[
@@ -234,7 +319,7 @@ def _normalise_tree(value: Any) -> Any:
     out = dict(value)
     for key in _CHILD_KEYS:
         child = out.get(key)
-        if isinstance(child, list):
+        if isinstance(child, list) and key in ("steps", "members"):
             out[key] = [_normalise_tree(c) for c in child]
         elif isinstance(child, dict) and key in ("branches", "members", "structures") and "kind" not in child:
             out[key] = {k: _normalise_tree(c) for k, c in child.items()}

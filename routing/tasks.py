@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.exceptions import Ignore, Retry
 from pydantic import ValidationError
 
 import routing.nodes  # noqa: F401  (registers every node kind)
@@ -20,7 +19,7 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from routing.compile import Compiler, bind_input
-from routing.nodes.runtime import failed
+from routing.nodes.runtime import register_routing_task
 from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS, RuntimeHandler
 from workers.factory import jobs_of
 from workers.jobs import JobStore
@@ -111,15 +110,5 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
 
 
 def _register_runtime(app: Celery, compiler: Compiler, kind: str, handler: RuntimeHandler) -> None:
-    @app.task(name=routing_task(kind), bind=True, queue=ROUTING_QUEUE, acks_late=True)
-    def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
-        job = Envelope.model_validate(envelope)
-        if job.failed:
-            return envelope
-        try:
-            return handler(self, compiler, job, node, path)
-        except (Ignore, Retry):
-            raise  # how `self.replace(...)` and retries end a task: not errors
-        except Exception as error:
-            # any other failure to decide ends the job as failed, never leaves it hanging
-            return failed(job, path, error)
+    # guarded: an exception while deciding ends the job as failed, never leaves it hanging
+    register_routing_task(app, compiler, routing_task(kind), handler)
