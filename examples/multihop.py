@@ -191,3 +191,22 @@ def title_recall(retrieved: list[list[str]] | list[str], gold: list[str]) -> flo
         return 1.0
     flat = {t for item in retrieved for t in ([item] if isinstance(item, str) else item)}
     return sum(title in flat for title in gold) / len(gold)
+
+
+# --- Optimisation: compile one stage in-process, save its state for workers to load ---
+
+
+def decomposes(example: dspy.Example, prediction: dspy.Prediction, trace: Any = None) -> bool:
+    """Metric for bootstrapping decompose demos: at least two distinct, non-empty sub-questions."""
+    subs = [s.strip() for s in getattr(prediction, "sub_questions", None) or [] if isinstance(s, str)]
+    return len(set(subs)) >= 2 and all(subs)
+
+
+def optimise_decompose(questions: list[str], max_demos: int = 2) -> DecomposeStage:
+    """`dspy.BootstrapFewShot` on the decompose stage, under the caller's `dspy.context` LM.
+
+    Save the result with `.save("decompose.json")` and name it as a stage's `state`."""
+    trainset = [dspy.Example(question=q).with_inputs("question") for q in questions]
+    optimiser = dspy.BootstrapFewShot(metric=decomposes, max_bootstrapped_demos=max_demos, max_labeled_demos=0)
+    compiled: DecomposeStage = optimiser.compile(DecomposeStage(), trainset=trainset)
+    return compiled
