@@ -44,7 +44,7 @@ def _build_lm(settings: LMSettings, override: LMOverride | None) -> dspy.LM:
         "max_tokens": chosen.get("max_tokens", settings.max_tokens),
         "cache": settings.cache,
         "num_retries": 0,  # retries belong to Celery, with backoff and a record in the job
-        "timeout": settings.timeout,
+        "timeout": chosen.get("timeout", settings.timeout),
     }
     api_base = chosen.get("api_base") or settings.resolved_api_base
     if api_base:

@@ -10,6 +10,7 @@ Fault injection, server-wide or per prompt (markers anywhere in an input):
   [[lm:fail_first=N]]                  the first N attempts of this prompt get 503
   [[lm:fail]] / [[lm:status=400]]      always 503 / always this status
   [[lm:garbage]]                       reply with text that is not JSON
+  [[lm:set:FIELD=VALUE]]               reply VALUE (JSON, else text) for output FIELD
 Rules (`--rules FILE`, JSON list of {"when": regex, "set": {field: value}}) pin chosen fields.
 `GET /stats` reports request counts.
 
@@ -30,6 +31,7 @@ from typing import Any
 
 SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
 MARKER = re.compile(r"\[\[lm:(\w+)(?:=([^\]]*))?\]\]")
+SET_MARKER = re.compile(r"\[\[lm:set:(\w+)=([^\]]*)\]\]")
 
 
 class Behaviour:
@@ -145,7 +147,21 @@ def reply_fields(body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:
     for pattern, values in behaviour.rules:
         if pattern.search(" ".join(inputs.values()) or prompt):
             fields.update({k: v for k, v in values.items() if k in fields})
+    if isinstance(fields, dict):
+        fields.update(pinned_fields(" ".join(inputs.values()), fields))
     return fields if isinstance(fields, dict) else {"value": fields}
+
+
+def pinned_fields(text: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Output fields pinned by `[[lm:set:FIELD=VALUE]]` markers in the inputs (only known fields)."""
+    pinned: dict[str, Any] = {}
+    for name, raw in SET_MARKER.findall(text):
+        if name in fields:
+            try:
+                pinned[name] = json.loads(raw)
+            except json.JSONDecodeError:
+                pinned[name] = raw.strip()
+    return pinned
 
 
 def _schema_of(body: dict[str, Any]) -> dict[str, Any]:
