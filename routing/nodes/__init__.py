@@ -1,3 +1,3 @@
 """Node kinds beyond stage/sequence/subpipeline; importing this registers them all."""
 
-from routing.nodes import adaptive, branch, loop, map  # noqa: F401
+from routing.nodes import adaptive, branch, ensemble, loop, map, parallel  # noqa: F401
