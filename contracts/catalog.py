@@ -3,6 +3,7 @@
 A file holds `stages:` (a list), and `pipeline:` or `pipelines:`. Stage names are global (a stage
 is a queue); a pipeline may use stages defined in any file. Checks at load: every referenced
 stage and sub-pipeline exists, sub-pipelines form no cycle and nest no deeper than MAX_DEPTH.
+A `structure:` (contracts/structure.py) is a hierarchical program resolved into one pipeline.
 """
 
 import json
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 from contracts.errors import SpecError, UnknownPipelineError, UnknownStageError
 from contracts.fields import validate
 from contracts.specs import Node, PipelineSpec, StageNode, StageSpec, SubPipelineNode
+from contracts.structure import load_structure
 
 MAX_DEPTH = 8
 M = TypeVar("M", bound=BaseModel)
@@ -76,9 +78,21 @@ def _check_nesting(catalog: Catalog, name: str, stack: list[str]) -> None:
         raise SpecError(f"sub-pipeline cycle: {' -> '.join([*stack, name])}")
     if len(stack) >= MAX_DEPTH:
         raise SpecError(f"sub-pipelines nest deeper than {MAX_DEPTH}: {' -> '.join([*stack, name])}")
-    for node in iter_nodes(catalog.pipelines[name].root):
-        if isinstance(node, SubPipelineNode) and node.pipeline is not None:
-            _check_nesting(catalog, node.pipeline, [*stack, name])
+    _check_subtree(catalog, catalog.pipelines[name].root, [*stack, name])
+
+
+def _check_subtree(catalog: Catalog, node: Node | StageNode, stack: list[str]) -> None:
+    """Named sub-pipelines are followed; inline ones count as a level too, shown as `(id)`."""
+    if isinstance(node, SubPipelineNode):
+        if node.pipeline is not None:
+            _check_nesting(catalog, node.pipeline, stack)
+            return
+        label = f"({node.id or 'inline'})"
+        if len(stack) >= MAX_DEPTH:
+            raise SpecError(f"sub-pipelines nest deeper than {MAX_DEPTH}: {' -> '.join([*stack, label])}")
+        stack = [*stack, label]
+    for child in children(node):
+        _check_subtree(catalog, child, stack)
 
 
 def iter_nodes(node: Node | StageNode) -> Iterator[Node | StageNode]:
@@ -128,9 +142,11 @@ def _read(file: Path) -> dict[str, Any]:
         raise SpecError(f"{file}: cannot read spec file: {error}") from None
     if not isinstance(doc, dict):
         raise SpecError(f"{file}: a spec file holds a mapping with 'stages' and/or 'pipeline(s)'")
-    unknown = set(doc) - {"stages", "pipeline", "pipelines"}
+    unknown = set(doc) - {"stages", "pipeline", "pipelines", "structure", "structures"}
     if unknown:
-        raise SpecError(f"{file}: unknown top-level keys {sorted(unknown)}; use stages, pipeline, pipelines")
+        raise SpecError(
+            f"{file}: unknown top-level keys {sorted(unknown)}; use stages, pipeline, pipelines, structure, structures"
+        )
     return doc
 
 
@@ -140,7 +156,15 @@ def _parse_stages(file: Path, doc: dict[str, Any]) -> list[StageSpec]:
 
 def _parse_pipelines(file: Path, doc: dict[str, Any]) -> list[PipelineSpec]:
     raws = list(doc.get("pipelines") or []) + ([doc["pipeline"]] if doc.get("pipeline") else [])
-    return [_parse(file, PipelineSpec, raw) for raw in raws]
+    structures = list(doc.get("structures") or []) + ([doc["structure"]] if doc.get("structure") else [])
+    return [_parse(file, PipelineSpec, raw) for raw in raws] + [_structure(file, raw) for raw in structures]
+
+
+def _structure(file: Path, raw: Any) -> PipelineSpec:
+    try:
+        return load_structure(raw, MAX_DEPTH)
+    except SpecError as error:
+        raise SpecError(f"{file}: {error}") from None
 
 
 def _parse(file: Path, model: type[M], raw: Any) -> M:

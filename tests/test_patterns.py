@@ -8,11 +8,16 @@ from contracts.jobs import JobResult
 from routing.client import Client
 
 
-def _refined(text: str) -> str:
-    """What the test LM's `refine` makes of a draft."""
+def _lm(field: str, text: str) -> str:
+    """What the test LM answers for a string field when `text` is the first input."""
     subject = " ".join(text.split())
     subject = subject if len(subject) <= 60 else subject[:57] + "..."
-    return f"draft_next of <{subject}>"
+    return f"{field} of <{subject}>"
+
+
+def _refined(text: str) -> str:
+    """What the test LM's `refine` makes of a draft."""
+    return _lm("draft_next", text)
 
 
 def _decisions(result: JobResult, kind: str) -> list[tuple[str, str]]:
@@ -232,3 +237,29 @@ def test_adaptive_without_a_structure_for_the_type_fails_clearly(client: Client)
     assert result.error is not None
     assert result.error.kind == "routing"
     assert "no structure for input type 'statement'" in result.error.message
+
+
+# --- hierarchical structure file ------------------------------------------------------------------
+
+def test_hierarchical_structure_runs_modules_pipelines_and_conditionals(client: Client) -> None:
+    question = "Write an essay on how glaciers shape valleys."
+    result = client.submit("patterns_hierarchical", {"question": question}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.answer["task_type"] == "essay"
+    assert result.answer["answer"] == f"answer of <{question}>"
+    assert result.answer["definitions"] == [_lm("definition", t) for t in result.answer["key_terms"]]
+    assert [t.node for t in result.timings] == [
+        "study/terms", "study/glossary[0]/define", "study/glossary[1]/define",
+        "respond/by_type/classify", "respond/by_type/essay/long"]
+    assert _decisions(result, "branch") == [("respond/by_type", "essay")]
+
+
+def test_pattern_started_with_plain_json_by_name(client: Client) -> None:
+    """`pipeline.run` by name, as a service in another language would send it."""
+    sent = client.app.send_task("pipeline.run", args=[{"pipeline": "patterns_branch",
+                                                       "inputs": {"question": "Short answer: why salt?"}}],
+                                queue="pipeline.routing")
+    raw = sent.get(timeout=60)
+    assert raw["state"] == "succeeded"
+    assert raw["answer"] == {"task_type": "short_answer", "answer": "answer of <Short answer: why salt?>"}
+    assert raw["trail"][0]["choice"] == "short_answer"
