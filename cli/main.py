@@ -152,5 +152,58 @@ def pipelines(as_json: JsonFlag = False) -> None:
     render.out.print(render.pipelines_table(rows))
 
 
+@app.command("eval")
+def eval_(
+    pipeline: str,
+    data: Annotated[Path, typer.Option(help="questions, JSON lines: HotPotQA records or {id, question, answer, "
+                                             "supporting_titles}")],
+    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    concurrency: Annotated[int, typer.Option(help="jobs in flight at once")] = 8,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each job")] = 600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score a QA pipeline on a question file through the running workers: exact match, token F1,
+    supporting-title recall, latency p50/p95 per stage and per job, token usage."""
+    from cli.evaluate import data_path, evaluate, report_view
+    from examples.multihop import load_examples
+    from workers.factory import catalog_of
+
+    client = _client()
+    try:
+        examples = load_examples(data_path(data), limit)
+        catalog_of(client.app).pipeline(pipeline)
+        report = evaluate(client, pipeline, examples, concurrency, timeout, show_progress=not as_json)
+    except (StagecoachError, ValueError) as error:
+        fail(str(error), EXIT_INPUT)
+    if as_json:
+        render.print_json(report.model_dump(mode="json"))
+    else:
+        render.out.print(report_view(report))
+    if report.succeeded == 0 and report.questions:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("compose")
+def compose_file() -> None:
+    """Print a docker-compose.yml for the catalog: Redis, the local LM, routing, one worker per stage, Flower."""
+    from cli.compose import render as render_compose
+    from contracts.catalog import load_catalog
+    from workers.settings import Settings
+
+    print(render_compose(load_catalog(Settings().catalog)), end="")
+
+
+@app.command("settings")
+def settings_table(markdown: Annotated[bool, typer.Option(help="the README's markdown table")] = False) -> None:
+    """Every setting: environment variable, type, default and meaning."""
+    from cli import settings_doc
+
+    if markdown:
+        print(settings_doc.markdown())
+        return
+    render.out.print(render.rows_table("settings (environment variables)",
+                                       ("variable", "type", "default", "meaning"), settings_doc.rows()))
+
+
 def main() -> None:
     app()

@@ -1,6 +1,7 @@
 """Rich rendering of job results, job status, the catalog and the running stack."""
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -80,4 +81,13 @@ def stack_table(rows: list[tuple[str, int, str, str, str]]) -> Table:
         table.add_column(column, overflow="fold")
     for name, pid, role, where, log in rows:
         table.add_row(f"{name} [dim]({role})[/]", str(pid), where, log)
+    return table
+
+
+def rows_table(title: str, columns: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     return table

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from contracts.jobs import JobResult, JobStatus
 from routing.client import Client
@@ -167,3 +168,17 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), 10, "stack processes to exit")
     assert not reachable(broker)
     assert (tmp_path / ".stagecoach" / "logs" / "stage-answer.log").exists()
+
+
+def test_compose_has_one_scalable_worker_service_per_stage(cli_env: dict[str, str], tmp_path: Path) -> None:
+    done = run(cli_env, tmp_path, "compose")
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    stages = json_out(run(cli_env, tmp_path, "pipelines", "--json"))
+    for stage in {s for p in stages for s in p["stages"]}:
+        service = services[f"worker-{stage}"]
+        assert f"-Q stage.{stage} " in service["command"]
+        assert service["environment"]["STAGECOACH_BROKER_URL"] == "redis://redis:6379/0"
+        assert "container_name" not in service and "ports" not in service  # or --scale would clash
+    assert "-Q pipeline.routing,celery " in services["routing"]["command"]
+    assert {"redis", "lm", "flower"} <= set(services)

@@ -19,19 +19,19 @@ class LMSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_LM_", extra="ignore")
 
-    model: str = LOCAL_MODEL
+    model: str = Field(LOCAL_MODEL, description="litellm model name, e.g. openai/gpt-4o-mini, ollama_chat/llama3")
     api_base: str | None = Field(None, description="OpenAI-compatible base URL; default: the local server")
-    api_key: str = "local"
-    temperature: float = 0.0
-    max_tokens: int = 384
+    api_key: str = Field("local", description="API key sent to the LM server")
+    temperature: float = Field(0.0, description="sampling temperature")
+    max_tokens: int = Field(384, description="completion token limit per call")
     cache: bool = Field(True, description="DSPy's in-process LM cache")
     structured: bool = Field(True, description="ask the server for JSON-schema constrained output")
-    timeout: float = 120.0
-    local_host: str = "127.0.0.1"
-    local_port: int = 8090
-    local_threads: int = 2
-    local_parallel: int = 4
-    local_ctx: int = 8192
+    timeout: float = Field(120.0, description="seconds one LM call may take")
+    local_host: str = Field("127.0.0.1", description="local SmolLM2 server: interface")
+    local_port: int = Field(8090, description="local SmolLM2 server: port")
+    local_threads: int = Field(2, description="local SmolLM2 server: CPU threads")
+    local_parallel: int = Field(4, description="local SmolLM2 server: requests decoded at once")
+    local_ctx: int = Field(8192, description="local SmolLM2 server: context tokens, shared by the parallel slots")
 
     @property
     def uses_local_server(self) -> bool:
@@ -49,9 +49,10 @@ class LMSettings(BaseSettings):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_", extra="ignore")
 
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker")
     result_backend: str | None = Field(None, description="defaults to the broker URL")
-    catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG])
+    catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG],
+                                description="JSON list of spec files or folders holding stages and pipelines")
     plugins: list[str] = Field(
         default_factory=lambda: ["routing.tasks:register"],
         description="import paths of register(app, catalog, settings) functions called at app creation",
@@ -59,9 +60,9 @@ class Settings(BaseSettings):
     result_expires: int = Field(7 * 24 * 3600, description="seconds a job result is kept")
     visibility_timeout: int = Field(3600, description="seconds before an unacked message is redelivered")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
-    concurrency: int = 4
+    concurrency: int = Field(4, description="tasks one worker runs at once")
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
-    flower_port: int = 5555
+    flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
 
     @property

