@@ -81,14 +81,21 @@ def launch(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     header: list[Signature] = []
     ids: dict[str, str] = {}
     for name, member in members_of(node).items():
-        sig = with_time_limits(bind_input(compiler.node(limited(member, node.member_timeout), f"{path}/{name}/"),
-                                          envelope), node.member_timeout)
+        canvas = compiler.node(limited(member, node.member_timeout), member_prefix(node, path, name, member))
+        sig = with_time_limits(bind_input(canvas, envelope), node.member_timeout)
         ids[name] = sig.freeze().id
         header.append(sig)
     kwargs = {"node": raw, "path": path, "base": job.model_dump(mode="json"), "ids": ids}
     body = compiler.app.signature(FANIN_TASK, kwargs=kwargs, queue=ROUTING_QUEUE)
     body.link_error(compiler.app.signature(RESCUE_TASK, queue=ROUTING_QUEUE))
     return task.replace(chord(group(header), body))
+
+
+def member_prefix(node: FanNode, path: str, name: str, member: Node) -> str:
+    """Members live under `<path>/<member>/`; an ensemble member with an id is named by it alone."""
+    if isinstance(node, EnsembleNode) and member.id:
+        return f"{path}/"
+    return f"{path}/{name}/"
 
 
 def limited(member: Node, timeout: float | None) -> Node:
