@@ -1,17 +1,20 @@
 """The `stagecoach` CLI as a user runs it: a subprocess talking to the session's real workers,
 and `stagecoach up` starting and stopping a whole private stack."""
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 
 from contracts.jobs import JobResult, JobStatus
@@ -182,3 +185,38 @@ def test_compose_has_one_scalable_worker_service_per_stage(cli_env: dict[str, st
         assert "container_name" not in service and "ports" not in service  # or --scale would clash
     assert "-Q pipeline.routing,celery " in services["routing"]["command"]
     assert {"redis", "lm", "flower"} <= set(services)
+
+
+# --- another service, any language: a raw message in Redis, no Celery and no project import -----
+
+def raw_message(job_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Celery's message protocol v2 as the Redis transport stores it (README: "Enqueue by name")."""
+    body = [[request], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": "pipeline.run", "id": job_id, "root_id": job_id, "parent_id": None,
+                    "group": None, "retries": 0, "eta": None, "expires": None},
+        "properties": {"correlation_id": job_id, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "", "routing_key": "pipeline.routing"},
+                       "delivery_tag": str(uuid.uuid4())},
+    }
+
+
+def test_raw_redis_message_starts_a_job_by_name(redis_url: str, fleet: Fleet) -> None:
+    db = redis.Redis.from_url(redis_url)
+    job_id = str(uuid.uuid4())
+    db.lpush("pipeline.routing", json.dumps(raw_message(job_id, {"pipeline": "qa", "inputs": {"question": "Raw?"}})))
+    key = f"celery-task-meta-{job_id}"
+    wait_until(lambda: b'"SUCCESS"' in (db.get(key) or b""), 60, "the raw job's result")
+    stored = json.loads(db.get(key) or b"{}")
+    assert stored["result"]["state"] == "succeeded"
+    assert stored["result"]["answer"]["answer"] == "answer of <Raw?>"
+
+
+def test_readme_settings_table_is_current() -> None:
+    """The README's table is generated (`stagecoach settings --markdown`); a new setting must appear."""
+    from cli.settings_doc import markdown
+
+    assert markdown() in (ROOT / "README.md").read_text(), "regenerate: stagecoach settings --markdown"
