@@ -5,39 +5,46 @@ from pathlib import Path
 from cli import render
 from cli.jobs import wait_all
 from cli.up import running_stack, serve_until_stopped, show, stop_signals
+from contracts.catalog import load_catalog
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
 from workers.factory import catalog_of, create_app
 from workers.settings import Settings
 
 
-def submit_examples(client: Client, limit: int) -> list[JobHandle]:
-    """Each pipeline's example input, at most `limit` pipelines, in name order."""
+def submit_examples(client: Client, names: list[str], limit: int) -> list[JobHandle]:
+    """Each chosen pipeline's example input (default: every pipeline with one, in name order)."""
     catalog = catalog_of(client.app)
-    names = [name for name in sorted(catalog.pipelines) if catalog.pipelines[name].example][:limit]
+    chosen = names or [name for name in sorted(catalog.pipelines) if catalog.pipelines[name].example]
     handles = []
-    for name in names:
-        handles.append(client.submit(name, catalog.pipelines[name].example))
-        render.out.print(f"submitted {name}: job {handles[-1].id}")
+    for name in chosen[:limit]:
+        handles.append(client.submit(name, catalog.pipeline(name).example))
+        render.out.print(f"submitted {name}: job {handles[-1].id}", highlight=False)
     return handles
 
 
 def report(results: list[JobResult | str]) -> bool:
+    """Answers, errors and per-stage timings; True when every job finished (succeeded or failed)."""
     finished = [r for r in results if isinstance(r, JobResult)]
     for result in results:
-        if isinstance(result, JobResult):
-            render.out.print(render.result_table(result))
-        else:
-            render.out.print(f"[red]{result}[/]")
+        render.out.print(render.result_table(result) if isinstance(result, JobResult) else f"[red]{result}[/]")
     render.out.print(render.timings_table(finished))
-    return len(finished) == len(results) and all(r.ok for r in finished)
+    failed = [r for r in finished if not r.ok]
+    render.out.print(f"{len(finished) - len(failed)} succeeded, {len(failed)} failed, "
+                     f"{len(results) - len(finished)} not finished", highlight=False)
+    return len(finished) == len(results)
 
 
-def demo(settings: Settings, state_dir: Path, keep: bool, limit: int, timeout: float) -> int:
+def demo(settings: Settings, state_dir: Path, names: list[str], keep: bool, limit: int, timeout: float) -> int:
+    """Exit 0 when every example job finished; a failed job (say, a pipeline whose data is not on
+    this machine) is shown with its error, a job that never finishes or a broken stack is not."""
+    catalog = load_catalog(settings.catalog)
+    for name in names:
+        catalog.pipeline(name)  # an unknown name fails now, before anything starts
     with stop_signals() as stop, running_stack(settings, state_dir, stop) as stack:
         show(stack)
         client = Client(create_app(stack.settings))
-        ok = report(wait_all(submit_examples(client, limit), timeout))
+        ok = report(wait_all(submit_examples(client, names, limit), timeout))
         render.out.print(f"Flower (live tasks and workers): {stack.flower_url}")
         if keep:
             render.out.print("stack kept running - Ctrl-C stops all of it")

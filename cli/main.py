@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from cli import render
-from contracts.errors import StagecoachError
+from contracts.errors import StagecoachError, UnknownPipelineError
 
 app = typer.Typer(
     name="stagecoach",
@@ -64,8 +64,9 @@ def up(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
 
 @app.command()
 def demo(
+    pipeline: Annotated[list[str] | None, typer.Option("--pipeline", "-p", help="only these pipelines")] = None,
     keep: Annotated[bool, typer.Option(help="keep the stack running afterwards, until Ctrl-C")] = False,
-    limit: Annotated[int, typer.Option(help="at most this many pipelines' examples")] = 8,
+    limit: Annotated[int, typer.Option(help="at most this many pipelines' examples")] = 12,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each job")] = 600.0,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
@@ -75,7 +76,9 @@ def demo(
     from workers.settings import Settings
 
     try:
-        raise typer.Exit(run_demo(Settings(), state_dir, keep, limit, timeout))
+        raise typer.Exit(run_demo(Settings(), state_dir, pipeline or [], keep, limit, timeout))
+    except UnknownPipelineError as error:
+        fail(str(error), EXIT_INPUT)
     except (StackError, StagecoachError) as error:
         fail(str(error), EXIT_SERVICES)
 
