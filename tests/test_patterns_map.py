@@ -81,3 +81,14 @@ def test_map_example_pipeline_by_name(client: Client) -> None:
     terms = result.answer["key_terms"]
     assert len(terms) == 2
     assert result.answer["definitions"] == [f"definition of <{t}>" for t in terms]
+
+
+def test_a_retried_item_still_gathers_in_order(client: Client) -> None:
+    """A transient LM error inside a chord member: the stage task retries, the chord still completes."""
+    terms = ["tide", "moon [[lm:fail_first=1]]", "orbit"]
+    result = client.submit("t_map_terms", {"terms": terms}).get(timeout=60)
+    assert result.state == "succeeded", result.error
+    assert result.answer["definitions"] == [f"definition of <{t}>" for t in terms]
+    retried = [t for t in result.timings if t.node == "hops[1]/define"]
+    assert [t.attempts for t in retried] == [2]
+    assert [(e.node, e.kind, e.retryable) for e in result.errors] == [("hops[1]/define", "lm", True)]
