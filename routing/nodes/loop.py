@@ -79,14 +79,13 @@ def _score(job: Envelope, node: LoopNode, path: str) -> float | None:
 
 
 def _recorded(job: Envelope, node: LoopNode, path: str, number: int) -> dict[str, Any]:
-    """The fields kept for one iteration: the named ones, else every output the body produced."""
+    """The fields kept for one iteration: the named ones, else the outputs of the body's stages."""
     if node.record:
         return {name: job.state.get(name) for name in node.record}
     prefix = f"{path}[{number}]/"
     fields: dict[str, Any] = {}
-    for key, outputs in job.outputs.items():
-        if key.startswith(prefix):
-            fields.update(outputs)
+    for stage_node in dict.fromkeys(t.node for t in job.timings if t.node.startswith(prefix)):
+        fields.update(job.outputs.get(stage_node, {}))  # stages only: not the summaries of nested nodes
     return fields
 
 
