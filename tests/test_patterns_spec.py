@@ -51,7 +51,7 @@ def test_builder_map_equals_yaml(shipped: Catalog) -> None:
     spec = Pipeline(
         "patterns_map",
         Sequential("key_terms", Map("define", over="key_terms", item="term", collect={"definition": "definitions"},
-                                    max_fanout=8, id="terms")),
+                                    max_fanout=8, overflow="truncate", id="terms")),
         inputs={"question": {"type": "str", "description": "the question whose terms to define"}},
         outputs=["key_terms", "definitions"],
     )
@@ -130,7 +130,7 @@ def test_a_different_builder_spec_is_not_equal(shipped: Catalog) -> None:
                                                                 collect={"definition": "definitions"}, id="terms")),
                     inputs={"question": {"type": "str", "description": "the question whose terms to define"}},
                     outputs=["key_terms", "definitions"])
-    assert _described(spec, shipped) != shipped.pipeline("patterns_map")  # max_fanout differs
+    assert _described(spec, shipped) != shipped.pipeline("patterns_map")  # max_fanout and overflow differ
 
 
 # --- bad specs are rejected when they load --------------------------------------------------------
