@@ -1,6 +1,7 @@
 """Rich rendering of job results, job status, the catalog and the running stack."""
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,8 +11,9 @@ from rich.table import Table
 from contracts.jobs import JobResult, JobStatus
 from contracts.specs import PipelineSpec
 
-out = Console()
-err = Console(stderr=True)
+# Piped output (logs, CI) gets wide tables instead of rich's 80-column default.
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 TEXT_LIMIT = 160
 
 
@@ -42,16 +44,16 @@ def result_table(result: JobResult) -> Table:
 
 
 def timings_table(results: list[JobResult]) -> Table:
-    """Per-stage timings: queue wait (sent to started) and run time, with the worker that ran it."""
+    """Per-stage run time with the worker that ran it (and the queue wait when it was recorded)."""
+    waits = any(t.queued_at for r in results for t in r.timings)
     table = Table(title="per-stage timings", title_justify="left")
-    for column in ("job", "node", "stage", "worker", "queued s", "run s", "attempts"):
-        table.add_column(column, justify="right" if column.endswith(" s") else "left", overflow="fold")
+    for column in ("job", "node", "worker", *(["queued s"] if waits else []), "run s", "tries"):
+        table.add_column(column, justify="right" if column.endswith((" s", "tries")) else "left", overflow="fold")
     for result in results:
         for timing in result.timings:
-            wait = timing.started_at - timing.queued_at if timing.queued_at else None
-            table.add_row(f"{result.pipeline} {result.job_id[:8]}", timing.node, timing.stage,
-                          timing.worker.split("@")[0], f"{wait:.2f}" if wait is not None else "-",
-                          f"{timing.seconds:.2f}", str(timing.attempts))
+            wait = [f"{timing.started_at - timing.queued_at:.2f}" if timing.queued_at else "-"] if waits else []
+            table.add_row(f"{result.pipeline} {result.job_id[:6]}", timing.node, timing.worker.split("@")[0],
+                          *wait, f"{timing.seconds:.2f}", str(timing.attempts))
     return table
 
 
