@@ -89,6 +89,7 @@ def test_loop_stops_at_the_threshold(client: Client) -> None:
     assert history[0]["fields"] == {"draft_next": first, "quality": len(first) / 100}
     assert result.outputs["refine"]["reason"] == "threshold"
     assert _decisions(result, "loop") == [("refine", "continue"), ("refine", "stop")]
+    assert result.trail[-1].detail == {**history[1], "reason": "threshold"}
     assert [t.node for t in result.timings][1:] == [
         "refine[1]/refine", "refine[1]/score_draft", "refine[2]/refine", "refine[2]/score_draft"]
 

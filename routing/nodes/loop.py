@@ -9,8 +9,8 @@ the loop knows lives in the envelope's state, named after the node (`<name>` = i
 - `<name>_iterations`: how many iterations ran
 - `<name>_converged`: true when the threshold was reached or the score stopped improving
 
-Each check is a decision in the trail (continue/stop with the reason); `outputs[<path>]` holds
-the summary (converged, iterations, reason, scores).
+Each check is a decision in the trail (continue/stop, with the iteration's record and the stop
+reason); `outputs[<path>]` holds the summary (converged, iterations, reason, scores).
 """
 
 from typing import Any
@@ -54,11 +54,12 @@ def check(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], pa
     history = list(job.state.get(history_field) or [])
     number = len(history) + 1
     score = _score(job, node, path)
-    history.append({"iteration": number, "score": score, "fields": _recorded(job, node, path, number)})
+    record = {"iteration": number, "score": score, "fields": _recorded(job, node, path, number)}
+    history.append(record)
     reason = stop_reason(node, [h["score"] for h in history])
     converged = reason in ("threshold", "plateau")
     state = {**job.state, history_field: history, count_field: number, converged_field: converged}
-    detail = {"iteration": number, "score": score, "reason": reason}
+    detail = {**record, "reason": reason}
     after = job.model_copy(update={"state": state}).with_decision(
         Decision(node=path, kind="loop", choice="stop" if reason else "continue", detail=detail)
     )
