@@ -64,6 +64,8 @@ class StageExecutor:
         except SoftTimeLimitExceeded:
             return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
         except StageError as error:
+            if isinstance(error.__cause__, SoftTimeLimitExceeded):  # the runner wraps what the module raised
+                return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
             if error.retryable and task.request.retries < self.spec.retry.max_retries:
                 raise self._retry(task, job, call, path, error) from error
             return self._failed(job, call, path, error, task)

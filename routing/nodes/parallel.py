@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
-from celery.canvas import Signature, _chain, chord, group
+from celery.canvas import Signature, _chain, chain, chord, group
 from celery.exceptions import Ignore, Retry
 from celery.result import AsyncResult
 
@@ -88,7 +88,10 @@ def launch(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     kwargs = {"node": raw, "path": path, "base": job.model_dump(mode="json"), "ids": ids}
     body = compiler.app.signature(FANIN_TASK, kwargs=kwargs, queue=ROUTING_QUEUE)
     body.link_error(compiler.app.signature(RESCUE_TASK, queue=ROUTING_QUEUE))
-    return task.replace(chord(group(header), body))
+    # wrapped in a chain so `replace` appends the rest of the job after the chord, where it rides in
+    # the body's `chain` option; appended to a bare chord it would become part of the body, and the
+    # errback linked to the body alone would never be called
+    return task.replace(chain(chord(group(header), body)))
 
 
 def member_prefix(node: FanNode, path: str, name: str, member: Node) -> str:

@@ -1,0 +1,167 @@
+"""Member time limits in prefork workers, where Celery enforces them, on a fleet of our own.
+
+The soft limit raises inside the stage, which records a timeout as a value. A stage that ignores
+it (like a call stuck in native code) is killed at the hard limit: its task FAILS, which fails
+the chord, and the fan-in's errback must still merge the other members and finish the job.
+
+This module runs its own Redis server, test LM and workers, so the session fleet's thread-pool
+workers cannot take these tasks.
+"""
+
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from contracts.names import ROUTING_QUEUE, stage_queue
+from routing.client import Client
+from tests import services
+from tests.services import Fleet, default_catalog, free_port, redis_binary, wait_until, worker_env
+from workers.factory import create_app
+from workers.settings import LMSettings, Settings
+
+SPECS = """
+stages:
+  - name: par_nap
+    module: examples.ensemble:Sleeper
+    options: {seconds: 30}
+    inputs: {text: str}
+    outputs: {finding: str, score: float}
+  - name: par_stuck
+    module: examples.ensemble:Sleeper
+    options: {seconds: 30, stubborn: true}
+    inputs: {text: str}
+    outputs: {finding: str, score: float}
+pipelines:
+  - name: par_soft
+    inputs: {text: str}
+    outputs: [finding]
+    root:
+      kind: parallel
+      id: race
+      member_timeout: 1
+      members:
+        fast: par_probe
+        nap: {stage: par_nap, outputs: {finding: nap_finding}}
+  - name: par_hard
+    inputs: {text: str}
+    outputs: [finding, summary]
+    root:
+      - kind: parallel
+        id: race
+        member_timeout: 1
+        members:
+          fast: par_probe
+          stuck: {stage: par_stuck, outputs: {finding: stuck_finding}}
+      - {stage: summarize, inputs: {document: finding}}
+  - name: par_hard_all
+    inputs: {text: str}
+    outputs: [finding]
+    root:
+      kind: parallel
+      id: race
+      member_timeout: 1
+      members:
+        one: par_stuck
+        two: par_stuck
+  - name: ens_hard
+    inputs: {text: str}
+    outputs: [finding, score, ensemble]
+    root:
+      kind: ensemble
+      id: judge
+      aggregator: best_confidence
+      answer_field: finding
+      confidence_field: score
+      member_timeout: 1
+      members:
+        - {id: quick, stage: par_probe}
+        - {id: slow, kind: sequence, steps: [par_probe, par_stuck]}
+"""
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="stagecoach-redis-")
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_until(lambda: _pong(url), 20, f"redis-server on port {port}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pong(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def prefork_client(private_redis: str) -> Iterator[Client]:
+    specs = Path(tempfile.mkdtemp(prefix="stagecoach-prefork-")) / "par_prefork.yaml"
+    specs.write_text(SPECS)
+    catalog = [*default_catalog(), specs]
+    with services.test_lm() as lm_url:
+        fleet = Fleet(worker_env(private_redis, lm_url, catalog), specs.parent)
+        for stage in ("par_probe", "par_nap", "par_stuck"):
+            fleet.start(f"prefork-{stage}", [stage_queue(stage)], pool="prefork", concurrency=2)
+        fleet.start("threads-summarize", [stage_queue("summarize")])
+        fleet.start("routing", [ROUTING_QUEUE], concurrency=8)
+        try:
+            fleet.wait_ready()
+            settings = Settings(broker_url=private_redis, catalog=catalog,
+                                lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False))
+            yield Client(create_app(settings))
+        finally:
+            fleet.stop()
+
+
+def test_soft_limit_is_recorded_as_a_timeout_and_the_rest_merged(prefork_client: Client) -> None:
+    result = prefork_client.submit("par_soft", {"text": "tide"}).get(timeout=60)
+    assert result.state == "succeeded", result.error
+    assert result.answer["finding"] == "finding of <tide>"
+    (error,) = result.errors
+    assert (error.node, error.kind, error.error_type) == ("race/nap/par_nap", "timeout", "StageTimeoutError")
+    assert "nap_finding" not in result.fields
+
+
+def test_hard_limit_kill_fails_the_header_task_yet_the_job_finishes(prefork_client: Client) -> None:
+    result = prefork_client.submit("par_hard", {"text": "ebb"}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.answer["finding"] == "finding of <ebb>"
+    assert result.answer["summary"] == "summary of <finding of <ebb>>"  # the rest of the job ran
+    (error,) = result.errors
+    assert error.node == "race/stuck" and error.kind == "timeout"
+    assert error.error_type == "TimeLimitExceeded"
+    assert result.outputs["race"]["failed"] == {"stuck": error.message}
+    assert [t.node for t in result.timings] == ["race/fast/par_probe", "summarize"]
+
+
+def test_every_member_killed_fails_the_job_with_each_error(prefork_client: Client) -> None:
+    result = prefork_client.submit("par_hard_all", {"text": "neap"}).get(timeout=90)
+    assert result.state == "failed"
+    assert result.error is not None and result.error.error_type == "PipelineError"
+    assert result.error.message.startswith("all 2 members of parallel 'race' failed: one: ")
+    assert "two: " in result.error.message
+    assert sorted(e.node for e in result.errors) == ["race", "race/one", "race/two"]
+
+
+def test_hard_kill_inside_a_sequence_member_of_an_ensemble(prefork_client: Client) -> None:
+    result = prefork_client.submit("ens_hard", {"text": "swell"}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.answer["finding"] == "finding of <swell>"
+    members = {m["member"]: m for m in result.answer["ensemble"]["members"]}
+    assert members["quick"]["ok"] is True
+    assert members["slow"]["ok"] is False and "TimeLimitExceeded" in members["slow"]["error"]
+    # the killed member's envelope died with it: what its first stage did is not merged (documented)
+    assert set(result.outputs) == {"judge/quick", "judge"}
