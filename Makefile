@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stagecoach-installed
 PYTEST_ARGS ?= -q
 
-.PHONY: all install demo up test lint clean
+.PHONY: all install demo up test lint clean bench
 
 all: lint test
 
@@ -31,6 +31,10 @@ up: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Fan-out latency (not a test): ensemble of 5 and parallel of 3 vs one member; BENCH_ARGS=--latency-ms 400 --runs 8
+bench: install
+	$(PY) -m bench.fanout $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
