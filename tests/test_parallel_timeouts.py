@@ -67,6 +67,20 @@ pipelines:
       members:
         one: par_stuck
         two: par_stuck
+  - name: par_hard_nested
+    inputs: {text: str}
+    outputs: [finding, other]
+    root:
+      kind: parallel
+      id: outer
+      members:
+        probe: {stage: par_probe, outputs: {finding: other}}
+        inner:
+          kind: parallel
+          member_timeout: 1
+          members:
+            fast: par_probe
+            stuck: {stage: par_stuck, outputs: {finding: stuck_finding}}
   - name: ens_hard
     inputs: {text: str}
     outputs: [finding, score, ensemble]
@@ -165,3 +179,12 @@ def test_hard_kill_inside_a_sequence_member_of_an_ensemble(prefork_client: Clien
     assert members["slow"]["ok"] is False and "TimeLimitExceeded" in members["slow"]["error"]
     # the killed member's envelope died with it: what its first stage did is not merged (documented)
     assert set(result.outputs) == {"judge/quick", "judge"}
+
+
+def test_hard_kill_in_a_parallel_nested_in_a_chord_header(prefork_client: Client) -> None:
+    """The rescued inner body must still count as its part of the outer chord."""
+    result = prefork_client.submit("par_hard_nested", {"text": "rip"}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.answer == {"finding": "finding of <rip>", "other": "finding of <rip>"}
+    assert [e.node for e in result.errors] == ["outer/inner/parallel/stuck"]
+    assert [d.node for d in result.trail] == ["outer/inner/parallel", "outer"]
