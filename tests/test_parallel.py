@@ -85,3 +85,12 @@ def test_sequence_member_and_nested_parallel(client: Client) -> None:
     assert set(result.outputs) == {"outer/qa/key_terms", "outer/qa/answer", f"{nested}/probe/par_probe", nested,
                                    "outer"}
     assert [d.node for d in result.trail] == [nested, "outer"]
+
+
+def test_runtime_member_replaces_itself_inside_the_chord(client: Client) -> None:
+    result = client.submit("par_branch", {"document": "Quiet harbour.", "mode": "Long"}).get(timeout=60)
+    assert result.state == "succeeded", result.error
+    assert result.answer["summary"] == "summary of <Quiet harbour.>"
+    assert result.answer["entities"][0] == "entities 1 of <Quiet harbour.>"
+    assert result.answer["tone"] is None
+    assert [(d.node, d.kind) for d in result.trail] == [("mixed/pick/branch", "branch"), ("mixed", "parallel")]
