@@ -1,0 +1,64 @@
+"""The multi-hop signatures with the REAL default LM (SmolLM2-135M via llama.cpp): every reply parses.
+
+The schema adapter sends each signature's outputs as a JSON schema, which llama.cpp turns into
+constrained decoding; a 135M model then cannot produce JSON that fails to parse or misses a field.
+Each stage module is called once in-process (the workers call the very same modules), and the
+raw reply of every LM call must be a complete JSON object with exactly the signature's outputs.
+"""
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import pytest
+
+from examples.multihop import DecomposeStage, RetrieveStage, SynthesizeStage
+from tests.services import PYTHON, ROOT, _http_ok, free_port, wait_until
+from workers.lm import adapter_for, lm_for
+from workers.settings import LMSettings
+
+CORPUS = ROOT / "examples" / "data" / "corpus.jsonl"
+QUESTION = "Who taught the chief engineer of the Northwind Railway?"
+
+
+@pytest.fixture(scope="module")
+def local_lm() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([PYTHON, "-m", "workers.local_lm", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: proc.poll() is None and _http_ok(f"http://127.0.0.1:{port}/v1/models"), 60,
+                   "SmolLM2 server")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def raw_reply(lm: dspy.LM) -> dict[str, Any]:
+    """The last LM call's text, parsed strictly (no repair)."""
+    text = lm.history[-1]["outputs"][0]
+    reply: dict[str, Any] = json.loads(text if isinstance(text, str) else text["text"])
+    return reply
+
+
+@pytest.mark.timeout(900)  # seconds per call on 2 busy cores
+def test_every_multihop_signature_parses_with_smollm2(local_lm: str, tmp_path: Path) -> None:
+    settings = LMSettings(api_base=local_lm, cache=False, timeout=600)
+    lm = lm_for(settings)
+    with dspy.context(lm=lm, adapter=adapter_for(settings)):
+        decomposed = DecomposeStage()(question=QUESTION)
+        assert set(raw_reply(lm)) == {"reasoning", "sub_questions"}
+        subs = decomposed.sub_questions
+        assert 1 <= len(subs) <= 5 and all(isinstance(s, str) and s.strip() for s in subs)
+
+        hop = RetrieveStage(str(CORPUS), k=3, cache_dir=str(tmp_path))(sub_question=subs[0])
+        assert set(raw_reply(lm)) == {"reasoning", "retrieved_info"}
+        assert isinstance(hop.retrieved_info, str) and hop.retrieved_info.strip()
+
+        answer = SynthesizeStage()(original_question=QUESTION, retrieved_facts=[hop.retrieved_info])
+        assert set(raw_reply(lm)) == {"reasoning", "final_answer"}
+        assert isinstance(answer.final_answer, str) and answer.final_answer.strip()
