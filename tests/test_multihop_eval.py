@@ -4,6 +4,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from cli.evaluate import evaluate
 from examples.multihop import QAExample, load_examples, title_recall
 from routing.client import Client
@@ -53,3 +55,24 @@ def test_failed_jobs_score_zero_and_are_counted(client: Client) -> None:
     assert ok.error is None and ok.title_recall == 1.0  # "Piet Lorne" is retrieved
     assert report.title_recall == 0.5
     assert report.stage_latency["decompose"].count == 1  # only the job that ran contributes timings
+
+
+def test_stage_stats_match_numpy_percentiles() -> None:
+    import numpy as np
+
+    from contracts.envelope import StageTiming
+    from monitor.stats import stage_stats, summarize
+
+    seconds = [0.5, 0.1, 2.0, 0.3, 0.9, 1.4, 0.2]
+    timings = [StageTiming(node=f"n{i}", stage="s" if i % 2 else "t", identity="x@1", started_at=0.0, seconds=v)
+               for i, v in enumerate(seconds)]
+    stats = stage_stats(timings)
+    assert list(stats) == ["t", "s"]
+    odd = [v for i, v in enumerate(seconds) if i % 2]
+    assert stats["s"].count == 3 and stats["s"].max == 1.4 and stats["s"].min == 0.1
+    whole = summarize(seconds)
+    assert whole.p50 == pytest.approx(float(np.percentile(seconds, 50)))
+    assert whole.p95 == pytest.approx(float(np.percentile(seconds, 95)))
+    assert stats["s"].mean == pytest.approx(sum(odd) / 3)
+    with pytest.raises(ValueError, match="empty"):
+        summarize([])
