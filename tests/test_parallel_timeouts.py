@@ -27,12 +27,12 @@ SPECS = """
 stages:
   - name: par_nap
     module: examples.ensemble:Sleeper
-    options: {seconds: 30}
+    options: {seconds: 8}
     inputs: {text: str}
     outputs: {finding: str, score: float}
   - name: par_stuck
     module: examples.ensemble:Sleeper
-    options: {seconds: 30, stubborn: true}
+    options: {seconds: 8, stubborn: true}
     inputs: {text: str}
     outputs: {finding: str, score: float}
 pipelines:
