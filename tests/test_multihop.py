@@ -100,3 +100,14 @@ def test_hotpotqa_answer_scoring() -> None:
     assert token_f1("no", "yes") == 0.0 and token_f1("yes", "yes") == 1.0
     assert token_f1("yes it is", "yes") == 0.0  # yes/no answers must match exactly
     assert title_recall([["A", "B"], ["C"]], ["C", "D"]) == 0.5
+
+
+def test_index_loaded_from_cache_ranks_like_a_fresh_one(tmp_path: Path) -> None:
+    from examples.retrieval import Retriever, _index
+
+    passages = read_hotpotqa_corpus(HOTPOTQA)
+    fresh = Retriever(passages, _index(passages, tmp_path / "index"), "")
+    assert (tmp_path / "index" / "vocab.index.json").exists()
+    loaded = Retriever(passages, _index(passages, tmp_path / "index"), "")
+    for example in load_examples(HOTPOTQA, limit=50):
+        assert fresh.search(example.question, 5) == loaded.search(example.question, 5)
