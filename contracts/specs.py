@@ -168,6 +168,7 @@ class MapNode(NodeBase):
     max_fanout: int = Field(32, ge=1, le=1000)
     overflow: Literal["fail", "truncate"] = Field("fail", description="more items than max_fanout")
     on_error: Literal["fail", "drop"] = Field("fail", description="an item fails: fail the job, or drop the item")
+    item_timeout: float | None = Field(None, gt=0, description="seconds each stage call of an item may take")
 
 
 MEMBER_NAME = r"^[A-Za-z0-9_\-]+$"

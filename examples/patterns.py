@@ -1,8 +1,10 @@
 """Stages of the pattern examples (branch, loop, map, sub-pipeline, adaptive); see docs/patterns.md."""
 
+import time
 from typing import Literal
 
 import dspy
+from celery.exceptions import SoftTimeLimitExceeded
 
 
 class Define(dspy.Signature):
@@ -53,3 +55,21 @@ class ScoreDraft(dspy.Module):
 
     def forward(self, draft: str) -> dspy.Prediction:
         return dspy.Prediction(quality=round(min(len(draft), self.full_length) / self.full_length, 3))
+
+
+class Stall(dspy.Module):
+    """A time-limit fixture without an LM: a text containing `[[stall]]` blocks past Celery's soft
+    limit (like a call stuck in native code), so only the hard limit stops it; others echo at once."""
+
+    def __init__(self, seconds: float = 30.0) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, text: str) -> dspy.Prediction:
+        deadline = time.monotonic() + (self.seconds if "[[stall]]" in text else 0.0)
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            except SoftTimeLimitExceeded:
+                continue
+        return dspy.Prediction(echo=f"echo of <{text}>")

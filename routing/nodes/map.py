@@ -8,12 +8,17 @@ chord support orders member results by their index, so lists come back in input 
 Each member starts from a lean envelope: the job's state plus the item, with no outputs, errors,
 timings, trail or usage; gather folds each member's additions into the job as it was before the
 fan-out. An empty list sets every collected field to [] and starts no task.
+
+A member whose task raises (killed at the hard time limit of `item_timeout` in a prefork worker)
+fails the chord, and Celery calls the body's errback instead of the body: `pipeline.map.rescue`
+sends the body anyway with the rest of the job (as parallel/ensemble do), and gather reads each
+member's result or exception from the backend by its id. The raised item counts as a failed item.
 """
 
 from typing import Any
 
 from celery import Celery, Task
-from celery.canvas import Signature, chord
+from celery.canvas import Signature, chain, chord, group
 from celery.exceptions import Ignore, Retry
 
 from contracts.envelope import Decision, Envelope, ErrorRecord, Usage
@@ -21,10 +26,12 @@ from contracts.names import ROUTING_QUEUE
 from contracts.specs import MapNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
+from routing.nodes.parallel import limited, read_results, with_time_limits
 from routing.nodes.runtime import failed, state_value
 from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS
 
 GATHER_TASK = "pipeline.map.gather"
+RESCUE_TASK = "pipeline.map.rescue"
 
 
 def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], path: str) -> Any:
@@ -36,9 +43,12 @@ def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     if not items:
         return _gathered(base, node, path, []).model_dump(mode="json")
     header = [_member(compiler, job, node, path, index, value) for index, value in enumerate(items)]
-    kwargs = {"node": raw, "path": path, "base": base.model_dump(mode="json")}
+    ids = [sig.freeze().id for sig in header]
+    kwargs = {"node": raw, "path": path, "base": base.model_dump(mode="json"), "ids": ids}
     body = compiler.app.signature(GATHER_TASK, kwargs=kwargs, queue=ROUTING_QUEUE)
-    return task.replace(chord(header, body))
+    body.link_error(compiler.app.signature(RESCUE_TASK, queue=ROUTING_QUEUE))
+    # in a chain, the rest of the job rides in the body's `chain` option, where the rescue finds it
+    return task.replace(chain(chord(group(header), body)))
 
 
 def _items(job: Envelope, node: MapNode, path: str) -> list[Any]:
@@ -56,29 +66,46 @@ def _member(compiler: Compiler, job: Envelope, node: MapNode, path: str, index: 
         update={"state": {**job.state, node.item: value}, "outputs": {}, "errors": [], "timings": [], "trail": [],
                 "usage": {}}
     )
-    return bind_input(compiler.node(node.node, f"{path}[{index}]/"), lean.model_dump(mode="json"))
+    canvas = compiler.node(limited(node.node, node.item_timeout), f"{path}[{index}]/")
+    return with_time_limits(bind_input(canvas, lean.model_dump(mode="json")), node.item_timeout)
 
 
-def gather(results: list[dict[str, Any]], raw: dict[str, Any], path: str, base: dict[str, Any]) -> dict[str, Any]:
+# a member's end: its envelope (which may carry a failure), or the error its task raised
+Outcome = Envelope | ErrorRecord
+
+
+def gather(results: list[Any], raw: dict[str, Any], path: str, base: dict[str, Any]) -> dict[str, Any]:
     node = MapNode.model_validate(raw)
     job = Envelope.model_validate(base)
-    members = [Envelope.model_validate(result) for result in results]
-    for member in members:
-        job = _absorb(job, member)
+    outcomes = [_outcome(path, index, result) for index, result in enumerate(results)]
+    for outcome in outcomes:
+        job = _absorb(job, outcome)
+    failures = [(index, error) for index, error in enumerate(map(_failure, outcomes)) if error is not None]
+    if failures and node.on_error == "fail":
+        return job.model_copy(update={"failure": failures[0][1]}).model_dump(mode="json")
     items = list(job.state.get(node.over) or [])
-    kept: list[Envelope] = []
-    for index, member in enumerate(members):
-        if member.failure is None:
-            kept.append(member)
-        elif node.on_error == "fail":
-            return job.model_copy(update={"failure": member.failure}).model_dump(mode="json")
-        else:
-            job = job.with_decision(_dropped(path, index, items[index] if index < len(items) else None, member))
-    return _gathered(job, node, path, kept, dropped=len(members) - len(kept)).model_dump(mode="json")
+    for index, error in failures:
+        job = job.with_decision(_dropped(path, index, items[index] if index < len(items) else None, error))
+    kept = [o for o in outcomes if isinstance(o, Envelope) and o.failure is None]
+    return _gathered(job, node, path, kept, dropped=len(failures)).model_dump(mode="json")
 
 
-def _absorb(job: Envelope, member: Envelope) -> Envelope:
+def _outcome(path: str, index: int, result: Any) -> Outcome:
+    if isinstance(result, dict) and "__error__" in result:  # read back from the backend by the rescue
+        error = result["__error__"]
+        kind = "timeout" if "TimeLimit" in error["type"] else "stage"
+        return ErrorRecord(node=f"{path}[{index}]", kind=kind, error_type=error["type"], message=error["message"])
+    return Envelope.model_validate(result)
+
+
+def _failure(outcome: Outcome) -> ErrorRecord | None:
+    return outcome if isinstance(outcome, ErrorRecord) else outcome.failure
+
+
+def _absorb(job: Envelope, member: Outcome) -> Envelope:
     """Add what one member did (outputs, errors, timings, decisions, usage) to the job."""
+    if isinstance(member, ErrorRecord):
+        return job.with_error(member, fatal=False)  # its envelope died with its task
     usage = dict(job.usage)
     for stage, used in member.usage.items():
         usage[stage] = usage.get(stage, Usage()).plus(used)
@@ -91,8 +118,7 @@ def _absorb(job: Envelope, member: Envelope) -> Envelope:
     })
 
 
-def _dropped(path: str, index: int, item: Any, member: Envelope) -> Decision:
-    error = member.failure or ErrorRecord(node=path, error_type="Unknown", message="item failed")
+def _dropped(path: str, index: int, item: Any, error: ErrorRecord) -> Decision:
     detail = {"index": index, "item": item, "node": error.node, "error": error.message}
     return Decision(node=path, kind="map", choice="drop", detail=detail)
 
@@ -108,14 +134,38 @@ def _gathered(job: Envelope, node: MapNode, path: str, kept: list[Envelope], dro
 
 def register_gather(app: Celery, compiler: Compiler) -> None:
     @app.task(name=GATHER_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
-    def gather_task(self: Task, results: list[dict[str, Any]], node: dict[str, Any], path: str,
-                    base: dict[str, Any]) -> dict[str, Any]:
+    def gather_task(self: Task, results: list[Any] | None, node: dict[str, Any], path: str,
+                    base: dict[str, Any], ids: list[str] | None = None, rescued: str | None = None) -> dict[str, Any]:
         try:
-            return gather(results, node, path, base)
+            found = results if results is not None else _stored(self.app, ids or [])
+            return gather(found, node, path, base)
         except (Ignore, Retry):
             raise
         except Exception as error:
             return failed(Envelope.model_validate(base), path, error)
+
+    # bind=False and three arguments: Celery calls it in place with the failed body's request
+    @app.task(name=RESCUE_TASK, queue=ROUTING_QUEUE)
+    def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
+        resend_gather(app, request, exc)
+
+
+def _stored(app: Celery, ids: list[str]) -> list[Any]:
+    """Every member's result from the backend, in order; an exception becomes an `__error__` value."""
+    return read_results(app, {str(index): task_id for index, task_id in enumerate(ids)})
+
+
+def resend_gather(app: Celery, request: Any, exc: BaseException) -> None:
+    """Send the gather body of a chord whose header raised, with the rest of the job attached.
+
+    `request.options` is the body's own options dict: popping `chain` from it keeps Celery from
+    marking the rest of the job failed after this errback returns.
+    """
+    options = request.options
+    rest = options.pop("chain", None)
+    kept = {k: v for k, v in options.items() if k not in ("link_error", "chain")}
+    kwargs = {**request.kwargs, "rescued": f"{type(exc).__name__}: {exc}"[:500]}
+    app.signature(GATHER_TASK, args=(None,), kwargs=kwargs, **kept).apply_async(chain=rest)
 
 
 RUNTIME_HANDLERS["map"] = decide
