@@ -5,8 +5,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
 from contracts.jobs import JobResult, JobStatus
 from contracts.specs import PipelineSpec
@@ -28,11 +29,12 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def result_table(result: JobResult) -> Table:
+def result_table(result: JobResult) -> Group:
+    """A heading line (state, pipeline, seconds) above a table of answer fields and the error."""
     colour = "green" if result.ok else "red"
     seconds = f"{result.seconds:.2f}s" if result.seconds is not None else "-"
-    table = Table(title=f"job {result.job_id} [{colour}]{result.state}[/] ({result.pipeline}, {seconds})",
-                  show_header=False, title_justify="left")
+    heading = Text.from_markup(f"job {result.job_id} [{colour}]{result.state}[/] ({result.pipeline}, {seconds})")
+    table = Table(show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for name, value in result.answer.items():
@@ -40,7 +42,7 @@ def result_table(result: JobResult) -> Table:
     if result.error is not None:
         where = f" at {result.error.node}" if result.error.node else ""
         table.add_row("error", f"[red]{result.error.kind}{where}: {short(result.error.message, 400)}[/]")
-    return table
+    return Group(heading, table)
 
 
 def timings_table(results: list[JobResult]) -> Table:

@@ -49,6 +49,14 @@ def test_submit_wait_json_prints_the_job_result(cli_env: dict[str, str], tmp_pat
     assert [t.stage for t in result.timings] == ["key_terms", "answer"]
 
 
+def test_submit_wait_prints_answer_and_stage_timings(cli_env: dict[str, str], tmp_path: Path) -> None:
+    done = run(cli_env, tmp_path, "submit", "qa", "-i", "question=Readable?", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "succeeded (qa, " in done.stdout
+    assert "answer of <Readable?>" in done.stdout
+    assert "stage-key_terms" in done.stdout and "stage-answer" in done.stdout  # the workers that ran it
+
+
 def test_submit_then_status_then_result(cli_env: dict[str, str], tmp_path: Path) -> None:
     submitted = run(cli_env, tmp_path, "submit", "digest", "-i", "document=Barges carry coal.")
     assert submitted.returncode == 0, submitted.stderr
