@@ -24,9 +24,9 @@ from celery.exceptions import Ignore, Retry
 from contracts.envelope import Decision, Envelope, ErrorRecord, Usage
 from contracts.names import ROUTING_QUEUE
 from contracts.specs import MapNode
+from routing.chords import limited, read_results, resend_body, with_time_limits
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
-from routing.nodes.parallel import limited, read_results, with_time_limits
 from routing.nodes.runtime import failed, state_value
 from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS
 
@@ -147,25 +147,12 @@ def register_gather(app: Celery, compiler: Compiler) -> None:
     # bind=False and three arguments: Celery calls it in place with the failed body's request
     @app.task(name=RESCUE_TASK, queue=ROUTING_QUEUE)
     def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
-        resend_gather(app, request, exc)
+        resend_body(app, GATHER_TASK, request, exc)
 
 
 def _stored(app: Celery, ids: list[str]) -> list[Any]:
     """Every member's result from the backend, in order; an exception becomes an `__error__` value."""
     return read_results(app, {str(index): task_id for index, task_id in enumerate(ids)})
-
-
-def resend_gather(app: Celery, request: Any, exc: BaseException) -> None:
-    """Send the gather body of a chord whose header raised, with the rest of the job attached.
-
-    `request.options` is the body's own options dict: popping `chain` from it keeps Celery from
-    marking the rest of the job failed after this errback returns.
-    """
-    options = request.options
-    rest = options.pop("chain", None)
-    kept = {k: v for k, v in options.items() if k not in ("link_error", "chain")}
-    kwargs = {**request.kwargs, "rescued": f"{type(exc).__name__}: {exc}"[:500]}
-    app.signature(GATHER_TASK, args=(None,), kwargs=kwargs, **kept).apply_async(chain=rest)
 
 
 RUNTIME_HANDLERS["map"] = decide

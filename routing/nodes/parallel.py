@@ -26,21 +26,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Celery, Task
-from celery.canvas import Signature, _chain, chain, chord, group
+from celery.canvas import Signature, chain, chord, group
 from celery.exceptions import Ignore, Retry
-from celery.result import AsyncResult
 
 from contracts.envelope import Decision, Envelope, ErrorRecord, Usage
-from contracts.names import ROUTING_QUEUE, STAGE_PREFIX
-from contracts.specs import EnsembleNode, LMOverride, Node, ParallelNode, SequenceNode, StageNode
+from contracts.names import ROUTING_QUEUE
+from contracts.specs import EnsembleNode, Node, ParallelNode
 from routing.aggregate import MemberOutcome, conflicts, merger
+from routing.chords import limited, read_results, resend_body, with_time_limits
 from routing.compile import Compiler, bind_input
 from routing.nodes.runtime import failed
 from routing.registry import RUNTIME_HANDLERS, STATIC_COMPILERS, TASK_REGISTRARS
 
 FANIN_TASK = "pipeline.fanin"
 RESCUE_TASK = "pipeline.fanin.rescue"
-HARD_LIMIT_GRACE = 2.0  # seconds between the soft limit (a recorded timeout) and the kill
 
 FanNode = ParallelNode | EnsembleNode
 NODE_TYPES: dict[str, type[FanNode]] = {"parallel": ParallelNode, "ensemble": EnsembleNode}
@@ -99,30 +98,6 @@ def member_prefix(node: FanNode, path: str, name: str, member: Node) -> str:
     if isinstance(node, EnsembleNode) and member.id:
         return f"{path}/"
     return f"{path}/{name}/"
-
-
-def limited(member: Node, timeout: float | None) -> Node:
-    """The member with `timeout` as the LM HTTP timeout of its stages (what bounds thread pools)."""
-    if timeout is None:
-        return member
-    if isinstance(member, StageNode):
-        lm = member.lm or LMOverride()
-        return member.model_copy(update={"lm": lm if lm.timeout else lm.model_copy(update={"timeout": timeout})})
-    if isinstance(member, SequenceNode):
-        return member.model_copy(update={"steps": [limited(step, timeout) for step in member.steps]})
-    return member
-
-
-def with_time_limits(sig: Signature, timeout: float | None) -> Signature:
-    """Celery soft and hard time limits on every stage task of a member canvas (prefork pools)."""
-    if timeout is None:
-        return sig
-    if isinstance(sig, _chain | group):
-        for inner in sig.tasks:
-            with_time_limits(inner, timeout)
-    elif str(sig.task or "").startswith(STAGE_PREFIX):
-        sig.set(soft_time_limit=timeout, time_limit=timeout + HARD_LIMIT_GRACE)
-    return sig
 
 
 # ---- fan-in ----------------------------------------------------------------------------------
@@ -184,20 +159,6 @@ def changes(base: Envelope, member: Member) -> dict[str, Any]:
     return {k: v for k, v in member.envelope.state.items() if k not in base.state or base.state[k] != v}
 
 
-def read_results(app: Celery, ids: dict[str, str]) -> list[Any]:
-    """Every member's result from the backend; an exception becomes an `__error__` value."""
-    return [_stored(AsyncResult(task_id, app=app)) for task_id in ids.values()]
-
-
-def _stored(result: AsyncResult) -> Any:
-    if result.successful():
-        return result.result
-    error = result.result
-    message = str(error) if isinstance(error, BaseException) else f"no result (state {result.state})"
-    return {"__error__": {"type": type(error).__name__ if isinstance(error, BaseException) else result.state,
-                          "message": message or type(error).__name__}}
-
-
 # ---- parallel --------------------------------------------------------------------------------
 
 
@@ -236,20 +197,7 @@ def register_fanin(app: Celery, compiler: Compiler) -> None:
     # bind=False and three arguments: Celery calls it in place with the failed body's request
     @app.task(name=RESCUE_TASK, queue=ROUTING_QUEUE)
     def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
-        resend_body(app, request, exc)
-
-
-def resend_body(app: Celery, request: Any, exc: BaseException) -> None:
-    """Send the fan-in body of a chord whose header raised, with the rest of the job attached.
-
-    `request.options` is the body's own options dict: popping `chain` from it keeps Celery from
-    marking the rest of the job failed after this errback returns.
-    """
-    options = request.options
-    rest = options.pop("chain", None)
-    kept = {k: v for k, v in options.items() if k not in ("link_error", "chain")}
-    kwargs = {**request.kwargs, "rescued": f"{type(exc).__name__}: {exc}"[:500]}
-    app.signature(FANIN_TASK, args=(None,), kwargs=kwargs, **kept).apply_async(chain=rest)
+        resend_body(app, FANIN_TASK, request, exc)
 
 
 def _compile(compiler: Compiler, node: FanNode, prefix: str) -> Signature:
