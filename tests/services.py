@@ -84,7 +84,7 @@ def redis_server() -> Iterator[str]:
 
 def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while deadline > time.time():
         if check():
             return
         time.sleep(0.1)

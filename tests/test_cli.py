@@ -145,7 +145,7 @@ def read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> str:
     seen: list[str] = []
     deadline = time.time() + timeout
     assert proc.stdout is not None
-    while time.time() < deadline:
+    while deadline > time.time():
         line = proc.stdout.readline()
         if not line:
             break
