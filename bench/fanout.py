@@ -10,7 +10,6 @@ at a time and reports client-observed latency (submit to result). Target: both f
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,30 +19,13 @@ from pathlib import Path
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests import services
-from tests.services import ROOT, Fleet, free_port, redis_binary, wait_until, worker_env
-from workers.factory import create_app
-from workers.settings import LMSettings, Settings
+from tests.services import ROOT, Fleet, client_for, private_redis, worker_env
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
 PIPELINES = ("bench_single", "bench_ensemble5", "bench_parallel3")
 STAGES = {"solver": 8, "tone": 4, "entities": 4}  # threads per stage worker: at least the fan-out
 
 
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A throwaway redis-server on a free port, so the benchmark touches no one else's data."""
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="stagecoach-bench-redis-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: services.reachable(url), 20, f"redis-server on port {port}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @contextmanager
@@ -56,9 +38,7 @@ def stack(latency_ms: float) -> Iterator[Client]:
         fleet.start("bench-routing", [ROUTING_QUEUE], concurrency=16)
         try:
             fleet.wait_ready()
-            settings = Settings(broker_url=redis_url, catalog=CATALOG,
-                                lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False))
-            yield Client(create_app(settings))
+            yield client_for(redis_url, lm_url, CATALOG)
         finally:
             fleet.stop()
 

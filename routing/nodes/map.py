@@ -21,10 +21,10 @@ from celery import Celery, Task
 from celery.canvas import Signature, chain, chord, group
 from celery.exceptions import Ignore, Retry
 
-from contracts.envelope import Decision, Envelope, ErrorRecord, Usage
+from contracts.envelope import Decision, Envelope, ErrorRecord
 from contracts.names import ROUTING_QUEUE
 from contracts.specs import MapNode
-from routing.chords import limited, read_results, resend_body, with_time_limits
+from routing.chords import limited, read_results, register_rescue, with_time_limits
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
 from routing.nodes.runtime import failed, state_value
@@ -106,16 +106,7 @@ def _absorb(job: Envelope, member: Outcome) -> Envelope:
     """Add what one member did (outputs, errors, timings, decisions, usage) to the job."""
     if isinstance(member, ErrorRecord):
         return job.with_error(member, fatal=False)  # its envelope died with its task
-    usage = dict(job.usage)
-    for stage, used in member.usage.items():
-        usage[stage] = usage.get(stage, Usage()).plus(used)
-    return job.model_copy(update={
-        "outputs": {**job.outputs, **member.outputs},
-        "errors": [*job.errors, *member.errors],
-        "timings": [*job.timings, *member.timings],
-        "trail": [*job.trail, *member.trail],
-        "usage": usage,
-    })
+    return job.absorb(member)
 
 
 def _dropped(path: str, index: int, item: Any, error: ErrorRecord) -> Decision:
@@ -144,10 +135,7 @@ def register_gather(app: Celery, compiler: Compiler) -> None:
         except Exception as error:
             return failed(Envelope.model_validate(base), path, error)
 
-    # bind=False and three arguments: Celery calls it in place with the failed body's request
-    @app.task(name=RESCUE_TASK, queue=ROUTING_QUEUE)
-    def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
-        resend_body(app, GATHER_TASK, request, exc)
+    register_rescue(app, RESCUE_TASK, GATHER_TASK)
 
 
 def _stored(app: Celery, ids: list[str]) -> list[Any]:

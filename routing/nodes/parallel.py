@@ -29,11 +29,11 @@ from celery import Celery, Task
 from celery.canvas import Signature, chain, chord, group
 from celery.exceptions import Ignore, Retry
 
-from contracts.envelope import Decision, Envelope, ErrorRecord, Usage
+from contracts.envelope import Decision, Envelope, ErrorRecord
 from contracts.names import ROUTING_QUEUE
 from contracts.specs import EnsembleNode, Node, ParallelNode
 from routing.aggregate import MemberOutcome, conflicts, merger
-from routing.chords import limited, read_results, resend_body, with_time_limits
+from routing.chords import limited, read_results, register_rescue, with_time_limits
 from routing.compile import Compiler, bind_input
 from routing.nodes.runtime import failed
 from routing.registry import RUNTIME_HANDLERS, STATIC_COMPILERS, TASK_REGISTRARS
@@ -132,17 +132,7 @@ def absorb(job: Envelope, member: Member) -> Envelope:
     """Add what one member did (outputs, errors, timings, decisions, usage) to the job."""
     if member.envelope is None:
         return job.with_error(member.error, fatal=False) if member.error else job
-    done = member.envelope
-    usage = dict(job.usage)
-    for stage, used in done.usage.items():
-        usage[stage] = usage.get(stage, Usage()).plus(used)
-    return job.model_copy(update={
-        "outputs": {**job.outputs, **done.outputs},
-        "errors": [*job.errors, *done.errors],
-        "timings": [*job.timings, *done.timings],
-        "trail": [*job.trail, *done.trail],
-        "usage": usage,
-    })
+    return job.absorb(member.envelope)
 
 
 def all_failed(kind: str, path: str, causes: list[tuple[str, str]]) -> ErrorRecord:
@@ -194,10 +184,7 @@ def register_fanin(app: Celery, compiler: Compiler) -> None:
         except Exception as error:
             return failed(Envelope.model_validate(base), path, error)
 
-    # bind=False and three arguments: Celery calls it in place with the failed body's request
-    @app.task(name=RESCUE_TASK, queue=ROUTING_QUEUE)
-    def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
-        resend_body(app, FANIN_TASK, request, exc)
+    register_rescue(app, RESCUE_TASK, FANIN_TASK)
 
 
 def _compile(compiler: Compiler, node: FanNode, prefix: str) -> Signature:
