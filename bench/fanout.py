@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cli.fleet import ROOT, Fleet, client_for, private_redis, test_lm_server, worker_env
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
-from tests import services
-from tests.services import ROOT, Fleet, client_for, private_redis, worker_env
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
 PIPELINES = ("bench_single", "bench_ensemble5", "bench_parallel3")
@@ -30,7 +29,7 @@ STAGES = {"solver": 8, "tone": 4, "entities": 4}  # threads per stage worker: at
 
 @contextmanager
 def stack(latency_ms: float) -> Iterator[Client]:
-    with private_redis() as redis_url, services.test_lm("--latency-ms", str(latency_ms)) as lm_url:
+    with private_redis() as redis_url, test_lm_server("--latency-ms", str(latency_ms)) as lm_url:
         logdir = Path(tempfile.mkdtemp(prefix="stagecoach-bench-"))
         fleet = Fleet(worker_env(redis_url, lm_url, CATALOG), logdir)
         for stage, threads in STAGES.items():

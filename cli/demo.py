@@ -8,13 +8,13 @@ from cli.up import running_stack, serve_until_stopped, show, stop_signals
 from contracts.catalog import load_catalog
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
-from workers.factory import catalog_of, create_app
+from workers.factory import create_runtime
 from workers.settings import Settings
 
 
 def submit_examples(client: Client, names: list[str], limit: int) -> list[JobHandle]:
     """Each chosen pipeline's example input (default: every pipeline with one, in name order)."""
-    catalog = catalog_of(client.app)
+    catalog = client.runtime.catalog
     chosen = names or [name for name in sorted(catalog.pipelines) if catalog.pipelines[name].example]
     handles = []
     for name in chosen[:limit]:
@@ -43,7 +43,7 @@ def demo(settings: Settings, state_dir: Path, names: list[str], keep: bool, limi
         catalog.pipeline(name)  # an unknown name fails now, before anything starts
     with stop_signals() as stop, running_stack(settings, state_dir, stop) as stack:
         show(stack)
-        client = Client(create_app(stack.settings))
+        client = Client(create_runtime(stack.settings))
         ok = report(wait_all(submit_examples(client, names, limit), timeout))
         render.out.print(f"Flower (live tasks and workers): {stack.flower_url}")
         if keep:

@@ -22,7 +22,7 @@ from rich.table import Table
 from cli import render
 from contracts.envelope import Usage
 from contracts.jobs import JobResult
-from examples.multihop import QAExample, exact_match, title_recall, token_f1
+from monitor.evaluation import QAExample, exact_match, title_recall, token_f1
 from monitor.stats import Summary, stage_stats, summarize
 from routing.client import Client, JobHandle
 

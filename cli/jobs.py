@@ -4,7 +4,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rich.progress import Progress
 
@@ -15,7 +14,7 @@ from contracts.errors import StagecoachError
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
 from routing.errors import JobTimeoutError
-from workers.factory import create_app
+from workers.factory import create_runtime
 from workers.settings import Settings
 
 STATE_FILE = Path(".stagecoach") / "stack.json"
@@ -48,7 +47,7 @@ def make_client(settings: Settings) -> Client:
     if not redis_reachable(settings.broker_url):
         raise BrokerUnreachable(f"cannot reach Redis at {settings.broker_url}: start the stack with "
                                 "`stagecoach up` or set STAGECOACH_BROKER_URL")
-    return Client(create_app(settings))
+    return Client(create_runtime(settings))
 
 
 @dataclass(frozen=True)
@@ -97,12 +96,3 @@ def _wait(handle: JobHandle, timeout: float) -> JobResult | str:
         return handle.get(timeout=timeout)
     except JobTimeoutError as error:
         return str(error)
-
-
-def example_inputs(client: Client, pipeline: str) -> dict[str, Any]:
-    from workers.factory import catalog_of
-
-    spec = catalog_of(client.app).pipeline(pipeline)
-    if not spec.example:
-        raise InputError(f"pipeline '{pipeline}' defines no example input")
-    return dict(spec.example)

@@ -95,11 +95,10 @@ def submit(
 ) -> None:
     """Submit a job (or one per line of --input-file) to PIPELINE."""
     from cli import commands
-    from workers.factory import catalog_of
 
     client = _client()
     try:
-        spec = catalog_of(client.app).pipeline(pipeline)
+        spec = client.runtime.catalog.pipeline(pipeline)
         if input_file is not None:
             if inputs or example:
                 fail("--input-file cannot be combined with --input or --example", EXIT_INPUT)
@@ -168,13 +167,12 @@ def eval_(
     """Score a QA pipeline on a question file through the running workers: exact match, token F1,
     supporting-title recall, latency p50/p95 per stage and per job, token usage."""
     from cli.evaluate import data_path, evaluate, report_view
-    from examples.multihop import load_examples
-    from workers.factory import catalog_of
+    from monitor.evaluation import load_examples
 
     client = _client()
     try:
         examples = load_examples(data_path(data), limit)
-        catalog_of(client.app).pipeline(pipeline)
+        client.runtime.catalog.pipeline(pipeline)
         report = evaluate(client, pipeline, examples, concurrency, timeout, show_progress=not as_json)
     except (StagecoachError, ValueError) as error:
         fail(str(error), EXIT_INPUT)

@@ -46,16 +46,14 @@ def result_table(result: JobResult) -> Group:
 
 
 def timings_table(results: list[JobResult]) -> Table:
-    """Per-stage run time with the worker that ran it (and the queue wait when it was recorded)."""
-    waits = any(t.queued_at for r in results for t in r.timings)
+    """Per-stage run time with the worker that ran it and its tries."""
     table = Table(title="per-stage timings", title_justify="left")
-    for column in ("job", "node", "worker", *(["queued s"] if waits else []), "run s", "tries"):
+    for column in ("job", "node", "worker", "run s", "tries"):
         table.add_column(column, justify="right" if column.endswith((" s", "tries")) else "left", overflow="fold")
     for result in results:
         for timing in result.timings:
-            wait = [f"{timing.started_at - timing.queued_at:.2f}" if timing.queued_at else "-"] if waits else []
             table.add_row(f"{result.pipeline} {result.job_id[:6]}", timing.node, timing.worker.split("@")[0],
-                          *wait, f"{timing.seconds:.2f}", str(timing.attempts))
+                          f"{timing.seconds:.2f}", str(timing.attempts))
     return table
 
 

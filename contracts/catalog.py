@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from contracts.errors import SpecError, UnknownPipelineError, UnknownStageError
 from contracts.fields import validate
-from contracts.specs import Node, PipelineSpec, StageNode, StageSpec, SubPipelineNode
+from contracts.specs import AnyNode, PipelineSpec, StageNode, StageSpec, SubPipelineNode, children
 from contracts.structure import load_structure
 
 MAX_DEPTH = 8
@@ -81,7 +81,7 @@ def _check_nesting(catalog: Catalog, name: str, stack: list[str]) -> None:
     _check_subtree(catalog, catalog.pipelines[name].root, [*stack, name])
 
 
-def _check_subtree(catalog: Catalog, node: Node | StageNode, stack: list[str]) -> None:
+def _check_subtree(catalog: Catalog, node: AnyNode, stack: list[str]) -> None:
     """Named sub-pipelines are followed; inline ones count as a level too, shown as `(id)`."""
     if isinstance(node, SubPipelineNode):
         if node.pipeline is not None:
@@ -95,30 +95,11 @@ def _check_subtree(catalog: Catalog, node: Node | StageNode, stack: list[str]) -
         _check_subtree(catalog, child, stack)
 
 
-def iter_nodes(node: Node | StageNode) -> Iterator[Node | StageNode]:
+def iter_nodes(node: AnyNode) -> Iterator[AnyNode]:
     """Every node of a tree, depth first, not entering named sub-pipelines."""
     yield node
     for child in children(node):
         yield from iter_nodes(child)
-
-
-def children(node: Node | StageNode) -> list[Node | StageNode]:
-    found: list[Node | StageNode] = []
-    for key in ("steps", "members"):
-        value = getattr(node, key, None)
-        if isinstance(value, list):
-            found.extend(value)
-        elif isinstance(value, dict):
-            found.extend(value.values())
-    for key in ("branches", "structures"):
-        value = getattr(node, key, None)
-        if isinstance(value, dict):
-            found.extend(value.values())
-    for key in ("router", "body", "node"):
-        value = getattr(node, key, None)
-        if value is not None and not isinstance(value, str):
-            found.append(value)
-    return found
 
 
 def _spec_files(paths: Iterable[Path | str]) -> list[Path]:

@@ -36,7 +36,6 @@ class StageTiming(BaseModel):
     stage: str
     identity: str
     worker: str = ""
-    queued_at: float | None = None
     started_at: float
     seconds: float
     attempts: int = 1
@@ -130,8 +129,7 @@ class Envelope(BaseModel):
             "usage": usage,
         })
 
-    def with_timing(self, timing: StageTiming, usage: Usage | None) -> "Envelope":
-        usages = dict(self.usage)
-        if usage is not None:
-            usages[timing.stage] = usages.get(timing.stage, Usage()).plus(usage)
-        return self.model_copy(update={"timings": [*self.timings, timing], "usage": usages})
+    def lean(self, state: dict[str, Any] | None = None) -> "Envelope":
+        """A fan-out member's start: this job's state (plus `state`), nothing it did so far."""
+        return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
+                                       "timings": [], "trail": [], "usage": {}})

@@ -10,13 +10,15 @@ JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 
 
 class JobRequest(BaseModel):
-    """The payload of `pipeline.run`: plain JSON any Celery client can send."""
+    """The payload of `pipeline.run`: plain JSON any Celery client can send.
+
+    The job id is the task id the caller gives `pipeline.run`: the JobResult is stored under it.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     pipeline: str
     inputs: dict[str, Any] = Field(default_factory=dict)
-    job_id: str | None = None
 
 
 class JobStatus(BaseModel):

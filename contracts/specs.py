@@ -1,15 +1,18 @@
 """Stage and pipeline specifications: pipelines are data, compiled to Celery canvas by `routing`.
 
-A pipeline's `root` is a tree of nodes. Nodes whose shape is known before the job starts
-(stage, sequence, parallel, ensemble, subpipeline) become chain/group/chord up front; nodes that
-depend on a stage's output (branch, loop, map, adaptive) become a routing task deciding at run time.
+A pipeline's `root` is a tree of nodes, one pydantic model per node kind (`NODE_MODELS`). How each
+kind runs (compiled up front, decided by a routing task at run time, or both) is `routing`'s
+business: its table of node kinds (`routing.nodes.KINDS`) has one entry per model here. Which
+fields of a node hold child nodes is derived from the models' annotations once (`CHILD_FIELDS`),
+so walking, normalising and rewriting trees never lists child keys by hand.
 """
 
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,6 +89,9 @@ class StageNode(NodeBase):
     outputs: dict[str, str] = Field(default_factory=dict, description="stage output field -> state field")
     critical: bool = Field(True, description="on a permanent error: fail the job, or record and continue")
     lm: LMOverride | None = None
+    time_limit: float | None = Field(
+        None, gt=0, description="seconds this call may take (Celery soft limit; set by an enclosing fan-out's timeout)"
+    )
 
 
 class SequenceNode(NodeBase):
@@ -264,6 +270,18 @@ class AdaptiveNode(NodeBase):
         return self
 
 
+NODE_MODELS: tuple[type[NodeBase], ...] = (
+    StageNode,
+    SequenceNode,
+    SubPipelineNode,
+    BranchNode,
+    LoopNode,
+    MapNode,
+    ParallelNode,
+    EnsembleNode,
+    AdaptiveNode,
+)
+
 Node = Annotated[
     StageNode
     | SequenceNode
@@ -277,7 +295,7 @@ Node = Annotated[
     Field(discriminator="kind"),
 ]
 
-RUNTIME_KINDS = frozenset({"branch", "loop", "map", "adaptive"})
+AnyNode = Node | StageNode  # `Node` is the discriminated union; this is the same set for isinstance-free typing
 
 
 def normalise_node(value: Any) -> Any:
@@ -310,25 +328,84 @@ class PipelineSpec(Model):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-_CHILD_KEYS = ("steps", "node", "body", "branches", "members", "structures", "router")
+_REBUILT: tuple[type[BaseModel], ...] = (*NODE_MODELS, PipelineSpec)
+for _model in _REBUILT:
+    _model.model_rebuild()
+
+
+# ---- child nodes, derived from the models --------------------------------------------------------
+
+Shape = Literal["one", "list", "dict"]
+
+
+def _shape(annotation: Any) -> Shape | None:
+    """How a field holds nodes (one, a list, a name -> node dict), or None when it holds none."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is list and args and _holds_node(args[0]):
+        return "list"
+    if origin is dict and len(args) == 2 and _holds_node(args[1]):
+        return "dict"
+    return "one" if _holds_node(annotation) else None
+
+
+def _holds_node(annotation: Any) -> bool:
+    if isinstance(annotation, type):
+        return issubclass(annotation, NodeBase)
+    if get_origin(annotation) in (list, dict):
+        return False
+    return any(_holds_node(arg) for arg in get_args(annotation))
+
+
+def _child_fields(model: type[NodeBase]) -> dict[str, Shape]:
+    found = {name: _shape(field.annotation) for name, field in model.model_fields.items()}
+    return {name: shape for name, shape in found.items() if shape is not None}
+
+
+# node kind -> {field holding child nodes: how it holds them}
+CHILD_FIELDS: dict[str, dict[str, Shape]] = {
+    model.model_fields["kind"].default: _child_fields(model) for model in NODE_MODELS
+}
+
+
+def children(node: AnyNode) -> list[AnyNode]:
+    """A node's direct children in field order (named sub-pipelines are not entered)."""
+    found: list[AnyNode] = []
+    for name, shape in CHILD_FIELDS[node.kind].items():
+        value = getattr(node, name)
+        if value is None:
+            continue
+        found.extend(value if shape == "list" else value.values() if shape == "dict" else [value])
+    return found
+
+
+def map_children(node: AnyNode, change: Callable[[AnyNode], AnyNode]) -> AnyNode:
+    """The node with `change` applied to each direct child (a new node; the input is not touched)."""
+    update: dict[str, Any] = {}
+    for name, shape in CHILD_FIELDS[node.kind].items():
+        value = getattr(node, name)
+        if value is None:
+            continue
+        if shape == "list":
+            update[name] = [change(child) for child in value]
+        elif shape == "dict":
+            update[name] = {key: change(child) for key, child in value.items()}
+        else:
+            update[name] = change(value)
+    return node.model_copy(update=update)
 
 
 def _normalise_tree(value: Any) -> Any:
+    """Expand shorthands at every level of a raw (not yet validated) node tree."""
     value = normalise_node(value)
-    if not isinstance(value, dict):
+    if not isinstance(value, dict) or value.get("kind") not in CHILD_FIELDS:
         return value
     out = dict(value)
-    for key in _CHILD_KEYS:
-        child = out.get(key)
-        if isinstance(child, list) and key in ("steps", "members"):
-            out[key] = [_normalise_tree(c) for c in child]
-        elif isinstance(child, dict) and key in ("branches", "members", "structures") and "kind" not in child:
-            out[key] = {k: _normalise_tree(c) for k, c in child.items()}
-        elif child is not None:
-            out[key] = _normalise_tree(child)
+    for name, shape in CHILD_FIELDS[value["kind"]].items():
+        child = out.get(name)
+        if shape == "list" and isinstance(child, list):
+            out[name] = [_normalise_tree(c) for c in child]
+        elif shape == "dict" and isinstance(child, dict):
+            out[name] = {key: _normalise_tree(c) for key, c in child.items()}
+        elif shape == "one" and child is not None:
+            out[name] = _normalise_tree(child)
     return out
-
-
-for _model in (SequenceNode, SubPipelineNode, BranchNode, LoopNode, MapNode, ParallelNode, EnsembleNode,
-               AdaptiveNode, PipelineSpec):
-    _model.model_rebuild()

@@ -3,14 +3,13 @@
 import uuid
 from typing import Any
 
-from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.names import ROUTING_QUEUE, RUN_TASK
 from routing.errors import JobTimeoutError, PipelineError
-from workers.factory import catalog_of, jobs_of
+from workers.runtime import Runtime
 
 
 class JobHandle:
@@ -40,21 +39,22 @@ class JobHandle:
 
 
 class Client:
-    def __init__(self, app: Celery) -> None:
-        self.app = app
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.app = runtime.app
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None) -> JobHandle:
-        """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue."""
-        catalog_of(self.app).validate_inputs(pipeline, inputs)
+        """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
+        the validated (coerced) inputs; `job_id` defaults to a fresh one."""
+        checked = self.runtime.catalog.validate_inputs(pipeline, inputs)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, inputs=inputs)
-        jobs_of(self.app).queued(job_id, pipeline)
-        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json", exclude_none=True)],
-                           task_id=job_id, queue=ROUTING_QUEUE)
+        request = JobRequest(pipeline=pipeline, inputs=checked)
+        self.runtime.jobs.queued(job_id, pipeline)
+        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json")], task_id=job_id, queue=ROUTING_QUEUE)
         return JobHandle(self, job_id)
 
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
     def status(self, job_id: str) -> JobStatus:
-        return jobs_of(self.app).status(job_id)
+        return self.runtime.jobs.status(job_id)

@@ -11,30 +11,32 @@ from typing import Any
 from celery import Celery, Task
 from pydantic import ValidationError
 
-import routing.nodes  # noqa: F401  (registers every node kind)
 from contracts.catalog import Catalog
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, StagecoachError
 from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
+from contracts.specs import PipelineSpec
 from routing.compile import Compiler, bind_input
+from routing.nodes import KINDS
 from routing.nodes.runtime import register_routing_task
-from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS, RuntimeHandler
-from workers.factory import jobs_of
 from workers.jobs import JobStore
-from workers.settings import Settings
+from workers.runtime import Runtime
 
 
-def register(app: Celery, catalog: Catalog, settings: Settings) -> None:
-    compiler = Compiler(app, catalog)
-    jobs = jobs_of(app)
-    _register_run(app, catalog, compiler, jobs)
-    _register_finish(app, catalog, jobs)
-    for kind, handler in RUNTIME_HANDLERS.items():
-        _register_runtime(app, compiler, kind, handler)
-    for registrar in TASK_REGISTRARS:
-        registrar(app, compiler)
+def register(runtime: Runtime) -> None:
+    """Every routing task: run, finish, each runtime kind's decision and the extra tasks kinds add."""
+    app = runtime.app
+    compiler = Compiler(app, runtime.catalog, KINDS)
+    _register_run(app, runtime.catalog, compiler, runtime.jobs)
+    _register_finish(app, runtime.jobs)
+    for name, kind in KINDS.items():
+        if kind.decide is not None:
+            # guarded: an exception while deciding ends the job as failed, never leaves it hanging
+            register_routing_task(app, compiler, routing_task(name), kind.decide)
+        for registrar in kind.tasks:
+            registrar(app, compiler)
 
 
 def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore) -> None:
@@ -50,7 +52,7 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobSt
         return self.replace(canvas)
 
 
-def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tuple[Envelope, Any]:
+def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tuple[Envelope, PipelineSpec]:
     try:
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
@@ -80,7 +82,7 @@ def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) 
     )
 
 
-def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore) -> None:
+def _register_finish(app: Celery, jobs: JobStore) -> None:
     @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def finish_pipeline(self: Task, envelope: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
@@ -107,8 +109,3 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
         submitted_at=job.submitted_at,
         finished_at=time.time(),
     )
-
-
-def _register_runtime(app: Celery, compiler: Compiler, kind: str, handler: RuntimeHandler) -> None:
-    # guarded: an exception while deciding ends the job as failed, never leaves it hanging
-    register_routing_task(app, compiler, routing_task(kind), handler)

@@ -32,10 +32,6 @@ def catalog() -> Catalog:
     return load_catalog(default_catalog())
 
 
-def client_app(redis_url: str, lm_url: str, catalog_paths: list[Path] | None = None) -> Celery:
-    return client_for(redis_url, lm_url, catalog_paths).app
-
-
 @pytest.fixture(scope="module")
 def private_redis() -> Iterator[str]:
     """A redis-server of this test module's own (for worker setups the session fleet must not see)."""
@@ -59,13 +55,19 @@ def fleet(redis_url: str, lm_url: str, catalog: Catalog) -> Iterator[Fleet]:
 
 
 @pytest.fixture(scope="session")
-def app(redis_url: str, lm_url: str) -> Celery:
-    return client_app(redis_url, lm_url)
+def session_client(redis_url: str, lm_url: str) -> Client:
+    """A client of the session's Redis (no fleet needed to build one)."""
+    return client_for(redis_url, lm_url)
 
 
 @pytest.fixture(scope="session")
-def client(app: Celery, fleet: Fleet) -> Client:
-    return Client(app)
+def app(session_client: Client) -> Celery:
+    return session_client.app
+
+
+@pytest.fixture(scope="session")
+def client(session_client: Client, fleet: Fleet) -> Client:
+    return session_client
 
 
 def dump(obj: object) -> str:

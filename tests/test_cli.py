@@ -20,7 +20,7 @@ import yaml
 from contracts.jobs import JobResult, JobStatus
 from routing.client import Client
 from tests.services import ROOT, Fleet, free_port, reachable, wait_until, worker_env
-from workers.factory import create_app
+from workers.factory import create_runtime
 from workers.settings import LMSettings, Settings
 
 STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
@@ -172,7 +172,7 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "flower"}
     settings = Settings(broker_url=broker, catalog=[ROOT / "pipelines" / "qa.yaml"],
                         lm=LMSettings(model="openai/test-lm", api_base=lm_url))
-    result = Client(create_app(settings)).submit("qa", {"question": "Up and running?"}).get(timeout=60)
+    result = Client(create_runtime(settings)).submit("qa", {"question": "Up and running?"}).get(timeout=60)
     assert result.answer["answer"] == "answer of <Up and running?>"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0

@@ -22,10 +22,10 @@ import dspy
 import pytest
 
 from contracts.names import ROUTING_QUEUE, stage_queue
-from examples.multihop import DecomposeStage, load_examples, optimise_decompose
+from examples.multihop import DecomposeStage, optimise_decompose
+from monitor.evaluation import load_examples
 from routing.client import Client
-from tests.conftest import client_app
-from tests.services import ROOT, Fleet, worker_env
+from tests.services import ROOT, Fleet, client_for, worker_env
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings
 
@@ -82,7 +82,7 @@ def compiled_client(private_redis: str, lm_url: str, compiled: tuple[DecomposeSt
     fleet.start("compiled", [stage_queue(s) for s in stages] + [ROUTING_QUEUE], concurrency=4)
     try:
         fleet.wait_ready()
-        yield Client(client_app(private_redis, lm_url, catalog))
+        yield client_for(private_redis, lm_url, catalog)
     finally:
         fleet.stop()
 

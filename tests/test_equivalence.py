@@ -10,7 +10,8 @@ from pathlib import Path
 
 import dspy
 
-from examples.multihop import MultiHopQA, build_multi_hop_qa_pipeline, load_examples
+from examples.multihop import MultiHopQA, build_multi_hop_qa_pipeline
+from monitor.evaluation import load_examples
 from routing.client import Client
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings

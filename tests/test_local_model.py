@@ -4,67 +4,46 @@ Private Redis (its own server) so these workers never take jobs from the session
 which serves the same stage queues.
 """
 
-import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cli.fleet import Fleet, client_for, local_lm_server, private_redis, worker_env
 from contracts.catalog import load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
-from tests.services import PYTHON, ROOT, Fleet, _http_ok, free_port, reachable, redis_binary, wait_until, worker_env
-from workers.factory import create_app
+from tests.services import ROOT
 from workers.local_lm import gguf_path
-from workers.settings import LOCAL_MODEL, LMSettings, Settings
+from workers.settings import LOCAL_MODEL
 
 CATALOG = [ROOT / "pipelines" / "qa.yaml", ROOT / "pipelines" / "digest.yaml"]
 
 
-@contextmanager
-def process(cmd: list[str], ready: Callable[[], bool], what: str) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is None and ready(), 60, what)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(20)
-
-
 @pytest.fixture(scope="module")
-def private_redis() -> Iterator[str]:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", tempfile.mkdtemp(prefix="stagecoach-redis-")]
-    with process(cmd, lambda: reachable(url), "private redis-server"):
+def own_redis() -> Iterator[str]:
+    with private_redis() as url:
         yield url
 
 
 @pytest.fixture(scope="module")
 def local_lm() -> Iterator[str]:
-    port = free_port()
-    with process([PYTHON, "-m", "workers.local_lm", "--port", str(port)],
-                 lambda: _http_ok(f"http://127.0.0.1:{port}/v1/models"), "SmolLM2 server"):
-        yield f"http://127.0.0.1:{port}/v1"
+    with local_lm_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
-def local_client(private_redis: str, local_lm: str) -> Iterator[Client]:
+def local_client(own_redis: str, local_lm: str) -> Iterator[Client]:
     extra = {"STAGECOACH_LM_MODEL": LOCAL_MODEL, "STAGECOACH_LM_CACHE": "false"}
-    fleet = Fleet(worker_env(private_redis, local_lm, CATALOG, **extra),
+    fleet = Fleet(worker_env(own_redis, local_lm, CATALOG, **extra),
                   Path(tempfile.mkdtemp(prefix="stagecoach-local-")))
     for name in load_catalog(CATALOG).stages:
         fleet.start(f"local-{name}", [stage_queue(name)])
     fleet.start("local-routing", [ROUTING_QUEUE])
     try:
         fleet.wait_ready()
-        settings = Settings(broker_url=private_redis, catalog=CATALOG,
-                            lm=LMSettings(model=LOCAL_MODEL, api_base=local_lm))
-        yield Client(create_app(settings))
+        yield client_for(own_redis, local_lm, CATALOG, model=LOCAL_MODEL)
     finally:
         fleet.stop()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from contracts.specs import StageSpec
-from examples.multihop import exact_match, load_examples, normalize_answer, title_recall, token_f1
 from examples.retrieval import CorpusError, Passage, open_retriever, read_hotpotqa_corpus
+from monitor.evaluation import exact_match, load_examples, normalize_answer, title_recall, token_f1
 from routing.client import Client
 from workers.errors import PermanentStageError
 from workers.settings import LMSettings

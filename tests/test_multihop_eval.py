@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cli.evaluate import evaluate
-from examples.multihop import QAExample, load_examples, title_recall
+from monitor.evaluation import QAExample, load_examples, title_recall
 from routing.client import Client
 from tests.services import ROOT, worker_env
 

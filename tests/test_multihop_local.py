@@ -7,7 +7,6 @@ raw reply of every LM call must be a complete JSON object with exactly the signa
 """
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from typing import Any
 import dspy
 import pytest
 
+from cli.fleet import local_lm_server
 from examples.multihop import DecomposeStage, RetrieveStage, SynthesizeStage
-from tests.services import PYTHON, ROOT, _http_ok, free_port, wait_until
+from tests.services import ROOT
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings
 
@@ -26,16 +26,8 @@ QUESTION = "Who taught the chief engineer of the Northwind Railway?"
 
 @pytest.fixture(scope="module")
 def local_lm() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "workers.local_lm", "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: proc.poll() is None and _http_ok(f"http://127.0.0.1:{port}/v1/models"), 60,
-                   "SmolLM2 server")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(20)
+    with local_lm_server() as url:
+        yield url
 
 
 def raw_reply(lm: dspy.LM) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The Celery app instance workers serve: `celery -A workers.app worker -Q stage.<name>`."""
 
-from workers.factory import create_app
+from workers.factory import create_runtime
 
-app = create_app()
+runtime = create_runtime()
+app = runtime.app

@@ -1,4 +1,5 @@
-"""Build the Celery app from settings and the catalog (`workers.app` holds the instance workers run).
+"""Build the runtime (Celery app, settings, catalog, job store) from settings; `workers.app` holds the
+instance workers run.
 
 Every setting here has a reason:
 - JSON only: pickle over a broker lets anyone who can write to Redis run code in the workers.
@@ -17,23 +18,22 @@ from kombu import Queue  # type: ignore[attr-defined]
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
 from workers.jobs import JobStore
+from workers.runtime import Runtime
 from workers.settings import Settings
 from workers.tasks import register_stage_tasks
 
 
-def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> Celery:
+def create_runtime(settings: Settings | None = None, catalog: Catalog | None = None) -> Runtime:
+    """The app with every stage task and, through `settings.plugins`, the routing tasks registered."""
     settings = settings or Settings()
     catalog = catalog or load_catalog(settings.catalog)
     app = Celery("stagecoach", broker=settings.broker_url, backend=settings.backend_url)
     app.conf.update(celery_config(settings, catalog))
-    app.stagecoach_settings = settings  # type: ignore[attr-defined]
-    app.stagecoach_catalog = catalog  # type: ignore[attr-defined]
-    jobs = JobStore.from_url(settings.backend_url, settings.result_expires)
-    app.stagecoach_jobs = jobs  # type: ignore[attr-defined]
-    register_stage_tasks(app, catalog.stages, settings, jobs)
+    runtime = Runtime(app, settings, catalog, JobStore.from_url(settings.backend_url, settings.result_expires))
+    register_stage_tasks(app, catalog.stages, settings, runtime.jobs)
     for plugin in settings.plugins:
-        _load_plugin(plugin)(app, catalog, settings)
-    return app
+        _load_plugin(plugin)(runtime)
+    return runtime
 
 
 def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
@@ -71,16 +71,3 @@ def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None
 def _load_plugin(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     return getattr(importlib.import_module(module_name), attr)
-
-
-def settings_of(app: Celery) -> Settings:
-    return app.stagecoach_settings  # type: ignore[attr-defined, no-any-return]
-
-
-def catalog_of(app: Celery) -> Catalog:
-    return app.stagecoach_catalog  # type: ignore[attr-defined, no-any-return]
-
-
-def jobs_of(app: Celery) -> JobStore:
-    return app.stagecoach_jobs  # type: ignore[attr-defined, no-any-return]
-

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
                                 description="JSON list of spec files or folders holding stages and pipelines")
     plugins: list[str] = Field(
         default_factory=lambda: ["routing.tasks:register"],
-        description="import paths of register(app, catalog, settings) functions called at app creation",
+        description="import paths of register(runtime) functions called at app creation",
     )
     result_expires: int = Field(7 * 24 * 3600, description="seconds a job result is kept")
     visibility_timeout: int = Field(3600, description="seconds before an unacked message is redelivered")

@@ -17,8 +17,8 @@ from contracts.envelope import Decision, Envelope
 from contracts.specs import AdaptiveNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
+from routing.kinds import NodeKind
 from routing.nodes.runtime import state_value
-from routing.registry import RUNTIME_HANDLERS
 
 REASONING_TERMS = frozenset({
     "why", "how", "explain", "compare", "contrast", "analyse", "analyze", "evaluate", "prove", "derive",
@@ -83,4 +83,4 @@ def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     return task.replace(bind_input(canvas, chosen.model_dump(mode="json")))
 
 
-RUNTIME_HANDLERS["adaptive"] = decide
+KIND = NodeKind(decide=decide)

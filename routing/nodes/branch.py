@@ -17,8 +17,8 @@ from contracts.envelope import Decision, Envelope
 from contracts.specs import BranchNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
+from routing.kinds import NodeKind
 from routing.nodes.runtime import normalise_choice, state_value
-from routing.registry import RUNTIME_HANDLERS, STATIC_COMPILERS
 
 
 def branch_path(node: BranchNode, prefix: str) -> str:
@@ -57,5 +57,4 @@ def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     return task.replace(bind_input(canvas, chosen.model_dump(mode="json")))
 
 
-STATIC_COMPILERS["branch"] = compile_branch
-RUNTIME_HANDLERS["branch"] = decide
+KIND = NodeKind(compile=compile_branch, decide=decide)

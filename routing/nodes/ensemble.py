@@ -1,6 +1,6 @@
 """Ensembles: N members on the same input, then an aggregator in the chord body.
 
-Fan-out, time limits and partial failure are the parallel node's (`routing.nodes.parallel`);
+Launch, fan-in, time limits and partial failure are the parallel node's (`routing.nodes.parallel`);
 this module turns the members' results into votes and the verdict into the job's state.
 
 Confidence is an output field of each member's contract (`confidence: float`, in [0, 1]; named
@@ -15,8 +15,7 @@ from typing import Any
 from contracts.envelope import Decision, Envelope
 from contracts.specs import EnsembleNode
 from routing.aggregate import Verdict, Vote, aggregate, clamp_confidence
-from routing.nodes.parallel import FINISHERS, Member, _compile, all_failed, launch
-from routing.registry import RUNTIME_HANDLERS, STATIC_COMPILERS
+from routing.chords import Member, all_failed
 
 
 def vote_of(node: EnsembleNode, member: Member) -> Vote:
@@ -51,8 +50,3 @@ def finish_ensemble(node: EnsembleNode, path: str, job: Envelope, base: Envelope
     decision = Decision(node=path, kind="ensemble", choice=verdict.outcome,
                         detail={"aggregator": node.aggregator, "confidence": verdict.confidence, "tie": verdict.tie})
     return job.model_copy(update={"state": state, "outputs": {**job.outputs, path: full}}).with_decision(decision)
-
-
-STATIC_COMPILERS["ensemble"] = _compile
-RUNTIME_HANDLERS["ensemble"] = launch
-FINISHERS["ensemble"] = finish_ensemble  # type: ignore[assignment]

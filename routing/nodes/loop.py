@@ -22,8 +22,8 @@ from contracts.names import ROUTING_QUEUE
 from contracts.specs import LoopNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
+from routing.kinds import NodeKind
 from routing.nodes.runtime import register_routing_task, state_value
-from routing.registry import RUNTIME_HANDLERS, TASK_REGISTRARS
 
 NEXT_TASK = "pipeline.loop.next"
 
@@ -127,5 +127,4 @@ def register_next(app: Celery, compiler: Compiler) -> None:
     register_routing_task(app, compiler, NEXT_TASK, check)
 
 
-RUNTIME_HANDLERS["loop"] = start
-TASK_REGISTRARS.append(register_next)
+KIND = NodeKind(decide=start, tasks=(register_next,))

@@ -1,4 +1,4 @@
-"""Helpers shared by the runtime node kinds (branch, loop, map, adaptive) and their tasks.
+"""Helpers shared by the node kinds decided at run time, and the routing task that runs each decision.
 
 A routing decision that cannot be made is a value, like a stage error: the envelope gets an
 ErrorRecord of kind "routing" and its `failure` set, so the rest of the chain passes it through to
@@ -15,7 +15,7 @@ from contracts.envelope import Envelope, ErrorRecord
 from contracts.names import ROUTING_QUEUE
 from routing.compile import Compiler
 from routing.errors import RoutingError
-from routing.registry import RuntimeHandler
+from routing.kinds import RuntimeHandler
 
 _SEPARATORS = re.compile(r"[\s\-]+")
 
