@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import render
+from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_PENDING
 from cli.inputs import parse_pairs
 from cli.jobs import Submitted, wait_all
 from cli.jobs import submit_file as submit_lines
@@ -11,8 +12,6 @@ from contracts.jobs import JobResult
 from contracts.specs import PipelineSpec
 from routing.client import Client, JobHandle
 from routing.errors import JobTimeoutError
-
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_PENDING = 0, 1, 2, 3
 
 
 def gather_inputs(spec: PipelineSpec, pairs: list[str], example: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from cli import render
+from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES
 from contracts.errors import StagecoachError, UnknownPipelineError
 
 app = typer.Typer(
@@ -23,7 +24,6 @@ app = typer.Typer(
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON (the contracts' shapes)")]
 StateDir = Annotated[Path, typer.Option(help="where logs and the stack's state file go")]
 DEFAULT_STATE_DIR = Path(".stagecoach")
-EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES = 1, 2, 3, 4
 
 
 @app.callback()

@@ -1,4 +1,4 @@
-"""A small Python API for pipeline specs, in the seed's vocabulary; it builds the same PipelineSpec as YAML.
+"""A small Python API for pipeline specs, named like the nodes they build; it gives the same PipelineSpec as YAML.
 
     from contracts.builder import Branch, Loop, Map, Pipeline, Sequential, Stage, Until
 
@@ -10,7 +10,8 @@
         outputs=["key_terms", "definitions"],
     )
 
-A step is a stage name (str), a node, or a list of steps (a sequence). `SubPipeline("qa")` runs a
+A step is a stage name (str), a node, or a list of steps (a sequence). `add(spec, step, position)`
+inserts a step into an existing pipeline's top-level sequence. `SubPipeline("qa")` runs a
 catalog pipeline by name; `SubPipeline([...])` an inline one. `Hierarchical(...)` takes modules,
 pipelines and conditionals like a `structure:` file (contracts/structure.py).
 """
@@ -35,7 +36,7 @@ from contracts.structure import DEFAULT_MAX_DEPTH, Conditional, Structure
 
 Step = str | Node | StageNode | Sequence[Any]
 
-# The functions are named like the nodes they build (`Map(...)`, `Loop(...)`): the seed's vocabulary.
+# The functions are named like the nodes they build (`Map(...)`, `Loop(...)`), hence the capitals.
 
 
 def node_of(step: Step) -> Any:
@@ -147,6 +148,19 @@ def Pipeline(
     })
 
 
+def add(pipeline: PipelineSpec, step: Step, position: int | None = None) -> PipelineSpec:
+    """The pipeline with `step` inserted into its top-level sequence at `position` (default: the end).
+
+    Like `list.insert`, a negative position counts from the end. A pipeline whose root is a single
+    node becomes a sequence of that node and the new step. The input spec is left unchanged.
+    """
+    root = pipeline.root
+    steps = list(root.steps) if isinstance(root, SequenceNode) and root.id is None else [root]
+    steps.insert(len(steps) if position is None else position, node_of(step))
+    return PipelineSpec.model_validate({**pipeline.model_dump(mode="json"),
+                                        "root": SequenceNode(steps=steps).model_dump(mode="json")})
+
+
 def Hierarchical(
     name: str,
     *,
@@ -190,4 +204,4 @@ def _plain(step: Any) -> Any:
 
 
 __all__ = ["Adaptive", "Branch", "Conditional", "Hierarchical", "Loop", "Map", "Pipeline", "Sequential", "Stage",
-           "SubPipeline", "Until", "When", "node_of"]
+           "SubPipeline", "Until", "When", "add", "node_of"]

@@ -1,6 +1,6 @@
 """Hierarchical structure files: modules, pipelines and conditionals, resolved into one PipelineSpec.
 
-A structure describes a program the way the seed's `HierarchicalPipeline` does: named modules
+A structure describes a hierarchical program of reusable parts: named modules
 (stages), named pipelines (lists of steps) and named conditionals (a branch on a state field,
 optionally after a router module), with an entry pipeline. Steps and branch targets name any of
 those, or are inline nodes in the usual pipeline syntax (a map, a sub-pipeline by name...).

@@ -89,7 +89,7 @@ class SynthesizeStage(dspy.Module):
 
 
 class MultiHopQA(dspy.Module):
-    """The whole pipeline in one process (the seed's `build_multi_hop_qa_pipeline`)."""
+    """The whole pipeline in one process (plain DSPy, composed in-process)."""
 
     def __init__(self, decompose: DecomposeStage, retrieve: RetrieveStage, synthesize: SynthesizeStage) -> None:
         super().__init__()

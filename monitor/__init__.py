@@ -1,1 +1,4 @@
-"""Monitoring: stage timing aggregates (and, later, the Celery event consumer). Depends only on contracts."""
+"""Monitoring: timing statistics shared by `stagecoach eval` and the monitor, and QA evaluation.
+
+Depends only on contracts.
+"""

@@ -32,7 +32,7 @@ from contracts.names import ROUTING_QUEUE
 from contracts.specs import AnyNode, LMOverride, StageNode, SubPipelineNode, map_children
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
-from routing.nodes.runtime import failed
+from routing.guard import failed
 
 
 @dataclass(frozen=True)

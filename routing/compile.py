@@ -21,7 +21,7 @@ from routing.errors import RoutingError
 from routing.kinds import NodeKind
 
 # seconds between a stage call's soft time limit (recorded as a timeout error) and its hard kill
-KILL_GRACE = 2.0
+CALL_KILL_GRACE = 2.0
 
 
 class Compiler:
@@ -55,7 +55,7 @@ class Compiler:
         kwargs = {"node": node.model_dump(mode="json"), "path": path}
         sig = self.app.signature(stage_task(node.stage), kwargs=kwargs, queue=stage_queue(node.stage))
         if node.time_limit is not None:  # Celery enforces these in prefork and green pools
-            sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + KILL_GRACE)
+            sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + CALL_KILL_GRACE)
         return sig
 
 

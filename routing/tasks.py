@@ -19,8 +19,8 @@ from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from contracts.specs import PipelineSpec
 from routing.compile import Compiler, bind_input
+from routing.guard import register_routing_task
 from routing.nodes import KINDS
-from routing.nodes.runtime import register_routing_task
 from workers.jobs import JobStore
 from workers.runtime import Runtime
 

@@ -12,7 +12,7 @@ from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests import services
-from tests.services import Fleet, client_for, default_catalog, redis_server, test_lm, worker_env
+from tests.services import Fleet, client_for, default_catalog, hotpotqa_path, redis_server, test_lm, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,16 @@ def redis_url() -> Iterator[str]:
 def lm_url() -> Iterator[str]:
     with test_lm() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def hotpotqa() -> Path:
+    """The HotPotQA benchmark slice; a clear failure (never a skip) when it is not there."""
+    path = hotpotqa_path()
+    if not path.is_file():
+        pytest.fail(f"HotPotQA slice not found at {path}: put the project's shared/ folder beside the repository "
+                    "or set STAGECOACH_HOTPOTQA_PATH to the file", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

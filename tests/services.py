@@ -32,6 +32,12 @@ __all__ = ["CELERY", "PYTHON", "ROOT", "Fleet", "Worker", "free_port", "http_ok"
            "wait_until"]
 
 TEST_PIPELINES = ROOT / "tests" / "pipelines"
+HOTPOTQA_DEFAULT = ROOT.parent / "shared" / "data" / "hotpotqa_dev_hard_200.jsonl"
+
+
+def hotpotqa_path() -> Path:
+    """The HotPotQA slice: STAGECOACH_HOTPOTQA_PATH, else ../shared/data beside the repo."""
+    return Path(os.environ.get("STAGECOACH_HOTPOTQA_PATH") or HOTPOTQA_DEFAULT).resolve()
 
 
 def default_catalog() -> list[Path]:
@@ -56,4 +62,6 @@ def client_for(redis_url: str, lm_url: str, catalog: list[Path] | None = None) -
 
 
 def worker_env(redis_url: str, lm_url: str, catalog: list[Path] | None = None, **extra: str) -> dict[str, str]:
+    """A test fleet's environment; its workers read the HotPotQA slice where the tests do."""
+    extra = {"STAGECOACH_HOTPOTQA_PATH": str(hotpotqa_path()), **extra}
     return _worker_env(redis_url, lm_url, catalog or default_catalog(), **extra)

@@ -29,7 +29,6 @@ from tests.services import ROOT, Fleet, client_for, worker_env
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings
 
-HOTPOTQA = (ROOT.parent / "shared" / "data" / "hotpotqa_dev_hard_200.jsonl").resolve()
 QUESTION = "Who founded the school where the designer of the Marrow Bridge studied?"
 CATALOG = """
 stages:
@@ -62,10 +61,10 @@ def lm_context(lm_url: str) -> AbstractContextManager[Any]:
 
 
 @pytest.fixture(scope="module")
-def compiled(lm_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[DecomposeStage, Path]:
+def compiled(lm_url: str, tmp_path_factory: pytest.TempPathFactory, hotpotqa: Path) -> tuple[DecomposeStage, Path]:
     """The optimised decompose stage and the folder holding its saved state and a catalog naming it."""
     folder = tmp_path_factory.mktemp("compiled")
-    train = [e.question for e in load_examples(HOTPOTQA, limit=4)]
+    train = [e.question for e in load_examples(hotpotqa, limit=4)]
     with lm_context(lm_url):
         program = optimise_decompose(train, max_demos=2)
     program.save(str(folder / "decompose_compiled.json"))
@@ -87,10 +86,10 @@ def compiled_client(private_redis: str, lm_url: str, compiled: tuple[DecomposeSt
         fleet.stop()
 
 
-def test_saved_state_holds_the_bootstrapped_demos(compiled: tuple[DecomposeStage, Path]) -> None:
+def test_saved_state_holds_the_bootstrapped_demos(compiled: tuple[DecomposeStage, Path], hotpotqa: Path) -> None:
     saved = json.loads((compiled[1] / "decompose_compiled.json").read_text())
     demos = saved["decompose.predict"]["demos"]
-    train = [e.question for e in load_examples(HOTPOTQA, limit=4)]
+    train = [e.question for e in load_examples(hotpotqa, limit=4)]
     assert len(demos) == 2
     assert [d["question"] for d in demos] == train[:2]
     assert all(len(d["sub_questions"]) == 2 for d in demos)

@@ -16,7 +16,6 @@ from routing.client import Client
 from workers.lm import adapter_for, lm_for
 from workers.settings import LMSettings
 
-HOTPOTQA = (Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa_dev_hard_200.jsonl").resolve()
 QUESTIONS = 24
 FIELDS = ["question", "sub_questions", "retrieved_facts", "retrieved_titles", "final_answer"]
 
@@ -27,10 +26,10 @@ def in_process(program: MultiHopQA, lm_url: str, question: str) -> dspy.Predicti
         return program(question=question)
 
 
-def test_distributed_pipeline_equals_in_process_module(client: Client, lm_url: str) -> None:
-    examples = load_examples(HOTPOTQA, limit=QUESTIONS)
+def test_distributed_pipeline_equals_in_process_module(client: Client, lm_url: str, hotpotqa: Path) -> None:
+    examples = load_examples(hotpotqa, limit=QUESTIONS)
     handles = [client.submit("multihop_hotpotqa", {"question": e.question}) for e in examples]
-    program = build_multi_hop_qa_pipeline(str(HOTPOTQA), format="hotpotqa")
+    program = build_multi_hop_qa_pipeline(str(hotpotqa), format="hotpotqa")
     assert len(examples) == QUESTIONS
     for example, handle in zip(examples, handles, strict=True):
         remote = handle.get(timeout=180)

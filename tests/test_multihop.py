@@ -15,7 +15,6 @@ from workers.stage import StageRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = ROOT / "examples" / "data" / "corpus.jsonl"
-HOTPOTQA = (ROOT / ".." / "shared" / "data" / "hotpotqa_dev_hard_200.jsonl").resolve()
 QUESTION = "In which city was the engineer who designed the Marrow Bridge born?"
 
 
@@ -40,22 +39,22 @@ def test_multihop_answers_through_three_stage_queues(client: Client) -> None:
     assert result.usage["retrieve"].prompt_tokens > result.usage["decompose"].prompt_tokens  # passages in prompt
 
 
-def test_hotpotqa_pipeline_retrieves_from_the_shared_slice(client: Client) -> None:
-    example = load_examples(HOTPOTQA, limit=1)[0]
+def test_hotpotqa_pipeline_retrieves_from_the_shared_slice(client: Client, hotpotqa: Path) -> None:
+    example = load_examples(hotpotqa, limit=1)[0]
     result = client.submit("multihop_hotpotqa", {"question": example.question}).get(timeout=90)
     assert result.state == "succeeded", result.error
-    corpus_titles = {p.title for p in read_hotpotqa_corpus(HOTPOTQA)}
+    corpus_titles = {p.title for p in read_hotpotqa_corpus(hotpotqa)}
     retrieved = {t for hop in result.answer["retrieved_titles"] for t in hop}
     assert retrieved and retrieved <= corpus_titles
     assert {t.stage for t in result.timings} == {"decompose", "retrieve_hotpotqa", "synthesize"}
-    retriever = open_retriever(str(HOTPOTQA), "hotpotqa")
+    retriever = open_retriever(str(hotpotqa), "hotpotqa")
     expected = [[p.title for p in retriever.search(sub, 3)] for sub in result.answer["sub_questions"]]
     assert result.answer["retrieved_titles"] == expected
 
 
-def test_hotpotqa_corpus_is_every_context_paragraph() -> None:
-    passages = read_hotpotqa_corpus(HOTPOTQA)
-    first = json.loads(HOTPOTQA.read_text().splitlines()[0])
+def test_hotpotqa_corpus_is_every_context_paragraph(hotpotqa: Path) -> None:
+    passages = read_hotpotqa_corpus(hotpotqa)
+    first = json.loads(hotpotqa.read_text().splitlines()[0])
     title, sentences = first["context"][0]
     assert Passage(title, "".join(sentences).strip()) in passages
     assert 1900 <= len(passages) <= 2000  # 200 questions x 10 paragraphs, some shared
@@ -102,12 +101,12 @@ def test_hotpotqa_answer_scoring() -> None:
     assert title_recall([["A", "B"], ["C"]], ["C", "D"]) == 0.5
 
 
-def test_index_loaded_from_cache_ranks_like_a_fresh_one(tmp_path: Path) -> None:
+def test_index_loaded_from_cache_ranks_like_a_fresh_one(tmp_path: Path, hotpotqa: Path) -> None:
     from examples.retrieval import Retriever, _index
 
-    passages = read_hotpotqa_corpus(HOTPOTQA)
+    passages = read_hotpotqa_corpus(hotpotqa)
     fresh = Retriever(passages, _index(passages, tmp_path / "index"), "")
     assert (tmp_path / "index" / "vocab.index.json").exists()
     loaded = Retriever(passages, _index(passages, tmp_path / "index"), "")
-    for example in load_examples(HOTPOTQA, limit=50):
+    for example in load_examples(hotpotqa, limit=50):
         assert fresh.search(example.question, 5) == loaded.search(example.question, 5)

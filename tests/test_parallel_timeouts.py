@@ -38,7 +38,7 @@ pipelines:
     root:
       kind: parallel
       id: race
-      member_timeout: 1
+      member_timeout: 3
       members:
         fast: par_probe
         nap: {stage: par_nap, outputs: {finding: nap_finding}}
@@ -48,7 +48,7 @@ pipelines:
     root:
       - kind: parallel
         id: race
-        member_timeout: 1
+        member_timeout: 3
         members:
           fast: par_probe
           stuck: {stage: par_stuck, outputs: {finding: stuck_finding}}
@@ -59,7 +59,7 @@ pipelines:
     root:
       kind: parallel
       id: race
-      member_timeout: 1
+      member_timeout: 3
       members:
         one: par_stuck
         two: par_stuck
@@ -73,10 +73,24 @@ pipelines:
         probe: {stage: par_probe, outputs: {finding: other}}
         inner:
           kind: parallel
-          member_timeout: 1
+          member_timeout: 3
           members:
             fast: par_probe
             stuck: {stage: par_stuck, outputs: {finding: stuck_finding}}
+  - name: nap_only
+    inputs: {text: str}
+    root: {stage: par_nap, outputs: {finding: nap_finding}}
+  - name: par_soft_deep
+    inputs: {text: str}
+    outputs: [finding]
+    root:
+      kind: parallel
+      id: race
+      member_timeout: 3
+      members:
+        fast: par_probe
+        sub: {kind: subpipeline, pipeline: nap_only}
+        looped: {kind: loop, max_iterations: 1, body: {stage: par_nap, outputs: {finding: loop_finding}}}
   - name: ens_hard
     inputs: {text: str}
     outputs: [finding, score, ensemble]
@@ -86,7 +100,7 @@ pipelines:
       aggregator: best_confidence
       answer_field: finding
       confidence_field: score
-      member_timeout: 1
+      member_timeout: 3
       members:
         - {id: quick, stage: par_probe}
         - {id: slow, kind: sequence, steps: [par_probe, par_stuck]}
@@ -122,6 +136,17 @@ def test_soft_limit_is_recorded_as_a_timeout_and_the_rest_merged(prefork_client:
     (error,) = result.errors
     assert (error.node, error.kind, error.error_type) == ("race/nap/par_nap", "timeout", "StageTimeoutError")
     assert "nap_finding" not in result.fields
+
+
+def test_member_timeout_reaches_stages_of_named_subpipelines_and_runtime_nodes(prefork_client: Client) -> None:
+    """A loop member's stage is compiled only when the loop runs, a named sub-pipeline's in another
+    spec: the member's time bound still reaches both."""
+    result = prefork_client.submit("par_soft_deep", {"text": "surge"}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.answer["finding"] == "finding of <surge>"
+    timeouts = sorted((e.node, e.kind, e.error_type) for e in result.errors)
+    assert timeouts == [("race/looped/loop[1]/par_nap", "timeout", "StageTimeoutError"),
+                        ("race/sub/nap_only/par_nap", "timeout", "StageTimeoutError")]
 
 
 def test_hard_limit_kill_fails_the_header_task_yet_the_job_finishes(prefork_client: Client) -> None:

@@ -1,5 +1,7 @@
 """Map fan-out on real workers: one `define` task per item, gathered in input order."""
 
+import uuid
+
 from routing.client import Client
 
 TERMS = ["tide", "moon", "gravity", "orbit", "ocean"]
@@ -84,8 +86,11 @@ def test_map_example_pipeline_by_name(client: Client) -> None:
 
 
 def test_a_retried_item_still_gathers_in_order(client: Client) -> None:
-    """A transient LM error inside a chord member: the stage task retries, the chord still completes."""
-    terms = ["tide", "moon [[lm:fail_first=1]]", "orbit"]
+    """A transient LM error inside a chord member: the stage task retries, the chord still completes.
+
+    The test LM counts attempts per prompt for its whole life: a prompt of this run's own keeps the
+    count from being shared with any other test (or a rerun)."""
+    terms = ["tide", f"moon {uuid.uuid4().hex[:8]} [[lm:fail_first=1]]", "orbit"]
     result = client.submit("t_map_terms", {"terms": terms}).get(timeout=60)
     assert result.state == "succeeded", result.error
     assert result.answer["definitions"] == [f"definition of <{t}>" for t in terms]

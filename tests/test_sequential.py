@@ -21,7 +21,7 @@ def test_each_stage_runs_on_its_own_worker(client: Client, fleet: Fleet) -> None
     result = client.submit("digest", {"document": "Rivers carry barges."}).get(timeout=60)
     assert result.state == "succeeded", result.error
     workers = {t.stage: t.worker for t in result.timings}
-    assert workers == {"summarize": workers["summarize"], "headline": workers["headline"]}
+    assert set(workers) == {"summarize", "headline"}
     assert workers["summarize"].startswith("stage-summarize@")
     assert workers["headline"].startswith("stage-headline@")
 

@@ -6,7 +6,7 @@ boundaries, so a chain or chord never hangs on a failed member and the job resul
 went wrong. Transient LM errors are retried with exponential backoff, each attempt logged.
 """
 
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -19,7 +19,8 @@ from workers.jobs import JobStore
 from workers.settings import Settings
 from workers.stage import StageRunner
 
-HARD_LIMIT_GRACE = 30.0
+# seconds between a stage's own soft time limit (recorded as a timeout) and the hard kill of its process
+STAGE_KILL_GRACE = 30.0
 
 
 def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Settings, jobs: JobStore) -> None:
@@ -38,7 +39,7 @@ def _register(app: Celery, spec: StageSpec, executor: "StageExecutor", settings:
         acks_late=True,
         reject_on_worker_lost=True,
         soft_time_limit=soft,
-        time_limit=soft + HARD_LIMIT_GRACE,
+        time_limit=soft + STAGE_KILL_GRACE,
         max_retries=spec.retry.max_retries,
     )
     def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class StageExecutor:
             if isinstance(error.__cause__, SoftTimeLimitExceeded):  # the runner wraps what the module raised
                 return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
             if error.retryable and task.request.retries < self.spec.retry.max_retries:
-                raise self._retry(task, job, call, path, error) from error
+                self._retry(task, job, call, path, error)
             return self._failed(job, call, path, error, task)
         self.jobs.left(job.job_id)
         timing = StageTiming(
@@ -81,14 +82,15 @@ class StageExecutor:
         )
         return job.with_output(path, run.outputs, timing, run.usage, call.outputs)
 
-    def _retry(self, task: Task, job: Envelope, call: StageNode, path: str, error: StageError) -> Exception:
+    def _retry(self, task: Task, job: Envelope, call: StageNode, path: str, error: StageError) -> NoReturn:
+        """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
+        raises Celery's Retry, which ends this run."""
         logged = job.with_error(self._record(path, error, task), fatal=False)
         policy = self.spec.retry
         countdown = min(policy.backoff_seconds * 2 ** task.request.retries, policy.backoff_max_seconds)
-        node = call.model_dump(mode="json")
-        kwargs = {"node": node, "path": path}
-        retry: Exception = task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
-        return retry
+        kwargs = {"node": call.model_dump(mode="json"), "path": path}
+        task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
+        raise AssertionError("unreachable: Task.retry raises")
 
     def _failed(self, job: Envelope, call: StageNode, path: str, error: StageError, task: Task) -> Envelope:
         self.jobs.left(job.job_id)

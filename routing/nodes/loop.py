@@ -22,8 +22,9 @@ from contracts.names import ROUTING_QUEUE
 from contracts.specs import LoopNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
+from routing.guard import register_routing_task
 from routing.kinds import NodeKind
-from routing.nodes.runtime import register_routing_task, state_value
+from routing.nodes.runtime import state_value
 
 NEXT_TASK = "pipeline.loop.next"
 

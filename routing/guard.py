@@ -1,0 +1,47 @@
+"""Routing tasks run their decisions guarded: a decision that cannot be made is a value.
+
+Like a stage error, the envelope gets an ErrorRecord of kind "routing" and its `failure` set, so
+the rest of the chain passes it through to `pipeline.finish` and the job ends as failed instead of
+hanging.
+"""
+
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import Ignore, Retry
+
+from contracts.envelope import Envelope, ErrorRecord
+from contracts.names import ROUTING_QUEUE
+from routing.compile import Compiler
+from routing.kinds import RuntimeHandler
+
+
+def routing_record(path: str, error: BaseException) -> ErrorRecord:
+    return ErrorRecord(node=path, kind="routing", error_type=type(error).__name__, message=str(error))
+
+
+def failed(job: Envelope, path: str, error: BaseException) -> dict[str, Any]:
+    """The envelope with a fatal routing error, ready to return from a task."""
+    return job.with_error(routing_record(path, error), fatal=True).model_dump(mode="json")
+
+
+def guarded(handler: RuntimeHandler, task: Task, compiler: Compiler, envelope: dict[str, Any],
+            node: dict[str, Any], path: str) -> Any:
+    """Run a handler on a live envelope; a failed one passes through, an exception fails the job."""
+    job = Envelope.model_validate(envelope)
+    if job.failed:
+        return envelope
+    try:
+        return handler(task, compiler, job, node, path)
+    except (Ignore, Retry):
+        raise  # how `task.replace(...)` and retries end a task: not errors
+    except Exception as error:
+        return failed(job, path, error)
+
+
+def register_routing_task(app: Celery, compiler: Compiler, name: str, handler: RuntimeHandler) -> None:
+    """A task `name(envelope, node=..., path=...)` on the routing queue that runs `handler` guarded."""
+
+    @app.task(name=name, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
+        return guarded(handler, self, compiler, envelope, node, path)
