@@ -32,3 +32,13 @@ def routing_task(kind: str) -> str:
 
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
+
+
+# Custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's own).
+STAGE_OUTCOME_EVENT = "stagecoach-stage-outcome"
+JOB_FINISHED_EVENT = "stagecoach-job-finished"
+
+
+def monitor_key(*parts: str) -> str:
+    """A key of the monitor's store, e.g. monitor_key("stage", "answer") -> stagecoach:monitor:stage:answer."""
+    return MONITOR_KEY_PREFIX + ":".join(parts)

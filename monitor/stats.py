@@ -1,4 +1,8 @@
-"""Per-stage timing aggregates (count, mean, p50, p95, min, max) from StageTiming lists."""
+"""Timing aggregates (count, mean, p50, p95, p99, min, max): the one stats module.
+
+`stagecoach eval` (from JobResult timings) and the monitor (from stage-outcome events, which carry
+the same `seconds` the envelope records) both summarise with `summarize`, so their figures agree.
+"""
 
 import math
 from collections import defaultdict
@@ -18,6 +22,7 @@ class Summary(BaseModel):
     mean: float
     p50: float
     p95: float
+    p99: float
     min: float
     max: float
 
@@ -42,6 +47,7 @@ def summarize(values: Iterable[float]) -> Summary:
         mean=sum(ordered) / len(ordered),
         p50=percentile(ordered, 50),
         p95=percentile(ordered, 95),
+        p99=percentile(ordered, 99),
         min=ordered[0],
         max=ordered[-1],
     )

@@ -8,7 +8,7 @@ the caller's `.get()` returns an explanation and the worker keeps serving.
 import time
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, states
 from pydantic import ValidationError
 
 from contracts.catalog import Catalog
@@ -22,6 +22,7 @@ from routing.compile import Compiler, bind_input
 from routing.guard import register_routing_task
 from routing.nodes import KINDS
 from workers.jobs import JobStore
+from workers.outcome import job_finished
 from workers.runtime import Runtime
 
 
@@ -30,7 +31,7 @@ def register(runtime: Runtime) -> None:
     app = runtime.app
     compiler = Compiler(app, runtime.catalog, KINDS)
     _register_run(app, runtime.catalog, compiler, runtime.jobs)
-    _register_finish(app, runtime.jobs)
+    _register_finish(app, runtime.catalog, runtime.jobs)
     for name, kind in KINDS.items():
         if kind.decide is not None:
             # guarded: an exception while deciding ends the job as failed, never leaves it hanging
@@ -46,9 +47,12 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobSt
         try:
             envelope, spec = start_envelope(catalog, request, job_id)
         except StagecoachError as error:
-            return rejected(job_id, request, error, jobs).model_dump(mode="json")
+            result = rejected(job_id, request, error, jobs)
+            job_finished(self, result, {})
+            return result.model_dump(mode="json")
         jobs.entered(job_id, "", None)
         canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
+        canvas.tasks[-1].set(task_id=finish_task_id(job_id))  # see finish_task_id
         return self.replace(canvas)
 
 
@@ -82,13 +86,32 @@ def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) 
     )
 
 
-def _register_finish(app: Celery, jobs: JobStore) -> None:
+def finish_task_id(job_id: str) -> str:
+    """`pipeline.finish` has an id of its own, so Flower shows `pipeline.run` under the job id and the
+    finish beside it (sharing the job id, its events overwrote the run's). The finish task stores the
+    JobResult under the job id itself, where clients read it."""
+    return f"{job_id}-finish"
+
+
+def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore) -> None:
     @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def finish_pipeline(self: Task, envelope: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
         result = job_result(job, outputs)
+        data = result.model_dump(mode="json")
+        if self.request.id != job.job_id:
+            self.backend.store_result(job.job_id, data, states.SUCCESS)
+            _job_succeeded_event(self, job.job_id, result)
         jobs.finished(job.job_id, result.state)
-        return result.model_dump(mode="json")
+        job_finished(self, result, job.pick(list(catalog.pipeline(job.pipeline).inputs)))
+        return data
+
+
+def _job_succeeded_event(task: Task, job_id: str, result: JobResult) -> None:
+    """Close the job's `pipeline.run` entry (replaced, so Celery sends no end event for it) in Flower."""
+    runtime = (result.finished_at or time.time()) - (result.submitted_at or time.time())
+    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
+        dispatcher.send("task-succeeded", uuid=job_id, result=f"job {result.state}", runtime=runtime)
 
 
 def job_result(job: Envelope, outputs: list[str]) -> JobResult:

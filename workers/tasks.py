@@ -4,6 +4,7 @@ Tasks are thin: validate the envelope, call the stage runner, serialise. Errors 
 the envelope (its error log, and `failure` when fatal) rather than exceptions across task
 boundaries, so a chain or chord never hangs on a failed member and the job result explains what
 went wrong. Transient LM errors are retried with exponential backoff, each attempt logged.
+Each outcome (ok, error kind, retry) is also sent as a Celery event for the monitor (workers/outcome.py).
 """
 
 from typing import Any, NoReturn
@@ -16,6 +17,7 @@ from contracts.names import stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.errors import StageError, StageTimeoutError
 from workers.jobs import JobStore
+from workers.outcome import stage_outcome
 from workers.settings import Settings
 from workers.stage import StageRunner
 
@@ -45,7 +47,8 @@ def _register(app: Celery, spec: StageSpec, executor: "StageExecutor", settings:
     def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
         call = StageNode.model_validate(node)
-        return executor.execute(self, job, call, path).model_dump(mode="json")
+        with stage_outcome(self, spec.name, job, path, job.pick(list(spec.inputs), call.inputs)) as report:
+            return report(executor.execute(self, job, call, path)).model_dump(mode="json")
 
 
 class StageExecutor:

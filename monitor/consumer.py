@@ -1,0 +1,168 @@
+"""The event consumer: Celery's event stream (`app.events.Receiver`) into the store.
+
+Celery's own task events give queue waits (sent -> started), retries and crashes; the custom
+`stagecoach-stage-outcome` event gives each stage call's outcome (errors are values, so Celery sees
+SUCCESS for a failed stage), and `stagecoach-job-finished` each job's outcome and path. Every task
+event whose task belongs to a job (its root id) is appended to that job's trace.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+from celery.events.receiver import EventReceiver
+
+from contracts.names import JOB_FINISHED_EVENT, RUN_TASK, STAGE_OUTCOME_EVENT, STAGE_PREFIX
+from monitor.report import ErrorExample
+from monitor.store import Store
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+TRACE_FIELDS = ("uuid", "name", "hostname", "retries", "runtime", "exception", "queue", "parent_id")
+RECONNECT_SECONDS = 2.0
+
+
+class Consumer:
+    """Feeds one store from one Celery app's events (the app passed explicitly, never current_app)."""
+
+    def __init__(self, app: Celery, store: Store) -> None:
+        self.app = app
+        self.store = store
+        self.receiver: EventReceiver | None = None
+        self.stopped = threading.Event()
+        self.handlers: dict[str, Callable[[Event], None]] = {
+            "task-sent": self.on_sent,
+            "task-received": self.on_received,
+            "task-started": self.on_started,
+            "task-failed": self.on_failed,
+            STAGE_OUTCOME_EVENT: self.on_stage_outcome,
+            JOB_FINISHED_EVENT: self.on_job_finished,
+        }
+
+    def run(self) -> None:
+        """Consume until stop(); reconnects when the broker goes away."""
+        while not self.stopped.is_set():
+            try:
+                with self.app.connection_for_read() as connection:
+                    self.receiver = self.app.events.Receiver(connection, handlers={"*": self.handle})
+                    self.receiver.capture(limit=None, timeout=None, wakeup=False)
+            except Exception:
+                if self.stopped.is_set():
+                    return
+                log.warning("event stream lost; reconnecting", exc_info=True)
+                self.stopped.wait(RECONNECT_SECONDS)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.receiver is not None:
+            self.receiver.should_stop = True
+
+    def handle(self, event: Event) -> None:
+        """One event; a bad event is logged and skipped, never the end of the consumer."""
+        try:
+            handler = self.handlers.get(event.get("type", ""))
+            if handler is not None:
+                handler(event)
+            if event.get("type", "").startswith("task-"):
+                self.trace_task_event(event)
+        except Exception:
+            log.exception("could not record event %s", event.get("type"))
+
+    # --- Celery's task events ----------------------------------------------------------------------
+
+    def on_sent(self, event: Event) -> None:
+        self.store.remember_task(event["uuid"], {"name": event.get("name"), "root_id": event.get("root_id"),
+                                                 "sent": event.get("timestamp")})
+
+    def on_received(self, event: Event) -> None:
+        self.store.remember_task(event["uuid"], {"name": event.get("name"), "root_id": event.get("root_id")})
+
+    def on_started(self, event: Event) -> None:
+        task = self.store.task(event["uuid"])
+        sent, name = task.get("sent"), str(task.get("name") or "")
+        if sent is None or "timestamp" not in event:
+            return
+        wait = max(0.0, float(event["timestamp"]) - float(sent))
+        if name.startswith(STAGE_PREFIX):
+            self.store.sample("waits", "stage", name[len(STAGE_PREFIX):], wait)
+        elif name == RUN_TASK:
+            self.store.remember_task(event["uuid"], {"wait": wait})
+
+    def on_failed(self, event: Event) -> None:
+        """A stage task that raised (a crash, a hard time limit): a failure of kind `exception`."""
+        task = self.store.task(event["uuid"])
+        name = str(task.get("name") or "")
+        if not name.startswith(STAGE_PREFIX):
+            return
+        stage = name[len(STAGE_PREFIX):]
+        at = float(event.get("timestamp") or time.time())
+        self.store.count("stage", stage, runs=1, failed=1, **{"fail:exception": 1})
+        self.store.tick("stage", stage, at, True, None)
+        example = ErrorExample(job_id=str(task.get("root_id") or ""), message=str(event.get("exception")), at=at)
+        self.store.error_example(stage, "exception", example)
+
+    def trace_task_event(self, event: Event) -> None:
+        task = self.store.task(event.get("uuid", ""))
+        job_id = event.get("root_id") or task.get("root_id")
+        if not job_id:
+            return
+        entry = {k: event[k] for k in TRACE_FIELDS if event.get(k) is not None}
+        entry.setdefault("name", task.get("name"))
+        self.store.trace_event(str(job_id), {"type": event["type"], "timestamp": event.get("timestamp"), **entry})
+
+    # --- Stagecoach's own events ------------------------------------------------------------------
+
+    def on_stage_outcome(self, event: Event) -> None:
+        stage, pipeline = str(event["stage"]), str(event.get("pipeline") or "")
+        outcome, at = event.get("outcome"), float(event.get("timestamp") or time.time())
+        shared = {"prompt_tokens": event.get("prompt_tokens") or 0,
+                  "completion_tokens": event.get("completion_tokens") or 0,
+                  "cache_hits": 1 if event.get("cached") else 0}
+        if outcome == "retry":
+            self.store.count("stage", stage, retries=1)
+            self.store.count("pipeline", pipeline, retries=1)
+        elif outcome == "ok":
+            self._stage_ok(stage, pipeline, event, at, shared)
+        else:
+            self._stage_error(stage, pipeline, event, at, shared)
+        self.store.trace_event(str(event["job_id"]), {**event, "type": "stage-outcome"})
+
+    def _stage_ok(self, stage: str, pipeline: str, event: Event, at: float, shared: dict[str, Any]) -> None:
+        seconds = float(event.get("seconds") or 0.0)
+        sizes = {"input_bytes": event.get("input_bytes") or 0, "output_bytes": event.get("output_bytes") or 0}
+        self.store.count("stage", stage, runs=1, succeeded=1, **shared, **sizes)
+        self.store.count("pipeline", pipeline, **shared, **sizes)
+        self.store.sample("samples", "stage", stage, seconds)
+        self.store.tick("stage", stage, at, False, seconds)
+
+    def _stage_error(self, stage: str, pipeline: str, event: Event, at: float, shared: dict[str, Any]) -> None:
+        kind = str(event.get("kind") or "stage")
+        self.store.count("stage", stage, runs=1, failed=1, input_bytes=event.get("input_bytes") or 0,
+                         **shared, **{f"fail:{kind}": 1})
+        self.store.count("pipeline", pipeline, **shared)
+        self.store.tick("stage", stage, at, True, None)
+        example = ErrorExample(job_id=str(event["job_id"]), node=str(event.get("node") or ""), pipeline=pipeline,
+                               message=str(event.get("message") or ""), at=at)
+        self.store.error_example(stage, kind, example)
+
+    def on_job_finished(self, event: Event) -> None:
+        pipeline, at = str(event["pipeline"]), float(event.get("timestamp") or time.time())
+        failed = event.get("state") != "succeeded"
+        seconds = float(event.get("seconds") or 0.0)
+        if failed:
+            kind = str(event.get("kind") or "pipeline")
+            self.store.count("pipeline", pipeline, runs=1, failed=1, **{f"fail:{kind}": 1})
+            example = ErrorExample(job_id=str(event["job_id"]), node=str(event.get("error_node") or ""),
+                                   pipeline=pipeline, message=str(event.get("message") or ""), at=at)
+            self.store.error_example(f"pipeline:{pipeline}", kind, example)
+        else:
+            self.store.count("pipeline", pipeline, runs=1, succeeded=1)
+            self.store.sample("samples", "pipeline", pipeline, seconds)
+        self.store.tick("pipeline", pipeline, at, failed, None if failed else seconds)
+        wait = self.store.task(str(event["job_id"])).get("wait")
+        if wait is not None:
+            self.store.sample("waits", "pipeline", pipeline, float(wait))
+        self.store.trace_event(str(event["job_id"]), {**event, "type": "job-finished"})

@@ -1,0 +1,35 @@
+"""Monitor settings (env prefix STAGECOACH_MONITOR_; the broker and catalog are the stack's own)."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+class MonitorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STAGECOACH_MONITOR_", extra="ignore", populate_by_name=True)
+
+    broker_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices(
+        "STAGECOACH_BROKER_URL", "broker_url"), description="Redis of the Celery broker (events)")
+    store_url: str | None = Field(None, description="Redis for the monitor's store; default: the broker")
+    catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG], validation_alias=AliasChoices(
+        "STAGECOACH_CATALOG", "catalog"), description="pipeline catalog (graphs, stage queues)")
+    host: str = Field("127.0.0.1", description="interface of the monitor's HTTP server")
+    port: int = Field(8095, description="port of the monitor's HTTP server (JSON, /metrics, web page)")
+    samples: int = Field(1000, ge=10, description="latest runtimes kept per stage/pipeline for percentiles")
+    bucket_seconds: int = Field(10, ge=1, description="width of one time-series bucket")
+    window_buckets: int = Field(360, ge=2, description="buckets kept (rolling window of the time series)")
+    error_examples: int = Field(20, ge=1, description="latest examples kept per stage and error kind")
+    trace_events: int = Field(2000, ge=10, description="events kept per job trace")
+    traces: int = Field(1000, ge=1, description="job traces kept (the latest)")
+    trace_ttl: int = Field(7 * 24 * 3600, description="seconds a job trace is kept")
+
+    @property
+    def store(self) -> str:
+        return self.store_url or self.broker_url
+
+    @property
+    def window_seconds(self) -> int:
+        return self.bucket_seconds * self.window_buckets

@@ -1,0 +1,177 @@
+"""The monitor's state in Redis: counters, capped runtime samples, rolling time series, capped error
+examples and per-job traces. Everything is bounded (lists trimmed, series and traces expire), and
+nothing lives in the monitor process, so a restarted monitor carries on where it stopped.
+
+Keys (prefix `contracts.names.MONITOR_KEY_PREFIX`):
+  agg:{stage|pipeline}:NAME          hash of counters (runs, succeeded, failed, fail:KIND, retries, ...)
+  samples:{stage|pipeline}:NAME      latest runtimes (seconds), newest first
+  waits:{stage|pipeline}:NAME        latest queue waits (sent -> started)
+  series:{stage|pipeline}:NAME:T     one time bucket {runs, errors, seconds}, expires with the window
+  errors:GROUP:KIND                  latest error examples (JSON), newest first
+  names:{stage|pipeline}, names:errors   what exists
+  task:UUID                          what the events of one Celery task said (name, job, sent time)
+  trace:JOB, jobs                    a job's ordered events; the latest jobs by time
+"""
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from contracts.names import monitor_key
+from monitor.report import Counts, ErrorExample, ErrorGroup, Figures, Point, Report, Series
+from monitor.settings import MonitorSettings
+from monitor.stats import summarize
+
+KINDS = ("stage", "pipeline")
+TASK_TTL = 24 * 3600
+COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
+
+
+class Store:
+    def __init__(self, client: redis.Redis, settings: MonitorSettings) -> None:
+        self.r = client
+        self.settings = settings
+
+    @classmethod
+    def connect(cls, settings: MonitorSettings) -> "Store":
+        return cls(redis.Redis.from_url(settings.store, decode_responses=True), settings)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def count(self, kind: str, name: str, **amounts: float) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(monitor_key("names", kind), name)
+        for field, amount in amounts.items():
+            if amount:
+                pipe.hincrbyfloat(monitor_key("agg", kind, name), field, amount)
+        pipe.execute()
+
+    def sample(self, what: str, kind: str, name: str, seconds: float) -> None:
+        key = monitor_key(what, kind, name)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lpush(key, seconds)
+        pipe.ltrim(key, 0, self.settings.samples - 1)
+        pipe.execute()
+
+    def tick(self, kind: str, name: str, at: float, error: bool, seconds: float | None) -> None:
+        """One run into the time series bucket of `at`."""
+        key = monitor_key("series", kind, name, str(self.bucket(at)))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(key, "runs", 1)
+        if error:
+            pipe.hincrby(key, "errors", 1)
+        if seconds is not None:
+            pipe.hincrbyfloat(key, "seconds", seconds)
+            pipe.hincrby(key, "timed", 1)
+        pipe.expire(key, self.settings.window_seconds)
+        pipe.execute()
+
+    def error_example(self, group: str, kind: str, example: ErrorExample) -> None:
+        key = monitor_key("errors", group, kind)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(monitor_key("names", "errors"), f"{group}\x1f{kind}")
+        pipe.hincrby(monitor_key("errorcounts"), f"{group}\x1f{kind}", 1)
+        pipe.lpush(key, example.model_dump_json())
+        pipe.ltrim(key, 0, self.settings.error_examples - 1)
+        pipe.execute()
+
+    def remember_task(self, uuid: str, fields: dict[str, Any]) -> None:
+        key = monitor_key("task", uuid)
+        values = {k: json.dumps(v) for k, v in fields.items() if v is not None}
+        if values:
+            pipe = self.r.pipeline(transaction=False)
+            for field, value in values.items():
+                pipe.hset(key, field, value)
+            pipe.expire(key, TASK_TTL)
+            pipe.execute()
+
+    def task(self, uuid: str) -> dict[str, Any]:
+        raw = self.r.hgetall(monitor_key("task", uuid))
+        return {str(k): json.loads(v) for k, v in raw.items()}
+
+    def trace_event(self, job_id: str, event: dict[str, Any]) -> None:
+        key = monitor_key("trace", job_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.rpush(key, json.dumps(event, default=str))
+        pipe.ltrim(key, -self.settings.trace_events, -1)
+        pipe.expire(key, self.settings.trace_ttl)
+        pipe.zadd(monitor_key("jobs"), {job_id: float(event.get("timestamp") or time.time())}, nx=True)
+        pipe.zremrangebyrank(monitor_key("jobs"), 0, -self.settings.traces - 1)
+        pipe.execute()
+
+    def bucket(self, at: float) -> int:
+        return int(at // self.settings.bucket_seconds * self.settings.bucket_seconds)
+
+    def clear(self) -> None:
+        """Delete every monitor key (`stagecoach monitor reset`)."""
+        for key in self.r.scan_iter(match=monitor_key("*"), count=500):
+            self.r.delete(key)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(str(n) for n in self.r.smembers(monitor_key("names", kind)))
+
+    def figures(self, kind: str, name: str, now: float) -> Figures:
+        raw = {str(k): float(v) for k, v in self.r.hgetall(monitor_key("agg", kind, name)).items()}
+        counts = {f: int(raw.get(f, 0)) for f in COUNTERS}
+        failures = {k[5:]: int(v) for k, v in raw.items() if k.startswith("fail:")}
+        return Figures(name=name, **counts, failures=failures,
+                       runtime=self._summary("samples", kind, name),
+                       queue_wait=self._summary("waits", kind, name),
+                       throughput_per_min=self._last_minute(kind, name, now))
+
+    def _summary(self, what: str, kind: str, name: str) -> Any:
+        values = [float(v) for v in self.r.lrange(monitor_key(what, kind, name), 0, -1)]
+        return summarize(values) if values else None
+
+    def _last_minute(self, kind: str, name: str, now: float) -> float:
+        points = self.points(kind, name, now, max(1, 60 // self.settings.bucket_seconds))
+        return float(sum(p.runs for p in points)) * 60 / max(60, self.settings.bucket_seconds)
+
+    def points(self, kind: str, name: str, now: float, buckets: int) -> list[Point]:
+        step = self.settings.bucket_seconds
+        starts = [self.bucket(now) - step * i for i in reversed(range(buckets))]
+        pipe = self.r.pipeline(transaction=False)
+        for start in starts:
+            pipe.hgetall(monitor_key("series", kind, name, str(start)))
+        return [_point(start, raw) for start, raw in zip(starts, pipe.execute(), strict=True)]
+
+    def error_groups(self) -> list[ErrorGroup]:
+        counts = {str(k): int(v) for k, v in self.r.hgetall(monitor_key("errorcounts")).items()}
+        groups = []
+        for joined, count in sorted(counts.items()):
+            group, kind = joined.split("\x1f")
+            raw = self.r.lrange(monitor_key("errors", group, kind), 0, -1)
+            latest = [ErrorExample.model_validate_json(item) for item in raw]
+            groups.append(ErrorGroup(stage=group, kind=kind, count=count, latest=latest))
+        return groups
+
+    def report(self, now: float | None = None) -> Report:
+        now = now or time.time()
+        return Report(generated_at=now,
+                      stages=[self.figures("stage", n, now) for n in self.names("stage")],
+                      pipelines=[self.figures("pipeline", n, now) for n in self.names("pipeline")],
+                      errors=self.error_groups())
+
+    def series(self, buckets: int = 60, now: float | None = None) -> Series:
+        now = now or time.time()
+        buckets = min(buckets, self.settings.window_buckets)
+        return Series(bucket_seconds=self.settings.bucket_seconds,
+                      stages={n: self.points("stage", n, now, buckets) for n in self.names("stage")},
+                      pipelines={n: self.points("pipeline", n, now, buckets) for n in self.names("pipeline")})
+
+    def trace(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.r.lrange(monitor_key("trace", job_id), 0, -1)]
+
+    def jobs(self, limit: int = 50) -> list[str]:
+        return [str(j) for j in self.r.zrevrange(monitor_key("jobs"), 0, limit - 1)]
+
+
+def _point(start: int, raw: dict[str, str]) -> Point:
+    data = {str(k): float(v) for k, v in raw.items()}
+    timed = data.get("timed", 0)
+    return Point(t=start, runs=int(data.get("runs", 0)), errors=int(data.get("errors", 0)),
+                 mean_seconds=data["seconds"] / timed if timed else None)
