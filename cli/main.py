@@ -11,6 +11,7 @@ import typer
 
 from cli import render
 from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES
+from cli.monitor_cmd import monitor_app
 from contracts.errors import StagecoachError, UnknownPipelineError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON (the contracts' shapes)")]
 StateDir = Annotated[Path, typer.Option(help="where logs and the stack's state file go")]
 DEFAULT_STATE_DIR = Path(".stagecoach")
+app.add_typer(monitor_app, name="monitor")
 
 
 @app.callback()
@@ -204,6 +206,74 @@ def settings_table(markdown: Annotated[bool, typer.Option(help="the README's mar
         return
     render.out.print(render.rows_table("settings (environment variables)",
                                        ("variable", "type", "default", "meaning"), settings_doc.rows()))
+
+
+@app.command()
+def trace(
+    job_id: Annotated[str | None, typer.Argument(help="the job (from the monitor's store)")] = None,
+    save: Annotated[Path | None, typer.Option(help="write the trace as JSON to this file")] = None,
+    replay: Annotated[Path | None, typer.Option(help="re-run a saved trace's job; compare the paths")] = None,
+    as_json: JsonFlag = False,
+    timeout: Annotated[float, typer.Option(help="seconds --replay waits for the job")] = 600.0,
+) -> None:
+    """A job's trace as a tree: each node's start and end, inputs and outputs, timings, retries, errors,
+    branch decisions, loop iterations and map items (recorded by `stagecoach monitor`)."""
+    from cli import trace_cmd
+    from cli.monitor_cmd import settings
+    from monitor.store import Store
+    from monitor.trace import build, path_of
+
+    if replay is not None:
+        try:
+            saved = trace_cmd.load(replay)
+            pipeline, inputs, path = trace_cmd.replay_request(saved)
+            handle = _client().submit(pipeline, inputs)
+        except StagecoachError as error:
+            fail(str(error), EXIT_INPUT)
+        differences = trace_cmd.compare(path, path_of(handle.get(timeout)))
+        render.out.print(f"replayed job {saved.job_id} as {handle.id}: "
+                         + ("same path" if not differences else "[red]different path[/]"), highlight=False)
+        for line in differences:
+            render.out.print(f"  {line}", highlight=False)
+        raise typer.Exit(EXIT_FAILED if differences else 0)
+    if job_id is None:
+        fail("give a JOB id, or --replay FILE", EXIT_INPUT)
+    events = Store.connect(settings()).trace(job_id)
+    if not events:
+        fail(f"no trace of job {job_id} (was `stagecoach monitor` running? traces expire)", EXIT_PENDING)
+    found = build(job_id, events)
+    if save is not None:
+        trace_cmd.save(found, save)
+    if as_json:
+        render.print_json(found.model_dump(mode="json"))
+    else:
+        render.out.print(trace_cmd.tree(found))
+
+
+@app.command()
+def graph(
+    pipeline: str,
+    fmt: Annotated[str, typer.Option("--format", help="mermaid | dot | svg | png")] = "mermaid",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write here instead of stdout")] = None,
+) -> None:
+    """A pipeline's node tree as Mermaid text, or drawn by Graphviz (svg, png): the monitor page's drawing."""
+    import sys
+
+    from contracts.catalog import load_catalog
+    from monitor.graph import build as build_graph
+    from monitor.graph import render as render_graph
+    from workers.settings import Settings
+
+    try:
+        drawing = render_graph(build_graph(load_catalog(Settings().catalog), pipeline), fmt)
+    except (StagecoachError, ValueError) as error:
+        fail(str(error), EXIT_INPUT)
+    if output is not None:
+        output.write_bytes(drawing)
+    elif fmt == "png":
+        fail("--format png writes binary: give --output FILE", EXIT_INPUT)
+    else:
+        sys.stdout.buffer.write(drawing)
 
 
 def main() -> None:

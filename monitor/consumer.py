@@ -16,7 +16,7 @@ from celery import Celery
 from celery.events.receiver import EventReceiver
 
 from contracts.names import JOB_FINISHED_EVENT, RUN_TASK, STAGE_OUTCOME_EVENT, STAGE_PREFIX
-from monitor.report import ErrorExample
+from monitor.report import PAIR, ErrorExample
 from monitor.store import Store
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ class Consumer:
         seconds = float(event.get("seconds") or 0.0)
         sizes = {"input_bytes": event.get("input_bytes") or 0, "output_bytes": event.get("output_bytes") or 0}
         self.store.count("stage", stage, runs=1, succeeded=1, **shared, **sizes)
+        self.store.count("pair", stage + PAIR + pipeline, runs=1, succeeded=1)
         self.store.count("pipeline", pipeline, **shared, **sizes)
         self.store.sample("samples", "stage", stage, seconds)
         self.store.tick("stage", stage, at, False, seconds)
@@ -143,6 +144,7 @@ class Consumer:
         self.store.count("stage", stage, runs=1, failed=1, input_bytes=event.get("input_bytes") or 0,
                          **shared, **{f"fail:{kind}": 1})
         self.store.count("pipeline", pipeline, **shared)
+        self.store.count("pair", stage + PAIR + pipeline, runs=1, failed=1, **{f"fail:{kind}": 1})
         self.store.tick("stage", stage, at, True, None)
         example = ErrorExample(job_id=str(event["job_id"]), node=str(event.get("node") or ""), pipeline=pipeline,
                                message=str(event.get("message") or ""), at=at)

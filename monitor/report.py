@@ -49,10 +49,14 @@ class Point(BaseModel):
     mean_seconds: float | None
 
 
+PAIR = "|"  # joins stage and pipeline in the names of `stage_pipelines`
+
+
 class Report(BaseModel):
     generated_at: float
     stages: list[Figures]
     pipelines: list[Figures]
+    stage_pipelines: list[Figures] = Field(description="counters per stage within each pipeline: 'stage|pipeline'")
     errors: list[ErrorGroup]
 
 

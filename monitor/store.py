@@ -154,6 +154,7 @@ class Store:
         return Report(generated_at=now,
                       stages=[self.figures("stage", n, now) for n in self.names("stage")],
                       pipelines=[self.figures("pipeline", n, now) for n in self.names("pipeline")],
+                      stage_pipelines=[self.figures("pair", n, now) for n in self.names("pair")],
                       errors=self.error_groups())
 
     def series(self, buckets: int = 60, now: float | None = None) -> Series:
