@@ -33,6 +33,7 @@ class Consumer:
         self.store = store
         self.receiver: EventReceiver | None = None
         self.stopped = threading.Event()
+        self.seen = 0  # events received since start (the health check shows the stream is live)
         self.handlers: dict[str, Callable[[Event], None]] = {
             "task-sent": self.on_sent,
             "task-received": self.on_received,
@@ -62,6 +63,7 @@ class Consumer:
 
     def handle(self, event: Event) -> None:
         """One event; a bad event is logged and skipped, never the end of the consumer."""
+        self.seen += 1
         try:
             handler = self.handlers.get(event.get("type", ""))
             if handler is not None:
@@ -124,6 +126,8 @@ class Consumer:
         if outcome == "retry":
             self.store.count("stage", stage, retries=1)
             self.store.count("pipeline", pipeline, retries=1)
+        elif outcome == "skipped":
+            self.store.count("stage", stage, skipped=1)
         elif outcome == "ok":
             self._stage_ok(stage, pipeline, event, at, shared)
         else:

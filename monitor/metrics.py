@@ -11,7 +11,8 @@ from monitor.stats import Summary
 
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
 COUNTED = (("runs", "runs"), ("succeeded", "successful runs"), ("failed", "failed runs (errors are values too)"),
-           ("retries", "retried attempts"), ("cache_hits", "runs answered from the cache"),
+           ("retries", "retried attempts"), ("skipped", "tasks passed through after an earlier fatal error"),
+           ("cache_hits", "runs answered from the cache"),
            ("prompt_tokens", "prompt tokens"), ("completion_tokens", "completion tokens"),
            ("input_bytes", "bytes of inputs (JSON)"), ("output_bytes", "bytes of outputs (JSON)"))
 

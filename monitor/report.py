@@ -13,6 +13,7 @@ class Counts(BaseModel):
     failed: int = 0
     failures: dict[str, int] = Field(default_factory=dict, description="failed runs by error kind")
     retries: int = 0
+    skipped: int = Field(0, description="stage tasks that passed a job through after an earlier fatal error")
     cache_hits: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -8,7 +8,7 @@ Routes (all GET):
   /api/pipelines        every pipeline's graph model and Mermaid text
   /api/graph/NAME.svg   the pipeline drawn by Graphviz (what `stagecoach graph NAME --format svg` prints)
   /api/jobs             the latest job ids with a trace;  /api/trace/JOB  one job's trace
-  /metrics              Prometheus text;  /healthz  ok
+  /metrics              Prometheus text;  /healthz  ok;  /api/health  events seen since start
 """
 
 import json
@@ -41,8 +41,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 class Monitor:
     """What the HTTP handlers read: the store, the broker (queue depths) and the catalog (graphs)."""
 
-    def __init__(self, settings: MonitorSettings, store: Store, catalog: Catalog | None) -> None:
+    def __init__(self, settings: MonitorSettings, store: Store, catalog: Catalog | None, consumer: Consumer) -> None:
         self.settings = settings
+        self.consumer = consumer
         self.store = store
         self.catalog = catalog
         self.broker = redis.Redis.from_url(settings.broker_url)
@@ -98,6 +99,8 @@ class Handler(BaseHTTPRequestHandler):
             self.static(path[len("/static/"):])
         elif path == "/healthz":
             self.send(200, "text/plain", b"ok")
+        elif path == "/api/health":
+            self.json({"events": monitor.consumer.seen})
         elif path == "/metrics":
             self.send(200, "text/plain; version=0.0.4; charset=utf-8", exposition(monitor.collector))
         elif path == "/api/stats":
@@ -147,7 +150,7 @@ def serve(settings: MonitorSettings, stop: threading.Event) -> None:
     store = Store.connect(settings)
     app = Celery("stagecoach-monitor", broker=settings.broker_url)
     consumer = Consumer(app, store)
-    handler = type("BoundHandler", (Handler,), {"monitor": Monitor(settings, store, load(settings))})
+    handler = type("BoundHandler", (Handler,), {"monitor": Monitor(settings, store, load(settings), consumer)})
     server = ThreadingHTTPServer((settings.host, settings.port), handler)
     threads = [threading.Thread(target=consumer.run, name="events", daemon=True),
                threading.Thread(target=server.serve_forever, name="http", daemon=True)]

@@ -59,8 +59,9 @@ def _base(task: Task, stage: str, job: Envelope, path: str, inputs: dict[str, An
 
 
 def _report(task: Task, base: dict[str, Any], before: Envelope, done: Envelope, path: str) -> Envelope:
-    if before.failed:
-        return done  # passed through after an earlier fatal error: the stage did not run
+    if before.failed:  # passed through after an earlier fatal error: the stage did not run
+        send(task, STAGE_OUTCOME_EVENT, {**base, "outcome": "skipped"})
+        return done
     new_errors = done.errors[len(before.errors):]
     fields = {**base, **_timing(before, done), **_tokens(before, done, base["stage"])}
     fields["elapsed"] = time.time() - base["at"]

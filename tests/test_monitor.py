@@ -1,0 +1,207 @@
+"""The monitor end to end on the session fleet: a burst of good and failing jobs (the test LM's fault
+markers), then the report, the JSON endpoint, /metrics, the web page (headless Chromium) and Flower
+must agree on per-stage counts; traces print, save and replay; timings agree with `stagecoach eval`'s.
+"""
+
+import json
+import re
+import subprocess
+import tempfile
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from contracts.jobs import JobResult
+from contracts.names import monitor_key
+from monitor.stats import stage_stats
+from routing.client import Client
+from tests import monitor_services as ms
+from tests.services import ROOT, Fleet, wait_until, worker_env
+
+
+@pytest.fixture(scope="module")
+def logdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="stagecoach-monitor-test-"))
+
+
+@pytest.fixture(scope="module")
+def services(redis_url: str, lm_url: str, fleet: Fleet, logdir: Path) -> Iterator[tuple[str, str]]:
+    """A fresh monitor store, then the monitor and Flower, both listening before any job of this module."""
+    store = redis.Redis.from_url(redis_url)
+    for key in store.scan_iter(match=monitor_key("*")):
+        store.delete(key)
+    with ms.flower(redis_url, lm_url, logdir) as flower_url, \
+            ms.monitor_service(redis_url, lm_url, logdir) as monitor_url:
+        yield monitor_url, flower_url
+
+
+def burst_inputs(tag: str) -> list[tuple[str, str]]:
+    """(kind, question): good questions, permanent LM errors, unparsable replies, one transient error."""
+    good = [("ok", f"Question {i} about rivers ({tag})?") for i in range(6)]
+    failing = [("lm400", f"Broken {i} ({tag}) [[lm:status=400]]") for i in range(2)]
+    garbage = [("garbage", f"Garbled {i} ({tag}) [[lm:garbage]]") for i in range(2)]
+    return [*good, *failing, *garbage, ("retry", f"Flaky ({tag}) [[lm:fail_first=1]]")]
+
+
+def expected_counts(results: list[JobResult]) -> dict[str, Counter[str]]:
+    """Per stage, from the JobResults alone: calls that succeeded, failed finally, and retried attempts
+    (each retry logs a non-fatal error on the node; a node that never succeeded failed once)."""
+    out: dict[str, Counter[str]] = {}
+    for result in results:
+        ran = {t.node for t in result.timings}
+        for timing in result.timings:
+            out.setdefault(timing.stage, Counter())["succeeded"] += 1
+        errors = Counter((e.node, str(e.stage)) for e in result.errors)
+        for (node, stage), n in errors.items():
+            counts = out.setdefault(stage, Counter())
+            counts["retries"] += n if node in ran else n - 1
+            counts["failed"] += 0 if node in ran else 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def burst(services: tuple[str, str], client: Client) -> list[JobResult]:
+    tag = uuid.uuid4().hex[:8]
+    handles = [client.submit("qa", {"question": q}) for _, q in burst_inputs(tag)]
+    results = [h.get(timeout=120) for h in handles]
+    monitor_url = services[0]
+    expected_jobs = len(results)
+    wait_until(lambda: sum(p["runs"] for p in ms.get_json(f"{monitor_url}/api/stats")["pipelines"]) >= expected_jobs,
+               60, "the monitor to count every job")
+    return results
+
+
+def stats_counts(stats: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    return {s["name"]: (s["runs"], s["succeeded"], s["failed"]) for s in stats["stages"]}
+
+
+def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[JobResult], fleet: Fleet,
+                                        redis_url: str, lm_url: str, logdir: Path) -> None:
+    monitor_url, flower_url = services
+    assert Counter(r.state for r in burst) == {"succeeded": 7, "failed": 4}
+    expected = expected_counts(burst)
+    stats = ms.get_json(f"{monitor_url}/api/stats")
+    counts = stats_counts(stats)
+    for stage, want in expected.items():
+        runs = want["succeeded"] + want["failed"]
+        assert counts[stage] == (runs, want["succeeded"], want["failed"]), (stage, counts, dict(want))
+    by_stage = {s["name"]: s for s in stats["stages"]}
+    for stage, want in expected.items():
+        assert by_stage[stage]["retries"] == want["retries"], (stage, by_stage[stage], dict(want))
+    assert sum(by_stage["key_terms"]["failures"].values()) == 4, by_stage["key_terms"]["failures"]
+    assert by_stage["key_terms"]["retries"] >= 1 and by_stage["answer"]["retries"] >= 1
+    assert by_stage["answer"]["skipped"] == 4  # the failed jobs passed through `answer`
+    qa = next(p for p in stats["pipelines"] if p["name"] == "qa")
+    assert (qa["runs"], qa["succeeded"], qa["failed"]) == (11, 7, 4)
+    assert by_stage["answer"]["prompt_tokens"] > 0 and by_stage["answer"]["input_bytes"] > 0
+    assert by_stage["answer"]["queue_wait"]["count"] >= 7
+    groups = {(g["stage"], g["kind"]): g for g in stats["errors"]}
+    assert sum(g["count"] for (stage, _), g in groups.items() if stage == "key_terms") == 4
+    assert all(g["latest"][0]["job_id"] for g in groups.values())
+
+    # the same timings as `stagecoach eval` computes from the JobResults (one stats module)
+    eval_stats = stage_stats(t for r in burst for t in r.timings)
+    for stage, summary in eval_stats.items():
+        assert by_stage[stage]["runtime"] == pytest.approx(summary.model_dump()), stage
+
+    # the CLI report reads the same store
+    env = worker_env(redis_url, lm_url)
+    report = json.loads(subprocess.run([ms.STAGECOACH, "monitor", "report", "--json"], cwd=ROOT, env=env,
+                                       capture_output=True, text=True, check=True).stdout)
+    assert stats_counts(report) == counts
+    table = subprocess.run([ms.STAGECOACH, "monitor", "report"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=True).stdout
+    assert "key_terms" in table and "errors by stage and kind" in table
+
+    # /metrics, labelled by stage (and by stage and pipeline)
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for m in text_string_to_metric_families(ms.get(f"{monitor_url}/metrics").decode())
+               for s in m.samples}
+    for stage, (runs, _, failed) in counts.items():
+        assert metrics[("stagecoach_stage_runs_total", (("stage", stage),))] == runs
+        assert metrics[("stagecoach_stage_failed_total", (("stage", stage),))] == failed
+    pair = ("stagecoach_stage_pipeline_runs_total", (("outcome", "failed"), ("pipeline", "qa"), ("stage", "key_terms")))
+    assert metrics[pair] == 4
+    assert ("stagecoach_queue_depth", (("queue", "stage.answer"),)) in metrics
+
+    # the web page in headless Chromium: each stage's runs as the JSON says
+    shot = logdir / "monitor-page.png"
+    dom = ms.browse(f"{monitor_url}/", shot)
+    assert 'data-ready="1"' in dom, dom[:2000]
+    for stage, (runs, _, failed) in counts.items():
+        row = re.search(rf'<tr data-stage="{stage}"><td class="text">{stage}</td><td>(\d+)</td><td>(\d+)</td>'
+                        rf'<td[^>]*>(\d+)', dom)
+        assert row is not None, (stage, dom[:3000])
+        assert (int(row.group(1)), int(row.group(3))) == (runs, failed)
+    assert 'id="stage-key_terms-' in dom and 'id="stage-answer-' in dom  # the qa graph drawn
+    width, height, distinct = ms.png_stats(shot)
+    assert (width, height) == (1400, 2000) and distinct > 50, (width, height, distinct)
+
+    # Flower: every stage worker, and each stage task of the burst (runs + pass-throughs)
+    workers = ms.get_json(f"{flower_url}/api/workers?refresh=1")
+    names = {name.split("@")[0] for name in workers}
+    assert {w.name for w in fleet.workers} <= names, names
+    tasks = ms.get_json(f"{flower_url}/api/tasks?limit=100000")
+    job_ids = {r.job_id for r in burst}
+    mine = [t for t in tasks.values() if t.get("root_id") in job_ids]
+    per_name = Counter(t["name"] for t in mine)
+    for stage, (runs, _, _) in counts.items():
+        skipped = by_stage[stage]["skipped"]
+        assert per_name[f"stage.{stage}"] == runs + skipped, (stage, per_name)
+    assert per_name["pipeline.run"] == len(burst) and per_name["pipeline.finish"] == len(burst)
+    run_states = {t["state"] for t in mine if t["name"] == "pipeline.run"}
+    assert run_states == {"SUCCESS"}, run_states
+
+
+def test_trace_prints_saves_and_replays(services: tuple[str, str], client: Client, redis_url: str,
+                                        lm_url: str, tmp_path: Path) -> None:
+    monitor_url = services[0]
+    job = client.submit("patterns_branch", {"question": f"Write an essay on tides ({uuid.uuid4().hex[:6]})"})
+    result = job.get(timeout=120)
+    wait_until(lambda: ms.get_json(f"{monitor_url}/api/trace/{job.id}")["state"] != "running", 30, "trace")
+    env = worker_env(redis_url, lm_url)
+    saved = tmp_path / "trace.json"
+    shown = subprocess.run([ms.STAGECOACH, "trace", job.id, "--save", str(saved)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, check=True).stdout
+    trace = json.loads(saved.read_text())
+    assert trace["state"] == result.state and trace["inputs"] == {"question": result.fields["question"]}
+    assert [n["stage"] for n in trace["nodes"]] == [t.stage for t in result.timings]
+    assert trace["path"]["decisions"] == [f"{d.node}: {d.kind} -> {d.choice}" for d in result.trail]
+    types = [e["type"] for e in trace["events"]]
+    assert types[0] == "task-sent" and types[-1] in ("job-finished", "task-succeeded")
+    assert {"task-started", "task-succeeded", "stage-outcome"} <= set(types)
+    for timing in result.timings:
+        assert timing.stage in shown
+    assert f"{result.trail[0].kind} -> {result.trail[0].choice}" in shown
+
+    replay = subprocess.run([ms.STAGECOACH, "trace", "--replay", str(saved)], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert replay.returncode == 0 and "same path" in replay.stdout, replay.stdout + replay.stderr
+
+    trace["path"]["stages"] = trace["path"]["stages"][:-1]  # a path the job will not take
+    saved.write_text(json.dumps(trace))
+    replay = subprocess.run([ms.STAGECOACH, "trace", "--replay", str(saved)], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert replay.returncode == 1 and "different path" in replay.stdout
+
+
+def test_trace_of_a_map_records_each_item(services: tuple[str, str], client: Client) -> None:
+    monitor_url = services[0]
+    result = client.submit("patterns_map", client.app.stagecoach_catalog.pipeline("patterns_map").example).get(
+        timeout=120)
+    wait_until(lambda: ms.get_json(f"{monitor_url}/api/trace/{result.job_id}")["state"] != "running", 30, "trace")
+    trace = ms.get_json(f"{monitor_url}/api/trace/{result.job_id}")
+    assert sorted(n["node"] for n in trace["nodes"]) == sorted(t.node for t in result.timings)
+    assert any(d["kind"] == "map" for d in trace["decisions"]), trace["decisions"]
+
+
+def test_unknown_trace_is_a_clear_error(services: tuple[str, str], redis_url: str, lm_url: str) -> None:
+    done = subprocess.run([ms.STAGECOACH, "trace", "no-such-job"], cwd=ROOT, env=worker_env(redis_url, lm_url),
+                          capture_output=True, text=True)
+    assert done.returncode == 3 and "no trace of job no-such-job" in done.stderr
