@@ -1,4 +1,5 @@
-"""The local stack: Redis, the local LM server, one worker per stage queue, a routing worker, Flower.
+"""The local stack: Redis, the local LM server, one worker per stage queue, a routing worker, Flower
+and the monitor (`stagecoach monitor`: Celery events aggregated, JSON, /metrics, web page).
 
 Shared by `stagecoach up` (foreground) and `stagecoach demo`. Every service is a subprocess in its
 own process group (so a prefork pool's children stop with it) that also dies with this process
@@ -60,6 +61,7 @@ class Stack:
     lm_url: str | None
     logdir: Path
     services: list[Service] = field(default_factory=list)
+    monitor_url: str = ""
 
     @property
     def broker_url(self) -> str:
@@ -94,7 +96,7 @@ class Stack:
     def write_state(self, path: Path) -> None:
         """Where the stack runs, for other `stagecoach` commands in other terminals."""
         state = {"broker_url": self.broker_url, "flower_url": self.flower_url, "lm_url": self.lm_url,
-                 "pids": {s.name: s.proc.pid for s in self.services}}
+                 "monitor_url": self.monitor_url, "pids": {s.name: s.proc.pid for s in self.services}}
         path.write_text(json.dumps(state, indent=1))
 
 
@@ -110,12 +112,13 @@ def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = N
         env = child_env(settings, broker_url, lm_env)
         _workers(catalog, settings, env, logdir, services)
         flower_url = _flower(settings, env, logdir, services)
+        monitor_url = _monitor(env, logdir, services)
     except BaseException:
         Stack(settings, "", None, logdir, services).stop()
         raise
     client_settings = settings.model_copy(update={"broker_url": broker_url,
                                                   "result_backend": env["STAGECOACH_RESULT_BACKEND"]})
-    return Stack(client_settings, flower_url, lm_url, logdir, services)
+    return Stack(client_settings, flower_url, lm_url, logdir, services, monitor_url)
 
 
 def child_env(settings: Settings, broker_url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -206,7 +209,21 @@ def _flower(settings: Settings, env: dict[str, str], logdir: Path, services: lis
     port = settings.flower_port if port_free(settings.flower_port) else free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [CELERY, "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1"]
-    services.append(_spawn("flower", "flower", url, cmd, logdir, env, lambda: http_ok(f"{url}/healthcheck")))
+    # Flower 2 answers 401 on its HTTP API unless auth is configured or this is set; it listens on
+    # 127.0.0.1 only, so the open API is local. A shared deployment sets --basic-auth or --auth instead.
+    flower_env = {**env, "FLOWER_UNAUTHENTICATED_API": env.get("FLOWER_UNAUTHENTICATED_API", "true")}
+    services.append(_spawn("flower", "flower", url, cmd, logdir, flower_env, lambda: http_ok(f"{url}/healthcheck")))
+    return url
+
+
+def _monitor(env: dict[str, str], logdir: Path, services: list[Service]) -> str:
+    from monitor.settings import MonitorSettings
+
+    wanted = MonitorSettings()
+    port = wanted.port if port_free(wanted.port, wanted.host) else free_port()
+    url = f"http://{wanted.host}:{port}"
+    cmd = [str(BIN / "stagecoach"), "monitor", "--port", str(port), "--host", wanted.host]
+    services.append(_spawn("monitor", "monitor", url, cmd, logdir, env, lambda: http_ok(f"{url}/healthz")))
     return url
 
 

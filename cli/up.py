@@ -32,7 +32,8 @@ def running_stack(settings: Settings, state_dir: Path, stop: threading.Event | N
 def show(stack: Stack) -> None:
     rows = [(s.name, s.proc.pid, s.role, s.url, str(s.log)) for s in stack.services]
     render.out.print(render.stack_table(rows))
-    render.out.print(f"broker: {stack.broker_url}   flower: {stack.flower_url}   LM: {stack.lm_url or 'configured'}")
+    render.out.print(f"broker: {stack.broker_url}   flower: {stack.flower_url}   monitor: {stack.monitor_url}   "
+                     f"LM: {stack.lm_url or 'configured'}")
 
 
 @contextmanager

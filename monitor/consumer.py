@@ -34,6 +34,7 @@ class Consumer:
         self.receiver: EventReceiver | None = None
         self.stopped = threading.Event()
         self.seen = 0  # events received since start (the health check shows the stream is live)
+        self.live = threading.Event()  # subscribed to the event stream: events from now on are counted
         self.handlers: dict[str, Callable[[Event], None]] = {
             "task-sent": self.on_sent,
             "task-received": self.on_received,
@@ -49,12 +50,23 @@ class Consumer:
             try:
                 with self.app.connection_for_read() as connection:
                     self.receiver = self.app.events.Receiver(connection, handlers={"*": self.handle})
+                    self._watch_ready(self.receiver)
                     self.receiver.capture(limit=None, timeout=None, wakeup=False)
             except Exception:
+                self.live.clear()
                 if self.stopped.is_set():
                     return
                 log.warning("event stream lost; reconnecting", exc_info=True)
                 self.stopped.wait(RECONNECT_SECONDS)
+
+    def _watch_ready(self, receiver: EventReceiver) -> None:
+        ready = receiver.on_consume_ready
+
+        def consuming(*args: Any, **kwargs: Any) -> None:
+            ready(*args, **kwargs)
+            self.live.set()
+
+        receiver.on_consume_ready = consuming  # type: ignore[method-assign]
 
     def stop(self) -> None:
         self.stopped.set()

@@ -97,10 +97,11 @@ class Handler(BaseHTTPRequestHandler):
             self.static("index.html")
         elif path.startswith("/static/"):
             self.static(path[len("/static/"):])
-        elif path == "/healthz":
-            self.send(200, "text/plain", b"ok")
+        elif path == "/healthz":  # ready once the event stream is subscribed
+            live = monitor.consumer.live.is_set()
+            self.send(200 if live else 503, "text/plain", b"ok" if live else b"connecting to the event stream")
         elif path == "/api/health":
-            self.json({"events": monitor.consumer.seen})
+            self.json({"events": monitor.consumer.seen, "live": monitor.consumer.live.is_set()})
         elif path == "/metrics":
             self.send(200, "text/plain; version=0.0.4; charset=utf-8", exposition(monitor.collector))
         elif path == "/api/stats":

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ def up_process(lm_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[s
     """`stagecoach up` with a private Redis it must start itself (nothing listens on the port)."""
     broker = f"redis://127.0.0.1:{free_port()}/0"
     env = worker_env(broker, lm_url, catalog=[ROOT / "pipelines" / "qa.yaml"],
-                     STAGECOACH_FLOWER_PORT=str(free_port()))
+                     STAGECOACH_FLOWER_PORT=str(free_port()), STAGECOACH_MONITOR_PORT=str(free_port()))
     proc = subprocess.Popen([STAGECOACH, "up"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -168,17 +169,27 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     proc, broker = up_process
     table = read_until(proc, "stack ready", 150)
     assert "stage.key_terms" in table and "pipeline.routing" in table
-    pids = json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())["pids"]
-    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "flower"}
+    state = json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())
+    pids = state["pids"]
+    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "flower", "monitor"}
     settings = Settings(broker_url=broker, catalog=[ROOT / "pipelines" / "qa.yaml"],
                         lm=LMSettings(model="openai/test-lm", api_base=lm_url))
     result = Client(create_runtime(settings)).submit("qa", {"question": "Up and running?"}).get(timeout=60)
     assert result.answer["answer"] == "answer of <Up and running?>"
+    # Flower's API answers without auth under `up` (local only); the monitor counted the job's stages
+    with urllib.request.urlopen(f"{state['flower_url']}/api/workers", timeout=10) as response:
+        assert response.status == 200
+    wait_until(lambda: _stage_runs(state["monitor_url"]) == {"key_terms": 1, "answer": 1}, 30, "monitor counts")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), 10, "stack processes to exit")
     assert not reachable(broker)
     assert (tmp_path / ".stagecoach" / "logs" / "stage-answer.log").exists()
+
+
+def _stage_runs(monitor_url: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"{monitor_url}/api/stats", timeout=10) as response:
+        return {s["name"]: s["runs"] for s in json.loads(response.read())["stages"]}
 
 
 def test_compose_has_one_scalable_worker_service_per_stage(cli_env: dict[str, str], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from contracts.catalog import Catalog
 from contracts.jobs import JobResult
 from contracts.names import monitor_key
 from monitor.stats import stage_stats
@@ -191,10 +192,9 @@ def test_trace_prints_saves_and_replays(services: tuple[str, str], client: Clien
     assert replay.returncode == 1 and "different path" in replay.stdout
 
 
-def test_trace_of_a_map_records_each_item(services: tuple[str, str], client: Client) -> None:
+def test_trace_of_a_map_records_each_item(services: tuple[str, str], client: Client, catalog: Catalog) -> None:
     monitor_url = services[0]
-    result = client.submit("patterns_map", client.app.stagecoach_catalog.pipeline("patterns_map").example).get(
-        timeout=120)
+    result = client.submit("patterns_map", catalog.pipeline("patterns_map").example).get(timeout=120)
     wait_until(lambda: ms.get_json(f"{monitor_url}/api/trace/{result.job_id}")["state"] != "running", 30, "trace")
     trace = ms.get_json(f"{monitor_url}/api/trace/{result.job_id}")
     assert sorted(n["node"] for n in trace["nodes"]) == sorted(t.node for t in result.timings)
