@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stagecoach-installed
 PYTEST_ARGS ?= -q
 
-.PHONY: all install demo up test lint clean bench
+.PHONY: all install system-deps demo up test lint clean bench
 
 all: lint test
 
@@ -23,13 +23,24 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Debian packages the monitor needs beyond PyPI: Graphviz's `dot` (pipeline drawings) and Chromium
+# (the web page's test in a real headless browser). Installed with apt when absent (CI runs as root).
+SYSTEM_TOOLS := dot:graphviz chromium:chromium
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=""; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 demo: install
 	$(VENV)/bin/stagecoach demo
 
 up: install
 	$(VENV)/bin/stagecoach up
 
-test: install
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Fan-out latency (not a test): ensemble of 5 and parallel of 3 vs one member; BENCH_ARGS=--latency-ms 400 --runs 8

@@ -22,6 +22,7 @@ from contracts.specs import (
     StageNode,
     SubPipelineNode,
 )
+from monitor.errors import GraphError
 
 FORMATS = ("mermaid", "dot", "svg", "png")
 
@@ -164,7 +165,7 @@ def dot(graph: Graph) -> str:
              '  node [fontname="Helvetica", fontsize=11, style="rounded,filled", fillcolor="#eef3fb"];',
              '  edge [fontname="Helvetica", fontsize=9, color="#667788"];']
     for n in graph.nodes:
-        stage = f', class="stage", id="stage-{n.stage}-{n.id}"' if n.stage else f', id="{n.id}"'
+        stage = f', class="stage", id="stage.{n.stage}.{n.id}"' if n.stage else f', id="{n.id}"'
         fill = ', fillcolor="#dceeff"' if n.stage else ', fillcolor="#f4f4f4"'
         lines.append(f'  {n.id} [label="{_quote(n.label)}", shape={DOT_SHAPES[n.shape]}{fill}{stage}];')
     lines += [f'  {e.src} -> {e.dst} [label="{_quote(e.label)}"];' for e in graph.edges]
@@ -178,10 +179,14 @@ def render(graph: Graph, fmt: str) -> bytes:
     if fmt == "dot":
         return dot(graph).encode()
     if fmt not in FORMATS:
-        raise ValueError(f"format '{fmt}': not one of {', '.join(FORMATS)}")
+        raise GraphError(f"format '{fmt}': not one of {', '.join(FORMATS)}")
     import graphviz
 
-    return bytes(graphviz.Source(dot(graph)).pipe(format=fmt))
+    try:
+        return bytes(graphviz.Source(dot(graph)).pipe(format=fmt))
+    except graphviz.ExecutableNotFound:
+        raise GraphError("Graphviz's `dot` is not installed (Debian: apt-get install graphviz; "
+                         "`make system-deps`)") from None
 
 
 def _quote(text: str) -> str:

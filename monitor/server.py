@@ -30,6 +30,7 @@ from contracts.errors import StagecoachError
 from contracts.names import ROUTING_QUEUE, stage_queue
 from monitor import graph, trace
 from monitor.consumer import Consumer
+from monitor.errors import MonitorError
 from monitor.metrics import ReportCollector, exposition
 from monitor.settings import MonitorSettings
 from monitor.store import Store
@@ -66,7 +67,7 @@ class Monitor:
     @cache  # noqa: B019 (one Monitor per process; the catalog does not change while it runs)
     def svg(self, pipeline: str) -> bytes:
         if self.catalog is None:
-            raise StagecoachError("no catalog loaded")
+            raise MonitorError("no catalog loaded")
         return graph.render(graph.build(self.catalog, pipeline), "svg")
 
 

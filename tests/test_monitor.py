@@ -140,7 +140,7 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
                         rf'<td[^>]*>(\d+)', dom)
         assert row is not None, (stage, dom[:3000])
         assert (int(row.group(1)), int(row.group(3))) == (runs, failed)
-    assert 'id="stage-key_terms-' in dom and 'id="stage-answer-' in dom  # the qa graph drawn
+    assert 'id="stage.key_terms.' in dom and 'id="stage.answer.' in dom  # the qa graph drawn
     width, height, distinct = ms.png_stats(shot)
     assert (width, height) == (1400, 2000) and distinct > 50, (width, height, distinct)
 

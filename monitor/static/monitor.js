@@ -133,8 +133,8 @@ async function drawGraph(name, stages) {
     shownPipeline = name;
   }
   const byName = Object.fromEntries(stages.map(s => [s.name, s]));
-  for (const node of box.querySelectorAll("g.node[id^='stage-']")) {
-    const stage = node.id.split("-")[1];
+  for (const node of box.querySelectorAll("g.node[id^='stage.']")) {
+    const stage = node.id.split(".")[1];
     const figures = byName[stage];
     const shape = node.querySelector("path, polygon, ellipse");
     if (!figures || !shape) continue;

@@ -1,0 +1,108 @@
+"""The monitor's parts without a fleet: the store's bounds on a real Redis, events fed to the consumer
+as Celery's receiver hands them over, the graph drawings and `stagecoach graph`."""
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from contracts.catalog import Catalog
+from contracts.names import monitor_key
+from monitor.consumer import Consumer
+from monitor.graph import build, mermaid, render
+from monitor.settings import MonitorSettings
+from monitor.store import Store
+from monitor.trace import build as build_trace
+from tests.monitor_services import STAGECOACH, png_stats
+from tests.services import ROOT
+
+
+@pytest.fixture
+def consumer(private_redis: str) -> Iterator[Consumer]:
+    settings = MonitorSettings(broker_url=private_redis, samples=10, error_examples=3, trace_events=20)
+    store = Store.connect(settings)
+    store.clear()
+    yield Consumer(Celery("unit", broker=private_redis), store)
+    store.clear()
+
+
+def outcome(i: int, outcome: str = "ok", **extra: object) -> dict[str, object]:
+    return {"type": "stagecoach-stage-outcome", "uuid": f"t{i}", "timestamp": 1000.0 + i, "stage": "answer",
+            "pipeline": "qa", "job_id": f"job{i}", "node": "answer", "outcome": outcome, "seconds": i / 10,
+            "attempts": 1, "prompt_tokens": 3, "completion_tokens": 2, "input_bytes": 10, "output_bytes": 5,
+            **extra}
+
+
+def test_counts_are_exact_and_lists_are_capped(consumer: Consumer) -> None:
+    for i in range(25):
+        consumer.handle(outcome(i))
+    for i in range(5):
+        consumer.handle(outcome(100 + i, "error", kind="lm", message=f"boom {i}", seconds=None))
+    consumer.handle(outcome(200, "retry", kind="lm", message="503"))
+    report = consumer.store.report(now=1100.0)
+    answer = report.stages[0]
+    assert (answer.runs, answer.succeeded, answer.failed, answer.retries) == (30, 25, 5, 1)
+    assert answer.failures == {"lm": 5} and answer.prompt_tokens == 90
+    assert answer.runtime is not None and answer.runtime.count == 10  # the latest 10 samples only
+    assert answer.runtime.max == pytest.approx(2.4) and answer.runtime.min == pytest.approx(1.5)
+    [group] = report.errors
+    assert group.count == 5 and [e.message for e in group.latest] == ["boom 4", "boom 3", "boom 2"]
+    r = consumer.store.r
+    assert r.llen(monitor_key("trace", "job0")) == 1
+    assert all(r.ttl(key) > 0 for key in r.scan_iter(match=monitor_key("series", "*")))
+
+
+def test_a_bad_event_is_skipped_and_the_next_counted(consumer: Consumer) -> None:
+    consumer.handle({"type": "stagecoach-stage-outcome", "uuid": "x"})  # no stage: logged, skipped
+    consumer.handle(outcome(1))
+    assert consumer.store.report().stages[0].runs == 1
+
+
+def test_queue_wait_from_sent_and_started(consumer: Consumer) -> None:
+    consumer.handle({"type": "task-sent", "uuid": "u1", "name": "stage.answer", "root_id": "job1",
+                     "timestamp": 50.0})
+    consumer.handle({"type": "task-started", "uuid": "u1", "timestamp": 50.25, "hostname": "w@h"})
+    consumer.handle(outcome(1, uuid="u1", job_id="job1"))
+    wait = consumer.store.report().stages[0].queue_wait
+    assert wait is not None and wait.p50 == pytest.approx(0.25)
+    trace = build_trace("job1", consumer.store.trace("job1"))
+    assert [e["type"] for e in trace.events] == ["task-sent", "task-started", "stage-outcome"]
+    assert trace.nodes[0].queue_wait == pytest.approx(0.25)
+
+
+def test_trace_is_capped(consumer: Consumer) -> None:
+    for i in range(30):
+        consumer.handle({"type": "task-received", "uuid": f"u{i}", "name": "stage.answer", "root_id": "jobx",
+                         "timestamp": float(i)})
+    assert len(consumer.store.trace("jobx")) == 20
+
+
+def test_graph_draws_every_node_kind(catalog: Catalog) -> None:
+    text = mermaid(build(catalog, "multihop"))
+    assert '(["map over sub_questions"])' in text and '["retrieve"]' in text and "-->|each item|" in text
+    branch = mermaid(build(catalog, "patterns_branch"))
+    assert '{"branch on task_type"}' in branch and "-->|essay|" in branch
+    for name in catalog.pipelines:  # every kind has a drawing
+        assert build(catalog, name).edges
+    svg = render(build(catalog, "qa"), "svg").decode()
+    assert 'id="stage.key_terms.' in svg and 'id="stage.answer.' in svg
+
+
+def test_graph_command(tmp_path: Path) -> None:
+    done = subprocess.run([STAGECOACH, "graph", "qa"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("flowchart TD") and '["key_terms"]' in done.stdout
+    png = tmp_path / "qa.png"
+    subprocess.run([STAGECOACH, "graph", "qa", "--format", "png", "-o", str(png)], cwd=ROOT, check=True)
+    width, height, distinct = png_stats(png)
+    assert width > 50 and height > 100 and distinct > 10
+    bad = subprocess.run([STAGECOACH, "graph", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_store_survives_a_new_store_object(consumer: Consumer, private_redis: str) -> None:
+    consumer.handle(outcome(1))
+    again = Store(redis.Redis.from_url(private_redis, decode_responses=True), consumer.store.settings)
+    assert again.report().stages[0].runs == 1
