@@ -4,7 +4,9 @@ must agree on per-stage counts; traces print, save and replay; timings agree wit
 """
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import tempfile
 import uuid
@@ -158,6 +160,25 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
     assert per_name["pipeline.run"] == len(burst) and per_name["pipeline.finish"] == len(burst)
     run_states = {t["state"] for t in mine if t["name"] == "pipeline.run"}
     assert run_states == {"SUCCESS"}, run_states
+    # one job, start to finish, by searching its id (docs/monitor.md: reading a job in Flower)
+    job = burst[0].job_id
+    found = ms.get_json(f"{flower_url}/api/tasks?search={job}")
+    assert set(found) == {t["uuid"] for t in mine if t["root_id"] == job}
+    assert sorted(t["name"] for t in found.values()) == ["pipeline.finish", "pipeline.run", "stage.answer",
+                                                         "stage.key_terms"]
+    if os.environ.get("STAGECOACH_SCREENSHOT_DIR"):  # how docs/monitor-page.png is made
+        shutil.copy(shot, Path(os.environ["STAGECOACH_SCREENSHOT_DIR"]) / "monitor-page.png")
+
+
+def test_page_graph_is_the_cli_drawing_and_a_new_monitor_reads_the_same_store(
+        services: tuple[str, str], burst: list[JobResult], redis_url: str, lm_url: str, logdir: Path) -> None:
+    monitor_url = services[0]
+    cli_svg = subprocess.run([ms.STAGECOACH, "graph", "qa", "--format", "svg"], cwd=ROOT,
+                             env=worker_env(redis_url, lm_url), capture_output=True, check=True).stdout
+    assert ms.get(f"{monitor_url}/api/graph/qa.svg") == cli_svg
+    before = stats_counts(ms.get_json(f"{monitor_url}/api/stats"))
+    with ms.monitor_service(redis_url, lm_url, logdir) as restarted:  # a new process: state is in Redis
+        assert stats_counts(ms.get_json(f"{restarted}/api/stats")) == before
 
 
 def test_trace_prints_saves_and_replays(services: tuple[str, str], client: Client, redis_url: str,

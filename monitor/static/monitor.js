@@ -40,6 +40,7 @@ function fillStages(stages) {
     cell(row, s.succeeded);
     cell(row, `${s.failed}${kinds(s.failures)}`, s.failed ? "bad" : "");
     cell(row, s.retries);
+    cell(row, s.skipped);
     cell(row, s.cache_hits);
     for (const q of ["p50", "p95", "p99", "max"]) cell(row, secs(s.runtime, q));
     cell(row, secs(s.queue_wait, "p50"));
@@ -119,8 +120,10 @@ function drawErrors(stages) {
 
 function drawQueues(depths) {
   const queues = Object.keys(depths);
+  document.getElementById("queue-box").style.height = `${60 + 16 * queues.length}px`;  // a label per queue
   chart("queues", "bar", {labels: queues, datasets: [{label: "messages waiting", data: queues.map(q => depths[q]),
-    backgroundColor: "#5b8def"}]}, {indexAxis: "y", scales: {x: {ticks: {precision: 0}}}});
+    backgroundColor: "#5b8def"}]}, {indexAxis: "y", maintainAspectRatio: false,
+    scales: {x: {ticks: {precision: 0}}, y: {ticks: {autoSkip: false, font: {size: 10}}}}});
 }
 
 async function drawGraph(name, stages) {
