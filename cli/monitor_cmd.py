@@ -79,14 +79,14 @@ def _secs(summary: "Summary | None", field: str) -> str:
 
 def figures_table(title: str, rows: "list[Figures]") -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("name", "runs", "ok", "failed (kind)", "retries", "cache", "mean s", "p50", "p95", "p99",
+    for column in ("name", "runs", "ok", "failed (kind)", "retries", "skipped", "cache", "mean s", "p50", "p95", "p99",
                    "min", "max", "wait p50", "tokens in/out", "bytes in/out", "/min"):
         table.add_column(column, justify="left" if column in ("name", "failed (kind)") else "right")
     for f in rows:
         rt, wait = f.runtime, f.queue_wait
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(f.failures.items()))
         table.add_row(f.name, str(f.runs), str(f.succeeded), f"{f.failed}" + (f" ({kinds})" if kinds else ""),
-                      str(f.retries), str(f.cache_hits),
+                      str(f.retries), str(f.skipped), str(f.cache_hits),
                       *(_secs(rt, q) for q in ("mean", "p50", "p95", "p99", "min", "max")),
                       _secs(wait, "p50"), f"{f.prompt_tokens}/{f.completion_tokens}",
                       f"{f.input_bytes}/{f.output_bytes}", f"{f.throughput_per_min:.0f}")

@@ -48,11 +48,11 @@ def _nodes(parent: Tree, trace: Trace) -> None:
             branches[path] = at(head).add(f"[bold]{name}[/]")
         return branches[path]
 
+    for run in trace.nodes:
+        _run(at(run.node), run)
     for decision in trace.decisions:
         detail = _cut(json.dumps(decision.get("detail") or {}))
         at(str(decision["node"])).add(f"[magenta]{decision['kind']} -> {decision['choice']}[/] {detail}")
-    for run in trace.nodes:
-        _run(at(run.node), run)
 
 
 def _run(parent: Tree, run: NodeRun) -> None:

@@ -80,7 +80,8 @@ def _node_runs(events: list[dict[str, Any]]) -> list[NodeRun]:
         if event.get("type") != "stage-outcome":
             continue
         uuid = event.get("uuid", "")
-        wait = started[uuid] - sent[uuid] if uuid in sent and uuid in started else None
+        # the sender emits task-sent after publishing, so a fast worker may start "before" it: clamp
+        wait = max(0.0, started[uuid] - sent[uuid]) if uuid in sent and uuid in started else None
         runs.append(NodeRun(node=str(event.get("node")), stage=str(event.get("stage")),
                             outcome=str(event.get("outcome")), started_at=event.get("started_at"),
                             seconds=event.get("seconds", event.get("elapsed")), queue_wait=wait,
