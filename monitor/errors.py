@@ -9,3 +9,7 @@ class MonitorError(StagecoachError):
 
 class GraphError(MonitorError):
     """A drawing could not be made (no Graphviz, unknown format)."""
+
+
+class BadQuery(MonitorError):
+    """A query parameter of an HTTP request that is not what the endpoint takes."""

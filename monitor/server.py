@@ -30,7 +30,7 @@ from contracts.errors import StagecoachError
 from contracts.names import ROUTING_QUEUE, stage_queue
 from monitor import graph, trace
 from monitor.consumer import Consumer
-from monitor.errors import MonitorError
+from monitor.errors import BadQuery, MonitorError
 from monitor.metrics import ReportCollector, exposition
 from monitor.settings import MonitorSettings
 from monitor.store import Store
@@ -86,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         try:
             self.route(url.path, parse_qs(url.query))
+        except BadQuery as error:
+            self.send(400, "text/plain", str(error).encode())
         except (KeyError, StagecoachError) as error:
             self.send(404, "text/plain", f"not found: {error}".encode())
         except Exception as error:  # one bad request must not stop the server
@@ -108,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/api/stats":
             self.json(monitor.store.report())
         elif path == "/api/series":
-            self.json(monitor.store.series(int(query.get("buckets", ["60"])[0])))
+            self.json(monitor.store.series(_int(query, "buckets", 60)))
         elif path == "/api/queues":
             self.json(monitor.queue_depths())
         elif path == "/api/pipelines":
@@ -116,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/api/graph/") and path.endswith(".svg"):
             self.send(200, "image/svg+xml", monitor.svg(path[len("/api/graph/"):-len(".svg")]))
         elif path == "/api/jobs":
-            self.json(monitor.store.jobs(int(query.get("limit", ["50"])[0])))
+            self.json(monitor.store.jobs(_int(query, "limit", 50)))
         elif path.startswith("/api/trace/"):
             job_id = path[len("/api/trace/"):]
             self.json(trace.build(job_id, monitor.store.trace(job_id)))
@@ -145,6 +147,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug(format, *args)
+
+
+def _int(query: dict[str, list[str]], name: str, default: int) -> int:
+    raw = query.get(name, [str(default)])[0]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadQuery(f"query parameter '{name}': not an integer ({raw!r})") from None
+    if value < 1:
+        raise BadQuery(f"query parameter '{name}': must be at least 1 (got {value})")
+    return value
 
 
 def serve(settings: MonitorSettings, stop: threading.Event) -> None:

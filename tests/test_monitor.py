@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import urllib.error
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -226,3 +227,13 @@ def test_unknown_trace_is_a_clear_error(services: tuple[str, str], redis_url: st
     done = subprocess.run([ms.STAGECOACH, "trace", "no-such-job"], cwd=ROOT, env=worker_env(redis_url, lm_url),
                           capture_output=True, text=True)
     assert done.returncode == 3 and "no trace of job no-such-job" in done.stderr
+
+
+def test_bad_query_and_unknown_pipeline_are_clear_http_errors(services: tuple[str, str]) -> None:
+    monitor_url = services[0]
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        ms.get(f"{monitor_url}/api/series?buckets=many")
+    assert bad.value.code == 400 and b"'buckets': not an integer ('many')" in bad.value.read()
+    with pytest.raises(urllib.error.HTTPError) as unknown:
+        ms.get(f"{monitor_url}/api/graph/nope.svg")
+    assert unknown.value.code == 404 and b"nope" in unknown.value.read()
