@@ -49,7 +49,7 @@ class Trace(BaseModel):
 
 
 def build(job_id: str, events: list[dict[str, Any]]) -> Trace:
-    ordered = sorted(events, key=lambda e: float(e.get("timestamp") or 0.0))
+    ordered = sorted(events, key=_order(events))
     trace = Trace(job_id=job_id, events=ordered, nodes=_node_runs(ordered))
     for event in ordered:
         if event.get("type") == "stage-outcome" and not trace.pipeline:
@@ -57,6 +57,24 @@ def build(job_id: str, events: list[dict[str, Any]]) -> Trace:
         if event.get("type") == "job-finished":
             _finish(trace, event)
     return trace
+
+
+def _order(events: list[dict[str, Any]]) -> Any:
+    """Time order, except that a task's `task-sent` comes before its other events: Celery emits it
+    after publishing, so a fast worker's `task-received` can carry an earlier timestamp."""
+    first: dict[str, float] = {}
+    for event in events:
+        if event.get("type") != "task-sent" and event.get("uuid"):
+            at = float(event.get("timestamp") or 0.0)
+            first[event["uuid"]] = min(at, first.get(event["uuid"], at))
+
+    def key(event: dict[str, Any]) -> tuple[float, int]:
+        at = float(event.get("timestamp") or 0.0)
+        if event.get("type") == "task-sent" and event.get("uuid") in first:
+            return min(at, first[event["uuid"]]), 0
+        return at, 1
+
+    return key
 
 
 def _finish(trace: Trace, event: dict[str, Any]) -> None:

@@ -17,16 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.catalog import Catalog
 from contracts.jobs import JobResult
-from contracts.names import monitor_key
+from contracts.names import ROUTING_QUEUE, stage_queue
+from monitor.graph import build as build_graph
 from monitor.stats import stage_stats
 from routing.client import Client
 from tests import monitor_services as ms
-from tests.services import ROOT, Fleet, wait_until, worker_env
+from tests.services import ROOT, Fleet, client_for, wait_until, worker_env
+
+PIPELINES = ("qa", "patterns_branch", "patterns_map")
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +36,35 @@ def logdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="stagecoach-monitor-test-"))
 
 
+# This module's own Redis and fleet (the stages of PIPELINES): jobs other modules left running would
+# send events into the counts this module compares.
+@pytest.fixture(scope="module")
+def redis_url(private_redis: str) -> str:
+    return private_redis
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_url: str, lm_url: str, catalog: Catalog, logdir: Path) -> Iterator[Fleet]:
+    stages = sorted({n.stage for p in PIPELINES for n in build_graph(catalog, p).nodes if n.stage})
+    own = Fleet(worker_env(redis_url, lm_url), logdir)
+    for stage in stages:
+        own.start(f"stage-{stage}", [stage_queue(stage)], concurrency=4)
+    own.start("routing", [ROUTING_QUEUE], concurrency=8)
+    try:
+        own.wait_ready()
+        yield own
+    finally:
+        own.stop()
+
+
+@pytest.fixture(scope="module")
+def client(redis_url: str, lm_url: str, fleet: Fleet) -> Client:
+    return client_for(redis_url, lm_url)
+
+
 @pytest.fixture(scope="module")
 def services(redis_url: str, lm_url: str, fleet: Fleet, logdir: Path) -> Iterator[tuple[str, str]]:
-    """A fresh monitor store, then the monitor and Flower, both listening before any job of this module."""
-    store = redis.Redis.from_url(redis_url)
-    for key in store.scan_iter(match=monitor_key("*")):
-        store.delete(key)
+    """The monitor and Flower, both listening before any job of this module."""
     with ms.flower(redis_url, lm_url, logdir) as flower_url, \
             ms.monitor_service(redis_url, lm_url, logdir) as monitor_url:
         yield monitor_url, flower_url
