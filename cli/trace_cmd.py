@@ -48,18 +48,23 @@ def _nodes(parent: Tree, trace: Trace) -> None:
             branches[path] = at(head).add(f"[bold]{name}[/]")
         return branches[path]
 
+    start = float(trace.events[0].get("timestamp") or 0.0) if trace.events else 0.0
     for run in trace.nodes:
-        _run(at(run.node), run)
+        _run(at(run.node), run, start)
     for decision in trace.decisions:
         detail = _cut(json.dumps(decision.get("detail") or {}))
         at(str(decision["node"])).add(f"[magenta]{decision['kind']} -> {decision['choice']}[/] {detail}")
 
 
-def _run(parent: Tree, run: NodeRun) -> None:
+def _run(parent: Tree, run: NodeRun, start: float) -> None:
     colour = {"ok": "green", "retry": "yellow"}.get(run.outcome, "red")
     seconds = f"{run.seconds:.3f}s" if run.seconds is not None else "-"
+    span = ""
+    if run.started_at is not None and run.seconds is not None:
+        begin = run.started_at - start
+        span = f" from +{begin:.3f}s to +{begin + run.seconds:.3f}s"
     wait = f", queue wait {run.queue_wait:.3f}s" if run.queue_wait is not None else ""
-    node = parent.add(f"stage [cyan]{run.stage}[/] [{colour}]{run.outcome}[/] {seconds} "
+    node = parent.add(f"stage [cyan]{run.stage}[/] [{colour}]{run.outcome}[/] {seconds}{span} "
                       f"(attempt {run.attempts}{wait}) {run.worker}")
     node.add(f"in:  {_cut(run.inputs)}")
     if run.outputs:
