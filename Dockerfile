@@ -1,5 +1,6 @@
-# One image for every Stagecoach container (workers, routing, Flower, the local LM server);
-# docker-compose.yml picks the role with `command`.
+# One image for every Stagecoach container (workers, routing, Flower, the monitor, the local LM server);
+# docker-compose.yml picks the role with `command`. No secret is baked in: passwords and logins come from
+# .env at run time (.dockerignore keeps .env out of the build context).
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LITELLM_LOCAL_MODEL_COST_MAP=True

@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-# Debian packages the monitor needs beyond PyPI: Graphviz's `dot` (pipeline drawings) and Chromium
-# (the web page's test in a real headless browser). Installed with apt when absent (CI runs as root).
-SYSTEM_TOOLS := dot:graphviz chromium:chromium
+# Debian packages the tests need beyond PyPI: Graphviz's `dot` (pipeline drawings), Chromium (the web
+# page's test in a real headless browser), docker-compose 1.29 (tests/test_compose.py validates the
+# compose file with it), node + npm (tests/test_node_client.py). Installed with apt when absent (CI runs as root).
+SYSTEM_TOOLS := dot:graphviz chromium:chromium /usr/bin/docker-compose:docker-compose node:nodejs npm:npm
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \

