@@ -20,7 +20,7 @@ from contracts.names import ROUTING_QUEUE, stage_queue
 from workers.settings import LOCAL_MODEL
 
 DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
-MONITOR_PORT = 8000
+MONITOR_PORT = 8095
 FLOWER_PORT = 5555
 LM_PORT = 8090
 REQUIRED = ":?set it in .env (cp .env.example .env)"
@@ -47,7 +47,8 @@ def render(catalog: Catalog) -> str:
              "\nservices:\n", _service("redis", redis(), shared=False), _service("rabbitmq", rabbitmq(), shared=False),
              _service("lm", lm()), _service("flower", flower()), _service("monitor", monitor()),
              _service("routing", worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], concurrency=8))]
-    parts += [_service(f"worker-{name}", worker(f"worker-{name}", [stage_queue(name)])) for name in sorted(catalog.stages)]
+    for name in sorted(catalog.stages):
+        parts.append(_service(f"worker-{name}", worker(f"worker-{name}", [stage_queue(name)])))
     parts.append("\n" + _block({"volumes": {"redis-data": {}, "rabbitmq-data": {}}}))
     return "".join(parts)
 
@@ -86,7 +87,8 @@ def redis() -> dict[str, Any]:
     return {
         "image": "redis:7-alpine",
         "restart": "unless-stopped",
-        "command": ["sh", "-c", 'exec redis-server --appendonly yes --appendfsync everysec --requirepass "$$REDISCLI_AUTH"'],
+        "command": ["sh", "-c", "exec redis-server --appendonly yes --appendfsync everysec "
+                                '--requirepass "$$REDISCLI_AUTH"'],
         "environment": {"REDISCLI_AUTH": _var("STAGECOACH_REDIS_PASSWORD", REQUIRED)},
         "volumes": ["redis-data:/data"],
         "ports": ["127.0.0.1:6379:6379"],
@@ -126,12 +128,17 @@ def flower() -> dict[str, Any]:
 
 
 def monitor() -> dict[str, Any]:
-    """`stagecoach monitor` (issue 10) serves HTTP on STAGECOACH_MONITOR_PORT."""
+    """`stagecoach monitor` (issue 10) serves HTTP on STAGECOACH_MONITOR_PORT. Its settings read the
+    Redis URLs as given (no STAGECOACH_REDIS_PASSWORD), so the password is interpolated into them here;
+    it reads Celery events from the Redis broker (not from RabbitMQ)."""
+    redis_url = "redis://:" + _var("STAGECOACH_REDIS_PASSWORD", REQUIRED) + "@redis:6379/0"
+    env = stagecoach_env(STAGECOACH_MONITOR_HOST="0.0.0.0", STAGECOACH_MONITOR_PORT=str(MONITOR_PORT),
+                         STAGECOACH_MONITOR_STORE_URL=redis_url)
     return {
         "command": "stagecoach monitor",
-        "environment": stagecoach_env(STAGECOACH_MONITOR_HOST="0.0.0.0", STAGECOACH_MONITOR_PORT=str(MONITOR_PORT)),
+        "environment": {**env, "STAGECOACH_BROKER_URL": redis_url},
         "ports": [f"{MONITOR_PORT}:{MONITOR_PORT}"],
-        "healthcheck": _health(http_check(f"http://127.0.0.1:{MONITOR_PORT}/")),
+        "healthcheck": _health(http_check(f"http://127.0.0.1:{MONITOR_PORT}/healthz")),
     }
 
 
@@ -181,7 +188,8 @@ ENV_HEAD = """\
 
 COMPOSE_PROJECT_NAME=stagecoach
 
-# required: password of Redis (AOF persistence on); every container gets it, the image never does
+# required: password of Redis (AOF persistence on); every container gets it, the image never does.
+# Use URL-safe characters (letters, digits, - _ . ~): the monitor gets it inside a redis:// URL.
 STAGECOACH_REDIS_PASSWORD=
 # required: Flower's login as user:password (several: user1:pass1,user2:pass2)
 STAGECOACH_FLOWER_BASIC_AUTH=

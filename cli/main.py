@@ -73,16 +73,18 @@ def up(
     The broker is Redis, or RabbitMQ with STAGECOACH_BROKER_URL=amqp://... (then Redis holds results).
     Ctrl-C stops all of it."""
     from cli.inputs import InputError
-    from cli.stack import StackError
+    from cli.stack import StackError, worker_counts
     from cli.up import parse_worker_counts
     from cli.up import up as run_up
+    from contracts.catalog import load_catalog
 
     try:
-        overrides = {"workers": parse_worker_counts(workers)} if workers is not None else {}
-    except InputError as error:
+        settings = _settings(**({"workers": parse_worker_counts(workers)} if workers is not None else {}))
+        worker_counts(load_catalog(settings.catalog), settings)  # an unknown stage: bad input, nothing started
+    except (InputError, StackError, StagecoachError) as error:
         fail(str(error), EXIT_INPUT)
     try:
-        raise typer.Exit(run_up(_settings(**overrides), state_dir))
+        raise typer.Exit(run_up(settings, state_dir))
     except (StackError, StagecoachError) as error:
         fail(str(error), EXIT_SERVICES)
 
@@ -211,7 +213,7 @@ def eval_(
 
 @app.command("compose")
 def compose_file(
-    env_example: Annotated[bool, typer.Option("--env-example", help="print .env.example (every setting) instead")] = False,
+    env_example: Annotated[bool, typer.Option("--env-example", help="print .env.example (every setting)")] = False,
 ) -> None:
     """Print a docker-compose.yml for the catalog: Redis (or RabbitMQ), the local LM, routing, one worker
     per stage, Flower and the monitor; with --env-example, the .env.example it reads."""

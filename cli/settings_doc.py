@@ -27,7 +27,7 @@ def _rows(model: type[BaseModel], prefix: str, skip: frozenset[str] | set[str] =
 
 def _type_name(annotation: Any) -> str:
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-    return text.replace("pathlib.", "").replace("typing.", "").replace(" | ", " or ")
+    return text.replace("pathlib.", "").replace("typing.", "").replace("pydantic.types.", "").replace(" | ", " or ")
 
 
 def _show(value: Any) -> str:

@@ -156,10 +156,10 @@ def broker_reachable(url: str) -> bool:
     """Redis answers PING, or an AMQP server accepts a connection (with the URL's credentials)."""
     if urlparse(url).scheme in ("redis", "rediss"):
         return redis_reachable(url)
-    from kombu import Connection
+    from kombu import Connection  # type: ignore[attr-defined]
 
     try:
-        with Connection(url, connect_timeout=2) as connection:
+        with Connection(url, connect_timeout=2) as connection:  # type: ignore[no-untyped-call]
             connection.ensure_connection(max_retries=1)
         return True
     except Exception:  # kombu raises transport-specific errors (socket, access refused, ...)
@@ -235,7 +235,8 @@ def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
     """Worker processes per stage queue: 1 each unless `Settings.workers` says more."""
     unknown = sorted(set(settings.workers) - set(catalog.stages))
     if unknown:
-        raise StackError(f"workers: unknown stage(s) {', '.join(unknown)}; known stages: {', '.join(sorted(catalog.stages))}")
+        known = ", ".join(sorted(catalog.stages))
+        raise StackError(f"workers: unknown stage(s) {', '.join(unknown)}; known stages: {known}")
     return {name: settings.workers.get(name, 1) for name in catalog.stages}
 
 

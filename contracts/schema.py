@@ -11,10 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from contracts.catalog import Catalog, children
-from contracts.fields import FieldSpec, Fields, build_model
+from contracts.catalog import Catalog
+from contracts.fields import Fields, FieldSpec, build_model
 from contracts.jobs import JobRequest, JobResult
-from contracts.specs import EnsembleNode, MapNode, Node, PipelineSpec, StageNode, SubPipelineNode
+from contracts.specs import AnyNode, EnsembleNode, MapNode, PipelineSpec, StageNode, SubPipelineNode, children
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ANY = "any"
@@ -34,7 +34,7 @@ def request_schema(catalog: Catalog, name: str) -> dict[str, Any]:
     needed = any(field.required and field.default is None for field in spec.inputs.values())
     model = create_model(  # type: ignore[call-overload]
         f"{_title(name)}Request", __base__=JobRequest, __doc__=f"A request to run pipeline '{name}'.",
-        pipeline=(Literal[name], ...), inputs=(inputs, ... if needed else Field(default_factory=dict)),
+        pipeline=(_const(name), ...), inputs=(inputs, ... if needed else Field(default_factory=dict)),
     )
     return _with_dialect(model.model_json_schema())
 
@@ -43,12 +43,12 @@ def result_schema(catalog: Catalog, name: str) -> dict[str, Any]:
     """JobResult with `answer` (the declared outputs, empty when the job failed) and `fields` typed."""
     spec = catalog.pipeline(name)
     types = state_types(catalog, spec)
-    answer = _optional_model(f"{_title(name)}Answer", {out: types.get(out, FieldSpec(type=ANY)) for out in spec.outputs},
-                             extra="forbid")
+    declared = {out: types.get(out, FieldSpec(type=ANY)) for out in spec.outputs}
+    answer = _optional_model(f"{_title(name)}Answer", declared, extra="forbid")
     fields = _optional_model(f"{_title(name)}Fields", types, extra="allow")
     model = create_model(  # type: ignore[call-overload]
         f"{_title(name)}JobResult", __base__=JobResult, __doc__=f"A finished job of pipeline '{name}'.",
-        pipeline=(Literal[name], ...),
+        pipeline=(_const(name), ...),
         answer=(answer, Field(default_factory=dict, description="the pipeline's declared outputs; empty if failed")),
         fields=(fields, Field(default_factory=dict, description="every state field at the end")),
     )
@@ -65,7 +65,7 @@ def state_types(catalog: Catalog, spec: PipelineSpec) -> Fields:
     return found
 
 
-def _walk(catalog: Catalog, node: Node | StageNode, found: dict[str, FieldSpec], seen: set[str]) -> None:
+def _walk(catalog: Catalog, node: AnyNode, found: dict[str, FieldSpec], seen: set[str]) -> None:
     if isinstance(node, StageNode):
         stage = catalog.stage(node.stage)
         _merge(found, {node.outputs.get(field, field): fs for field, fs in stage.outputs.items()})
@@ -102,6 +102,11 @@ def _optional_model(name: str, fields: Fields, extra: Literal["forbid", "allow"]
     }
     model: type[BaseModel] = create_model(name, __config__=ConfigDict(extra=extra), **definitions)  # type: ignore[call-overload]
     return model
+
+
+def _const(value: str) -> Any:
+    """`Literal[value]` for a value known only at run time (JSON Schema `const`)."""
+    return Literal[value]
 
 
 def _with_dialect(schema: dict[str, Any]) -> dict[str, Any]:

@@ -123,7 +123,9 @@ def test_every_stage_of_every_pipeline_has_a_worker_service(project: Path) -> No
     assert consumers[ROUTING_QUEUE] == ["routing"]
     assert services["flower"]["command"].startswith("celery -A workers.app flower")
     assert services["monitor"]["command"] == "stagecoach monitor"
-    assert services["monitor"]["environment"]["STAGECOACH_MONITOR_PORT"] == "8000"
+    monitor = services["monitor"]["environment"]
+    assert monitor["STAGECOACH_MONITOR_PORT"] == "8095" and "8095/healthz" in str(services["monitor"]["healthcheck"])
+    assert monitor["STAGECOACH_BROKER_URL"] == f"redis://:{SECRETS['STAGECOACH_REDIS_PASSWORD']}@redis:6379/0"
 
 
 def test_every_service_restarts_and_has_a_health_check(project: Path) -> None:

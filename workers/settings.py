@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
     concurrency: int = Field(4, description="tasks one worker runs at once")
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
-    workers: dict[str, int] = Field(
-        default_factory=dict, description='worker processes per stage queue started by `stagecoach up`, e.g. {"retrieve": 3}')
+    workers: dict[str, int] = Field(default_factory=dict, description="worker processes per stage queue started by "
+                                    '`stagecoach up`, e.g. {"retrieve": 3}')
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
 
