@@ -72,8 +72,9 @@ def test_job_progress_is_readable_with_plain_redis(app: Celery, redis_url: str, 
     job runs (state running, stage = the stage it is in) and after (state succeeded, stages_done)."""
     job_id = uuid.uuid4().hex
     plain = redis.Redis.from_url(redis_url, decode_responses=True)
-    sent = app.send_task(RUN_TASK, args=[{"pipeline": "patterns_loop", "inputs": {"question": "Why do tides turn?"}}],
-                         task_id=job_id, queue=ROUTING_QUEUE)
+    # each LM call takes 300 ms ([[lm:sleep]] marker of the test LM), so the polling sees stages in flight
+    request = {"pipeline": "patterns_loop", "inputs": {"question": f"Why do tides turn {job_id}? [[lm:sleep=300]]"}}
+    sent = app.send_task(RUN_TASK, args=[request], task_id=job_id, queue=ROUTING_QUEUE)
     seen: list[tuple[str, str | None]] = []
     deadline = time.monotonic() + 120
     while not sent.ready() and time.monotonic() < deadline:
@@ -83,8 +84,9 @@ def test_job_progress_is_readable_with_plain_redis(app: Celery, redis_url: str, 
         time.sleep(0.01)
     assert sent.get(timeout=60)["state"] == "succeeded"
     final = {key: json.loads(value) for key, value in plain.hgetall(f"stagecoach:job:{job_id}").items()}
-    assert final["state"] == "succeeded" and final["stages_done"] >= 2 and final["pipeline"] == "patterns_loop"
-    assert any(state == "running" for state, _ in seen), seen
+    assert final["state"] == "succeeded" and final["stages_done"] >= 2 and final["stage"] is None
+    running = {stage for state, stage in seen if state == "running" and stage}
+    assert running and running <= {"short_answer", "refine", "score_draft"}, seen
     cli = subprocess.run(["redis-cli", "-u", redis_url, "--raw", "HGET", f"stagecoach:job:{job_id}", "state"],
                          capture_output=True, text=True, timeout=30)
     assert cli.stdout.strip() == '"succeeded"'
