@@ -176,6 +176,15 @@ def test_stagecoach_up_with_rabbitmq(amqp_url: str, backend_url: str, lm_url: st
             proc.wait(10)
 
 
+def test_the_rabbitmq_password_setting_reaches_the_broker(amqp_url: str, backend_url: str) -> None:
+    """What the compose file does: a broker URL with a user and no password, STAGECOACH_RABBITMQ_PASSWORD."""
+    without_password = amqp_url.replace("guest:guest@", "guest@")
+    right = Settings(broker_url=without_password, result_backend=backend_url, rabbitmq_password="guest")  # type: ignore[arg-type]
+    wrong = Settings(broker_url=without_password, result_backend=backend_url, rabbitmq_password="nope")  # type: ignore[arg-type]
+    assert right.broker_url == amqp_url and broker_reachable(right.broker_url)
+    assert not broker_reachable(wrong.broker_url)
+
+
 def test_an_amqp_broker_without_a_redis_backend_is_a_clear_error(amqp_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGECOACH_")}
     env["STAGECOACH_BROKER_URL"] = amqp_url
