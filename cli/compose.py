@@ -30,6 +30,7 @@ COMPOSE_VALUES = {
     "STAGECOACH_BROKER_URL": "redis://redis:6379/0",
     "STAGECOACH_RESULT_BACKEND": "redis://redis:6379/0",
     "STAGECOACH_LM_API_BASE": f"http://lm:{LM_PORT}/v1",
+    "STAGECOACH_MONITOR_HOST": "0.0.0.0",
 }
 
 HEAD = """\
@@ -128,15 +129,12 @@ def flower() -> dict[str, Any]:
 
 
 def monitor() -> dict[str, Any]:
-    """`stagecoach monitor` (issue 10) serves HTTP on STAGECOACH_MONITOR_PORT. Its settings read the
-    Redis URLs as given (no STAGECOACH_REDIS_PASSWORD), so the password is interpolated into them here;
-    it reads Celery events from the Redis broker (not from RabbitMQ)."""
-    redis_url = "redis://:" + _var("STAGECOACH_REDIS_PASSWORD", REQUIRED) + "@redis:6379/0"
-    env = stagecoach_env(STAGECOACH_MONITOR_HOST="0.0.0.0", STAGECOACH_MONITOR_PORT=str(MONITOR_PORT),
-                         STAGECOACH_MONITOR_STORE_URL=redis_url)
+    """`stagecoach monitor` (issue 10): Celery events from the broker, its store in the Redis result backend,
+    HTTP on STAGECOACH_MONITOR_PORT."""
     return {
         "command": "stagecoach monitor",
-        "environment": {**env, "STAGECOACH_BROKER_URL": redis_url},
+        "environment": stagecoach_env(STAGECOACH_MONITOR_HOST=COMPOSE_VALUES["STAGECOACH_MONITOR_HOST"],
+                                      STAGECOACH_MONITOR_PORT=str(MONITOR_PORT)),
         "ports": [f"{MONITOR_PORT}:{MONITOR_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{MONITOR_PORT}/healthz")),
     }
@@ -188,8 +186,7 @@ ENV_HEAD = """\
 
 COMPOSE_PROJECT_NAME=stagecoach
 
-# required: password of Redis (AOF persistence on); every container gets it, the image never does.
-# Use URL-safe characters (letters, digits, - _ . ~): the monitor gets it inside a redis:// URL.
+# required: password of Redis (AOF persistence on); every container gets it, the image never does
 STAGECOACH_REDIS_PASSWORD=
 # required: Flower's login as user:password (several: user1:pass1,user2:pass2)
 STAGECOACH_FLOWER_BASIC_AUTH=
@@ -205,7 +202,7 @@ ENV_LISTED = frozenset({"STAGECOACH_REDIS_PASSWORD", "STAGECOACH_RABBITMQ_PASSWO
 def env_example() -> str:
     """Every setting, commented out with its default (in the compose network) and meaning."""
     lines = [ENV_HEAD, "# Every other setting, with its default; uncomment to change."]
-    for env, kind, default, meaning in settings_doc.rows():
+    for env, kind, default, meaning in settings_doc.rows() + settings_doc.monitor_rows():
         if env in ENV_LISTED:
             continue
         shown = COMPOSE_VALUES.get(env, "" if default == "-" else default)

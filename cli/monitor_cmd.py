@@ -1,7 +1,6 @@
 """`stagecoach monitor` (the service), `monitor report [--json]` and `monitor reset`."""
 
 import logging
-import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -26,8 +25,12 @@ def settings(port: int | None = None, host: str | None = None) -> "MonitorSettin
 
     found = MonitorSettings()
     update: dict[str, object] = {k: v for k, v in (("port", port), ("host", host)) if v is not None}
-    if "STAGECOACH_BROKER_URL" not in os.environ:
-        update["broker_url"] = client_settings().broker_url
+    # the workers' settings: the URL `up` recorded, passwords applied (STAGECOACH_REDIS_PASSWORD ...);
+    # the store is Redis, so with a RabbitMQ broker it defaults to the result backend
+    stack = client_settings()
+    update["broker_url"] = stack.broker_url
+    if found.store_url is None:
+        update["store_url"] = stack.backend_url
     return found.model_copy(update=update)
 
 

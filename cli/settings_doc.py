@@ -15,6 +15,13 @@ def rows() -> list[Row]:
     return _rows(Settings, "STAGECOACH_", skip={"lm"}) + _rows(LMSettings, "STAGECOACH_LM_")
 
 
+def monitor_rows() -> list[Row]:
+    """The monitor's own settings (docs/monitor.md); it shares the broker and catalog settings above."""
+    from monitor.settings import MonitorSettings
+
+    return _rows(MonitorSettings, "STAGECOACH_MONITOR_", skip={"broker_url", "catalog"})
+
+
 def _rows(model: type[BaseModel], prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> list[Row]:
     found = []
     for name, info in model.model_fields.items():

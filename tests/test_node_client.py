@@ -22,8 +22,8 @@ NODE_DIR = ROOT / "examples" / "node"
 
 def tool(name: str) -> str:
     found = shutil.which(name)
-    if found is None:  # never a skip: `make tools` installs node and npm from Debian
-        pytest.fail(f"`{name}` not found: run `make tools` (Debian packages nodejs, npm)")
+    if found is None:  # never a skip: `make system-deps` installs node and npm from Debian
+        pytest.fail(f"`{name}` not found: run `make system-deps` (Debian packages nodejs, npm)")
     return found
 
 
