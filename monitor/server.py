@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import redis
 from celery import Celery
 from pydantic import BaseModel
 
@@ -32,6 +31,7 @@ from monitor import graph, trace
 from monitor.consumer import Consumer
 from monitor.errors import BadQuery, MonitorError
 from monitor.metrics import ReportCollector, exposition
+from monitor.queues import depth_reader
 from monitor.settings import MonitorSettings
 from monitor.store import Store
 
@@ -47,16 +47,12 @@ class Monitor:
         self.consumer = consumer
         self.store = store
         self.catalog = catalog
-        self.broker = redis.Redis.from_url(settings.broker_url)
+        self.depths = depth_reader(settings.broker_url)
         self.collector = ReportCollector(store.report, self.queue_depths)
 
     def queue_depths(self) -> dict[str, int]:
         stages = list(self.catalog.stages) if self.catalog else self.store.names("stage")
-        queues = [stage_queue(name) for name in stages] + [ROUTING_QUEUE]
-        pipe = self.broker.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
-        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+        return self.depths([stage_queue(name) for name in stages] + [ROUTING_QUEUE])
 
     def pipelines(self) -> list[dict[str, Any]]:
         if self.catalog is None:

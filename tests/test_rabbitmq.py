@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,12 +163,16 @@ def test_stagecoach_up_with_rabbitmq(amqp_url: str, backend_url: str, lm_url: st
                             stderr=subprocess.STDOUT, text=True)
     try:
         table = _read_until(proc, "stack ready")
-        assert "redis" not in json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())["pids"]
+        state = json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())
+        assert "redis" not in state["pids"] and "monitor" in state["pids"]
         assert "broker: amqp://guest:***@" in table
         done = subprocess.run([STAGECOACH, "submit", "qa", "-i", "question=Up on RabbitMQ?", "--wait", "--json"],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["answer"]["answer"] == "answer of <Up on RabbitMQ?>"
+        with urllib.request.urlopen(f"{state['monitor_url']}/api/queues", timeout=30) as response:
+            depths = json.loads(response.read())  # the monitor reads queue depths from RabbitMQ
+        assert depths == {"stage.key_terms": 0, "stage.answer": 0, "pipeline.routing": 0}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

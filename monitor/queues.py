@@ -1,0 +1,49 @@
+"""Messages waiting per queue, on either broker: LLEN of the queue's list on Redis; on RabbitMQ
+(amqp://) the message count a passive queue declare reports."""
+
+from collections.abc import Callable
+from contextlib import suppress
+from urllib.parse import urlsplit
+
+import redis
+
+Depths = Callable[[list[str]], dict[str, int]]
+
+
+def depth_reader(broker_url: str) -> Depths:
+    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+        return _redis_depths(redis.Redis.from_url(broker_url))
+    return _amqp_depths(broker_url)
+
+
+def _redis_depths(client: redis.Redis) -> Depths:
+    def read(queues: list[str]) -> dict[str, int]:
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+
+    return read
+
+
+def _amqp_depths(url: str) -> Depths:
+    from kombu import Connection  # type: ignore[attr-defined]
+
+    def read(queues: list[str]) -> dict[str, int]:
+        with Connection(url, connect_timeout=5) as connection:  # type: ignore[no-untyped-call]
+            return {queue: _amqp_count(connection, queue) for queue in queues}
+
+    return read
+
+
+def _amqp_count(connection: object, queue: str) -> int:
+    """A queue nobody declared yet counts 0 (the broker closes the channel of a failed passive declare,
+    so each queue gets a channel of its own)."""
+    channel = connection.channel()  # type: ignore[attr-defined]
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except Exception:  # amqp.exceptions.NotFound (404): no such queue yet
+        return 0
+    finally:
+        with suppress(Exception):  # already closed by the broker after a 404
+            channel.close()
