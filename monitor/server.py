@@ -7,6 +7,7 @@ Routes (all GET):
   /api/queues           messages waiting per stage queue and the routing queue
   /api/pipelines        every pipeline's graph model and Mermaid text
   /api/graph/NAME.svg   the pipeline drawn by Graphviz (what `stagecoach graph NAME --format svg` prints)
+  /api/schema/NAME      JSON Schemas of the pipeline's request and JobResult (`stagecoach schema NAME`)
   /api/jobs             the latest job ids with a trace;  /api/trace/JOB  one job's trace
   /metrics              Prometheus text;  /healthz  ok;  /api/health  events seen since start
 """
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from contracts.catalog import Catalog, load_catalog
 from contracts.errors import StagecoachError
 from contracts.names import ROUTING_QUEUE, stage_queue
+from contracts.schema import pipeline_schemas
 from monitor import graph, trace
 from monitor.consumer import Consumer
 from monitor.errors import BadQuery, MonitorError
@@ -59,6 +61,11 @@ class Monitor:
             return []
         graphs = [graph.build(self.catalog, name) for name in sorted(self.catalog.pipelines)]
         return [{**g.model_dump(mode="json"), "mermaid": graph.mermaid(g)} for g in graphs]
+
+    def schemas(self, pipeline: str) -> dict[str, Any]:
+        if self.catalog is None:
+            raise MonitorError("no catalog loaded")
+        return pipeline_schemas(self.catalog, pipeline)
 
     @cache  # noqa: B019 (one Monitor per process; the catalog does not change while it runs)
     def svg(self, pipeline: str) -> bytes:
@@ -113,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
             self.json(monitor.pipelines())
         elif path.startswith("/api/graph/") and path.endswith(".svg"):
             self.send(200, "image/svg+xml", monitor.svg(path[len("/api/graph/"):-len(".svg")]))
+        elif path.startswith("/api/schema/"):
+            self.json(monitor.schemas(path[len("/api/schema/"):]))
         elif path == "/api/jobs":
             self.json(monitor.store.jobs(_int(query, "limit", 50)))
         elif path.startswith("/api/trace/"):

@@ -5,6 +5,8 @@ request fails."""
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from jsonschema import Draft202012Validator
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, RUN_TASK
 from contracts.schema import pipeline_schemas
-from tests.services import ROOT, Fleet, worker_env
+from tests.services import ROOT, Fleet, free_port, http_ok, wait_until, worker_env
 
 STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 CATALOG = load_catalog([ROOT / "pipelines"])
@@ -101,3 +103,23 @@ def test_a_rejected_request_still_gives_a_result_of_the_schema(cli_schemas: dict
     result = run_raw(app, {"pipeline": "qa", "inputs": {"question": 42}})
     assert result["state"] == "failed" and result["error"]["fields"] == ["question"]
     assert not list(validator(cli_schemas["qa"]["result"]).iter_errors(result))
+
+
+def test_the_monitor_serves_the_same_schemas(redis_url: str, lm_url: str, tmp_path: Path) -> None:
+    """`stagecoach monitor` answers /api/schema/NAME with what `stagecoach schema NAME` prints."""
+    port = free_port()
+    env = worker_env(redis_url, lm_url, catalog=[ROOT / "pipelines"])
+    with (tmp_path / "monitor.log").open("wb") as log:
+        proc = subprocess.Popen([STAGECOACH, "monitor", "--port", str(port)], env=env, cwd=tmp_path, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(f"{url}/healthz"), 60, "stagecoach monitor")
+        with urllib.request.urlopen(f"{url}/api/schema/qa", timeout=10) as response:
+            assert json.loads(response.read()) == json.loads(json.dumps(pipeline_schemas(CATALOG, "qa")))
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{url}/api/schema/nope", timeout=10)
+        assert missing.value.code == 404 and b"unknown pipeline 'nope'" in missing.value.read()
+    finally:
+        proc.terminate()
+        proc.wait(20)
