@@ -43,6 +43,8 @@ def print_result(result: JobResult, as_json: bool) -> int:
         render.out.print(render.result_table(result))
         if result.timings:
             render.out.print(render.timings_table([result]))
+        if result.usage or result.cached_usage:
+            render.out.print(render.usage_table(result))
     if result.error is not None:
         render.err.print(f"[red]job {result.job_id} failed:[/] {result.error.message}", highlight=False)
     return EXIT_OK if result.ok else EXIT_FAILED

@@ -114,6 +114,7 @@ def worker_env(redis_url: str, lm_url: str, catalog: list[Path], **extra: str) -
         "STAGECOACH_LM_MODEL": TEST_LM_MODEL,
         "STAGECOACH_LM_API_BASE": lm_url,
         "STAGECOACH_LM_CACHE": "false",
+        "STAGECOACH_CACHE_ENABLED": "false",  # every job reaches the LM unless a fleet turns the shared cache on
         "STAGECOACH_CATALOG": json.dumps([str(p) for p in catalog]),
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "PYTHONUNBUFFERED": "1",

@@ -10,6 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from cli import render
+from cli.cache import cache_app
 from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES
 from cli.monitor_cmd import monitor_app
 from contracts.errors import StagecoachError, UnknownPipelineError
@@ -21,6 +22,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(cache_app, name="cache")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable JSON (the contracts' shapes)")]
 StateDir = Annotated[Path, typer.Option(help="where logs and the stack's state file go")]

@@ -9,6 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from contracts.envelope import Usage
 from contracts.jobs import JobResult, JobStatus
 from contracts.specs import PipelineSpec
 
@@ -42,18 +43,45 @@ def result_table(result: JobResult) -> Group:
     if result.error is not None:
         where = f" at {result.error.node}" if result.error.node else ""
         table.add_row("error", f"[red]{result.error.kind}{where}: {short(result.error.message, 400)}[/]")
+    if result.cached_stages:
+        table.add_row("cached", "served from the shared cache (no LM call): " + ", ".join(result.cached_stages))
+    if result.usage or result.cached_usage:
+        table.add_row("cost", cost_text(result.total_usage))
     return Group(heading, table)
+
+
+def cost_text(usage: Usage) -> str:
+    """A cost estimate, or why there is none."""
+    if usage.calls == 0:
+        return "no LM calls"
+    if not usage.priced:
+        return f"unknown (no local price for {', '.join(usage.unpriced)})"
+    return f"${usage.cost_usd or 0.0:.6f} (estimate, litellm local price map)"
+
+
+def usage_table(result: JobResult) -> Table:
+    """Per stage: LM calls, tokens and cost spent by this job, and what cache hits once cost."""
+    table = Table(title="usage per stage", title_justify="left")
+    for column in ("stage", "calls", "prompt tok", "completion tok", "cost", "from cache"):
+        table.add_column(column, justify="left" if column in ("stage", "cost", "from cache") else "right")
+    for stage in sorted({*result.usage, *result.cached_usage}):
+        used = result.usage.get(stage, Usage())
+        cached = result.cached_usage.get(stage)
+        saved = f"{cached.calls} calls, {cached.prompt_tokens + cached.completion_tokens} tok" if cached else "-"
+        table.add_row(stage, str(used.calls), str(used.prompt_tokens), str(used.completion_tokens),
+                      cost_text(used), saved)
+    return table
 
 
 def timings_table(results: list[JobResult]) -> Table:
     """Per-stage run time with the worker that ran it and its tries."""
     table = Table(title="per-stage timings", title_justify="left")
-    for column in ("job", "node", "worker", "run s", "tries"):
+    for column in ("job", "node", "worker", "run s", "tries", "cached"):
         table.add_column(column, justify="right" if column.endswith((" s", "tries")) else "left", overflow="fold")
     for result in results:
         for timing in result.timings:
             table.add_row(f"{result.pipeline} {result.job_id[:6]}", timing.node, timing.worker.split("@")[0],
-                          f"{timing.seconds:.2f}", str(timing.attempts))
+                          f"{timing.seconds:.2f}", str(timing.attempts), "yes" if timing.cached else "")
     return table
 
 

@@ -6,13 +6,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from workers.settings import PROJECT_ROOT, LMSettings, Settings
+from workers.settings import PROJECT_ROOT, CacheSettings, LMSettings, Settings
 
 Row = tuple[str, str, str, str]
 
 
 def rows() -> list[Row]:
-    return _rows(Settings, "STAGECOACH_", skip={"lm"}) + _rows(LMSettings, "STAGECOACH_LM_")
+    return (_rows(Settings, "STAGECOACH_", skip={"lm", "cache"}) + _rows(LMSettings, "STAGECOACH_LM_")
+            + _rows(CacheSettings, "STAGECOACH_CACHE_"))
 
 
 def monitor_rows() -> list[Row]:

@@ -1,7 +1,9 @@
 """The catalog: every stage and pipeline definition, loaded from YAML/JSON files and checked.
 
 A file holds `stages:` (a list), and `pipeline:` or `pipelines:`. Stage names are global (a stage
-is a queue); a pipeline may use stages defined in any file. Checks at load: every referenced
+is a queue); a pipeline may use stages defined in any file. Several versions of one stage or
+pipeline may coexist: the latest is keyed by its bare name (so `stage.answer` keeps its meaning),
+every other version by `name@version` (its own queue, `stage.answer@1`). Checks at load: every referenced
 stage and sub-pipeline exists, sub-pipelines form no cycle and nest no deeper than MAX_DEPTH.
 A `structure:` (contracts/structure.py) is a hierarchical program resolved into one pipeline.
 """
@@ -14,8 +16,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from contracts.errors import SpecError, UnknownPipelineError, UnknownStageError
+from contracts.errors import SpecError, UnknownPipelineError, UnknownStageError, UnknownVersionError
 from contracts.fields import validate
+from contracts.names import split_ref, versioned
 from contracts.specs import AnyNode, PipelineSpec, StageNode, StageSpec, SubPipelineNode, children
 from contracts.structure import load_structure
 
@@ -25,26 +28,72 @@ SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class Catalog(BaseModel):
+    """Stages and pipelines keyed by ref: the bare name for the latest version, `name@version` else."""
+
     stages: dict[str, StageSpec] = {}
     pipelines: dict[str, PipelineSpec] = {}
 
-    def stage(self, name: str) -> StageSpec:
-        if name not in self.stages:
-            raise UnknownStageError(name, list(self.stages))
-        return self.stages[name]
+    def stage(self, name: str, version: str | None = None) -> StageSpec:
+        return self.stages[self.stage_ref(name, version)]
 
-    def pipeline(self, name: str) -> PipelineSpec:
-        if name not in self.pipelines:
-            raise UnknownPipelineError(name, list(self.pipelines))
-        return self.pipelines[name]
+    def stage_ref(self, name: str, version: str | None = None) -> str:
+        """The key (and task/queue suffix) of a stage given as `name`, `name@version` or name + version."""
+        return _resolve(self.stages, "stage", name, version)
 
-    def validate_inputs(self, pipeline: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    def pipeline(self, name: str, version: str | None = None) -> PipelineSpec:
+        return self.pipelines[self.pipeline_ref(name, version)]
+
+    def pipeline_ref(self, name: str, version: str | None = None) -> str:
+        return _resolve(self.pipelines, "pipeline", name, version)
+
+    def validate_inputs(self, pipeline: str, inputs: dict[str, Any], version: str | None = None) -> dict[str, Any]:
         """The pipeline's input contract applied to a request; raises ContractError naming fields."""
-        spec = self.pipeline(pipeline)
-        return validate(f"pipeline '{pipeline}' inputs", spec.inputs, inputs)
+        spec = self.pipeline(pipeline, version)
+        return validate(f"pipeline '{spec.name}' inputs", spec.inputs, inputs)
 
     def with_stage(self, spec: StageSpec) -> "Catalog":
-        return self.model_copy(update={"stages": {**self.stages, spec.name: spec}})
+        return self.model_copy(update={"stages": _keyed([*self.stages.values(), spec], "stage")})
+
+
+def _resolve(table: dict[str, Any], what: str, ref: str, version: str | None) -> str:
+    name, pinned = split_ref(ref)
+    if pinned is not None and version is not None and pinned != version:
+        raise SpecError(f"{what} '{ref}' is pinned to version '{pinned}' and also asked for version '{version}'")
+    wanted = pinned or version
+    if name not in table:
+        error = UnknownStageError if what == "stage" else UnknownPipelineError
+        raise error(ref, sorted({split_ref(key)[0] for key in table}))
+    if wanted is None or table[name].version == wanted:
+        return name
+    if versioned(name, wanted) in table:
+        return versioned(name, wanted)
+    raise UnknownVersionError(what, name, wanted, versions_of(table, name))
+
+
+def versions_of(table: dict[str, Any], name: str) -> list[str]:
+    """Every version of a stage or pipeline, oldest first."""
+    found = [spec.version for key, spec in table.items() if split_ref(key)[0] == name]
+    return sorted(found, key=version_order)
+
+
+def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Numeric parts compare as numbers (`10` after `9`); text parts sort before numbers."""
+    parts = version.replace("-", ".").replace("_", ".").split(".")
+    return tuple((1, int(p)) if p.isdigit() else (0, p) for p in parts)
+
+
+def _keyed(specs: list[Any], what: str) -> dict[str, Any]:
+    """Latest version of each name under the bare name, the others under `name@version`."""
+    latest: dict[str, Any] = {}
+    for spec in specs:
+        current = latest.get(spec.name)
+        if current is None or version_order(spec.version) > version_order(current.version):
+            latest[spec.name] = spec
+    keyed = {name: spec for name, spec in latest.items()}
+    for spec in specs:
+        if spec is not latest[spec.name] and spec.version != latest[spec.name].version:
+            keyed[versioned(spec.name, spec.version)] = spec
+    return keyed
 
 
 def load_catalog(paths: Iterable[Path | str]) -> Catalog:
@@ -54,23 +103,50 @@ def load_catalog(paths: Iterable[Path | str]) -> Catalog:
     for file in _spec_files(paths):
         doc = _read(file)
         for stage in _parse_stages(file, doc):
-            _add_unique(stages, stage.name, stage, file, "stage")
+            _add_unique(stages, versioned(stage.name, stage.version), stage, file, "stage")
         for pipeline in _parse_pipelines(file, doc):
-            _add_unique(pipelines, pipeline.name, pipeline, file, "pipeline")
-    catalog = Catalog(stages=stages, pipelines=pipelines)
+            _add_unique(pipelines, versioned(pipeline.name, pipeline.version), pipeline, file, "pipeline")
+    catalog = Catalog(stages=_keyed(list(stages.values()), "stage"),
+                      pipelines=_keyed(list(pipelines.values()), "pipeline"))
     check_catalog(catalog)
     return catalog
 
 
 def check_catalog(catalog: Catalog) -> None:
-    for pipeline in catalog.pipelines.values():
+    for key, pipeline in catalog.pipelines.items():
         for node in iter_nodes(pipeline.root):
-            if isinstance(node, StageNode) and node.stage not in catalog.stages:
-                raise SpecError(f"pipeline '{pipeline.name}': {UnknownStageError(node.stage, list(catalog.stages))}")
-            if isinstance(node, SubPipelineNode) and node.pipeline and node.pipeline not in catalog.pipelines:
-                known = list(catalog.pipelines)
-                raise SpecError(f"pipeline '{pipeline.name}': {UnknownPipelineError(node.pipeline, known)}")
-        _check_nesting(catalog, pipeline.name, [])
+            if isinstance(node, StageNode):
+                _check_ref(key, lambda n=node: catalog.stage_ref(n.stage, n.version))
+            if isinstance(node, SubPipelineNode) and node.pipeline:
+                _check_ref(key, lambda n=node: catalog.pipeline(n.pipeline or ""))
+        _check_nesting(catalog, key, [])
+
+
+def _check_ref(pipeline: str, resolve: Any) -> None:
+    try:
+        resolve()
+    except SpecError as error:
+        raise SpecError(f"pipeline '{pipeline}': {error}") from None
+
+
+def pin_versions(catalog: Catalog, spec: PipelineSpec) -> PipelineSpec:
+    """The spec with every stage node naming the version it resolves to now and named sub-pipelines
+    inlined (same node paths), so a running job keeps its versions even if the catalog changes."""
+    root = _pin(catalog, spec.root.model_dump(mode="json"))
+    return spec.model_copy(update={"root": PipelineSpec.model_validate({**spec.model_dump(), "root": root}).root})
+
+
+def _pin(catalog: Catalog, node: Any) -> Any:
+    if isinstance(node, list):
+        return [_pin(catalog, item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("kind") == "stage":
+        return {**node, "version": catalog.stage(node["stage"], node.get("version")).version}
+    if node.get("kind") == "subpipeline" and node.get("pipeline"):
+        inner = catalog.pipeline(node["pipeline"]).root.model_dump(mode="json")
+        return {**node, "id": node.get("id") or node["pipeline"], "pipeline": None, "node": _pin(catalog, inner)}
+    return {key: _pin(catalog, value) for key, value in node.items()}
 
 
 def _check_nesting(catalog: Catalog, name: str, stack: list[str]) -> None:
@@ -78,14 +154,14 @@ def _check_nesting(catalog: Catalog, name: str, stack: list[str]) -> None:
         raise SpecError(f"sub-pipeline cycle: {' -> '.join([*stack, name])}")
     if len(stack) >= MAX_DEPTH:
         raise SpecError(f"sub-pipelines nest deeper than {MAX_DEPTH}: {' -> '.join([*stack, name])}")
-    _check_subtree(catalog, catalog.pipelines[name].root, [*stack, name])
+    _check_subtree(catalog, catalog.pipeline(name).root, [*stack, name])
 
 
 def _check_subtree(catalog: Catalog, node: AnyNode, stack: list[str]) -> None:
     """Named sub-pipelines are followed; inline ones count as a level too, shown as `(id)`."""
     if isinstance(node, SubPipelineNode):
         if node.pipeline is not None:
-            _check_nesting(catalog, node.pipeline, stack)
+            _check_nesting(catalog, catalog.pipeline_ref(node.pipeline), stack)
             return
         label = f"({node.id or 'inline'})"
         if len(stack) >= MAX_DEPTH:

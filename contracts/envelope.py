@@ -54,16 +54,40 @@ class Decision(BaseModel):
 
 
 class Usage(BaseModel):
+    """LM calls and tokens, with a cost estimate where every model's price is known.
+
+    `cost_usd` is None when some call's model has no price in litellm's local map (those models are
+    listed in `unpriced`): a partial sum would understate the cost, so none is given.
+    """
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
+    cost_usd: float | None = None
+    unpriced: list[str] = Field(default_factory=list, description="models without a known price")
+
+    @property
+    def priced(self) -> bool:
+        return self.calls == 0 or (self.cost_usd is not None and not self.unpriced)
 
     def plus(self, other: "Usage") -> "Usage":
         return Usage(
             prompt_tokens=self.prompt_tokens + other.prompt_tokens,
             completion_tokens=self.completion_tokens + other.completion_tokens,
             calls=self.calls + other.calls,
+            cost_usd=_cost_sum(self, other),
+            unpriced=sorted({*self.unpriced, *other.unpriced}),
         )
+
+
+def _cost_sum(a: Usage, b: Usage) -> float | None:
+    """Calls without a price make the sum unknown; usages with no calls add nothing."""
+    counted = [u for u in (a, b) if u.calls > 0]
+    if not counted:
+        return None
+    if any(not u.priced for u in counted):
+        return None
+    return sum(u.cost_usd or 0.0 for u in counted)
 
 
 class Envelope(BaseModel):
@@ -79,6 +103,10 @@ class Envelope(BaseModel):
     timings: list[StageTiming] = Field(default_factory=list)
     trail: list[Decision] = Field(default_factory=list)
     usage: dict[str, Usage] = Field(default_factory=dict)
+    cached_usage: dict[str, Usage] = Field(
+        default_factory=dict, description="per stage: what the calls served from the shared cache once cost"
+    )
+    skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
     failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
 
     @property
@@ -97,6 +125,7 @@ class Envelope(BaseModel):
         timing: StageTiming | None = None,
         usage: Usage | None = None,
         rename: dict[str, str] | None = None,
+        cached_usage: Usage | None = None,
     ) -> "Envelope":
         rename = rename or {}
         state = {**self.state, **{rename.get(k, k): v for k, v in outputs.items()}}
@@ -104,7 +133,9 @@ class Envelope(BaseModel):
         if timing is not None:
             update["timings"] = [*self.timings, timing]
         if usage is not None and timing is not None:
-            update["usage"] = {**self.usage, timing.stage: self.usage.get(timing.stage, Usage()).plus(usage)}
+            update["usage"] = _add(self.usage, timing.stage, usage)
+        if cached_usage is not None and timing is not None:
+            update["cached_usage"] = _add(self.cached_usage, timing.stage, cached_usage)
         return self.model_copy(update=update)
 
     def with_error(self, error: ErrorRecord, fatal: bool) -> "Envelope":
@@ -118,18 +149,29 @@ class Envelope(BaseModel):
 
     def absorb(self, member: "Envelope") -> "Envelope":
         """Fold in what a fan-out member did: its outputs, errors, timings, decisions and usage."""
-        usage = dict(self.usage)
-        for stage, used in member.usage.items():
-            usage[stage] = usage.get(stage, Usage()).plus(used)
         return self.model_copy(update={
             "outputs": {**self.outputs, **member.outputs},
             "errors": [*self.errors, *member.errors],
             "timings": [*self.timings, *member.timings],
             "trail": [*self.trail, *member.trail],
-            "usage": usage,
+            "usage": _merge_usage(self.usage, member.usage),
+            "cached_usage": _merge_usage(self.cached_usage, member.cached_usage),
+            "skipped": [*self.skipped, *member.skipped],
         })
 
     def lean(self, state: dict[str, Any] | None = None) -> "Envelope":
         """A fan-out member's start: this job's state (plus `state`), nothing it did so far."""
         return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
-                                       "timings": [], "trail": [], "usage": {}})
+                                       "timings": [], "trail": [], "usage": {},
+                                       "cached_usage": {}, "skipped": []})
+
+
+def _add(usages: dict[str, Usage], stage: str, usage: Usage) -> dict[str, Usage]:
+    return {**usages, stage: usages.get(stage, Usage()).plus(usage)}
+
+
+def _merge_usage(into: dict[str, Usage], more: dict[str, Usage]) -> dict[str, Usage]:
+    merged = dict(into)
+    for stage, used in more.items():
+        merged = _add(merged, stage, used)
+    return merged

@@ -41,3 +41,13 @@ class UnknownStageError(SpecError):
     def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         super().__init__(f"unknown stage '{name}'; known stages: {', '.join(sorted(known)) or 'none'}")
+
+
+class UnknownVersionError(SpecError):
+    """A stage or pipeline exists, but not in the version asked for."""
+
+    def __init__(self, what: str, name: str, version: str, known: list[str]) -> None:
+        self.name = name
+        self.version = version
+        self.known = known
+        super().__init__(f"unknown version '{version}' of {what} '{name}'; known versions: {', '.join(known)}")

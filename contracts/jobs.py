@@ -17,7 +17,8 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pipeline: str
+    pipeline: str = Field(description="pipeline name, or `name@version` to pin a version")
+    version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -48,9 +49,25 @@ class JobResult(BaseModel):
     errors: list[ErrorRecord] = Field(default_factory=list)
     timings: list[StageTiming] = Field(default_factory=list)
     trail: list[Decision] = Field(default_factory=list)
-    usage: dict[str, Usage] = Field(default_factory=dict)
+    usage: dict[str, Usage] = Field(default_factory=dict, description="per stage: LM calls made for this job")
+    cached_usage: dict[str, Usage] = Field(
+        default_factory=dict, description="per stage: usage of calls served from the shared cache (not spent again)"
+    )
+    skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
     submitted_at: float | None = None
     finished_at: float | None = None
+
+    @property
+    def cached_stages(self) -> list[str]:
+        """Node paths whose output came from the shared cache."""
+        return [t.node for t in self.timings if t.cached]
+
+    @property
+    def total_usage(self) -> Usage:
+        total = Usage()
+        for used in self.usage.values():
+            total = total.plus(used)
+        return total
 
     @property
     def ok(self) -> bool:

@@ -1,10 +1,15 @@
 """The one place for queue names, task names and Redis key prefixes.
 
 Task names are stable strings so that any Celery client, in any language, can enqueue by name.
+
+A stage's *ref* is its name for the latest (or only) version and `name@version` for every other
+version, so `stage.answer` keeps naming the current version while `stage.answer@1` serves jobs
+pinned to an older one. `@` is a plain character to Celery task names and Redis queue keys.
 """
 
 STAGE_PREFIX = "stage."
 ROUTING_QUEUE = "pipeline.routing"
+VERSION_SEPARATOR = "@"
 
 RUN_TASK = "pipeline.run"
 FINISH_TASK = "pipeline.finish"
@@ -14,14 +19,31 @@ JOB_KEY_PREFIX = KEY_PREFIX + "job:"
 CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
 MONITOR_KEY_PREFIX = KEY_PREFIX + "monitor:"
 
+CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
+CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
+CACHE_LRU_KEY = CACHE_KEY_PREFIX + "lru"  # sorted set: entry key -> last use (unix seconds)
+CACHE_SIZES_KEY = CACHE_KEY_PREFIX + "sizes"  # hash: entry key -> bytes
+CACHE_TOTAL_KEY = CACHE_KEY_PREFIX + "bytes"  # total bytes of live entries
+
+
+def versioned(name: str, version: str) -> str:
+    """`name@version`: how requests, specs and cache keys name one version of a stage or pipeline."""
+    return f"{name}{VERSION_SEPARATOR}{version}"
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """`answer@2` -> ("answer", "2"); `answer` -> ("answer", None)."""
+    name, sep, version = ref.partition(VERSION_SEPARATOR)
+    return name, (version if sep else None)
+
 
 def stage_task(stage: str) -> str:
-    """Celery task name of a stage."""
+    """Celery task name of a stage ref (`answer`, or `answer@1` for a version that is not the latest)."""
     return STAGE_PREFIX + stage
 
 
 def stage_queue(stage: str) -> str:
-    """Queue a stage's task is routed to; one queue per stage so each scales on its own."""
+    """Queue a stage's task is routed to; one queue per stage version so each scales on its own."""
     return STAGE_PREFIX + stage
 
 
@@ -42,3 +64,20 @@ JOB_FINISHED_EVENT = "stagecoach-job-finished"
 def monitor_key(*parts: str) -> str:
     """A key of the monitor's store, e.g. monitor_key("stage", "answer") -> stagecoach:monitor:stage:answer."""
     return MONITOR_KEY_PREFIX + ":".join(parts)
+
+
+def cache_entry_key(stage_version: str, digest: str) -> str:
+    """One cached stage output; `stage_version` is `name@version` so a stage's entries can be found."""
+    return f"{CACHE_ENTRY_PREFIX}{stage_version}:{digest}"
+
+
+def cache_entry_pattern(stage: str | None) -> str:
+    """SCAN pattern for the entries of one stage (`answer`: every version; `answer@1`: one), or all."""
+    if stage is None:
+        return CACHE_ENTRY_PREFIX + "*"
+    return f"{CACHE_ENTRY_PREFIX}{stage}{'' if VERSION_SEPARATOR in stage else VERSION_SEPARATOR + '*'}:*"
+
+
+def cache_stats_key(stage_version: str) -> str:
+    """Hash of hits, misses, evictions, entries and bytes of one stage version."""
+    return CACHE_STATS_PREFIX + stage_version

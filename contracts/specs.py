@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from contracts.fields import Fields
 
@@ -40,6 +40,23 @@ class RetryPolicy(Model):
     backoff_max_seconds: float = Field(30.0, ge=0)
 
 
+def _version_text(value: Any) -> Any:
+    """`version: 2` in YAML is an int; versions are names, so it reads as "2"."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+# letters, digits, `_`, `.`, `-`: safe inside Celery task names, queue names and Redis keys
+Version = Annotated[str, BeforeValidator(_version_text), StringConstraints(pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class CachePolicy(Model):
+    """How the fleet-wide stage cache treats a stage (workers/cache.py)."""
+
+    enabled: bool = Field(True, description="serve repeated calls from the shared cache")
+    sampled: bool = Field(False, description="cache even when sampling at temperature > 0")
+    ttl: int | None = Field(None, gt=0, description="seconds an entry lives; default: the cache setting")
+
+
 class StageSpec(Model):
     """A stage: name, version, input/output contracts and the DSPy module that implements it.
 
@@ -51,7 +68,7 @@ class StageSpec(Model):
     """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    version: str = "1"
+    version: Version = "1"
     description: str = ""
     module: str = Field(pattern=r"^[\w.]+:[\w.]+$")
     program: Literal["predict", "chain_of_thought"] = "predict"
@@ -62,12 +79,18 @@ class StageSpec(Model):
     lm: LMOverride | None = None
     retry: RetryPolicy = RetryPolicy()
     time_limit: float | None = Field(None, gt=0, description="seconds before the stage is stopped")
+    cache: CachePolicy = CachePolicy()
     state_digest: str | None = Field(None, description="sha256 of the saved state; filled on load")
 
     @property
     def identity(self) -> str:
         digest = f"#{self.state_digest[:12]}" if self.state_digest else ""
         return f"{self.name}@{self.version}{digest}"
+
+    @property
+    def versioned_name(self) -> str:
+        """`name@version`, without the state digest: how cache statistics name the stage."""
+        return f"{self.name}@{self.version}"
 
     def resolve_state(self, base: Path) -> "StageSpec":
         """Absolute state path and its digest, relative paths read from the defining file's folder."""
@@ -84,7 +107,8 @@ class NodeBase(Model):
 
 class StageNode(NodeBase):
     kind: Literal["stage"] = "stage"
-    stage: str
+    stage: str = Field(description="stage name, or `name@version` to pin a version")
+    version: Version | None = Field(None, description="stage version; set for every node at job start")
     inputs: dict[str, str] = Field(default_factory=dict, description="stage input field <- state field")
     outputs: dict[str, str] = Field(default_factory=dict, description="stage output field -> state field")
     critical: bool = Field(True, description="on a permanent error: fail the job, or record and continue")
@@ -311,7 +335,7 @@ def normalise_node(value: Any) -> Any:
 
 class PipelineSpec(Model):
     name: str = Field(pattern=r"^[a-z][a-z0-9_\-]*$")
-    version: str = "1"
+    version: Version = "1"
     description: str = ""
     inputs: Fields
     outputs: list[str] = Field(default_factory=list, description="state fields reported as the answer")

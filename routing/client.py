@@ -43,14 +43,17 @@ class Client:
         self.runtime = runtime
         self.app = runtime.app
 
-    def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None) -> JobHandle:
+    def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
+               version: str | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
-        the validated (coerced) inputs; `job_id` defaults to a fresh one."""
-        checked = self.runtime.catalog.validate_inputs(pipeline, inputs)
+        the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
+        version (`qa@2`), or `version` may; otherwise the latest runs."""
+        checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, inputs=checked)
+        request = JobRequest(pipeline=pipeline, version=version, inputs=checked)
         self.runtime.jobs.queued(job_id, pipeline)
-        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json")], task_id=job_id, queue=ROUTING_QUEUE)
+        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json", exclude_none=True)], task_id=job_id,
+                           queue=ROUTING_QUEUE)
         return JobHandle(self, job_id)
 
     def handle(self, job_id: str) -> JobHandle:

@@ -51,9 +51,9 @@ class Compiler:
 
     def stage(self, node: StageNode, prefix: str) -> Signature:
         path = prefix + (node.id or node.stage)
-        self.catalog.stage(node.stage)
+        ref = self.catalog.stage_ref(node.stage, node.version)  # `answer`, or `answer@1` when not the latest
         kwargs = {"node": node.model_dump(mode="json"), "path": path}
-        sig = self.app.signature(stage_task(node.stage), kwargs=kwargs, queue=stage_queue(node.stage))
+        sig = self.app.signature(stage_task(ref), kwargs=kwargs, queue=stage_queue(ref))
         if node.time_limit is not None:  # Celery enforces these in prefork and green pools
             sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + CALL_KILL_GRACE)
         return sig

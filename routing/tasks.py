@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery, Task, states
 from pydantic import ValidationError
 
-from contracts.catalog import Catalog
+from contracts.catalog import Catalog, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, StagecoachError
 from contracts.fields import problems_of
@@ -61,8 +61,8 @@ def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tu
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
         raise ContractError("pipeline.run request", problems_of(error)) from None
-    spec = catalog.pipeline(parsed.pipeline)
-    inputs = catalog.validate_inputs(parsed.pipeline, parsed.inputs)
+    spec = pin_versions(catalog, catalog.pipeline(parsed.pipeline, parsed.version))
+    inputs = catalog.validate_inputs(parsed.pipeline, parsed.inputs, parsed.version)
     envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs)
     return envelope, spec
 
@@ -129,6 +129,8 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
         timings=job.timings,
         trail=job.trail,
         usage=job.usage,
+        cached_usage=job.cached_usage,
+        skipped=job.skipped,
         submitted_at=job.submitted_at,
         finished_at=time.time(),
     )

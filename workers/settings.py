@@ -51,6 +51,19 @@ class LMSettings(BaseSettings):
         return None
 
 
+class CacheSettings(BaseSettings):
+    """The stage cache in Redis shared by every worker (workers/cache.py)."""
+
+    model_config = SettingsConfigDict(env_prefix="STAGECOACH_CACHE_", extra="ignore")
+
+    enabled: bool = Field(True, description="serve repeated stage calls from the shared Redis cache")
+    ttl: int = Field(7 * 24 * 3600, gt=0, description="seconds an entry lives after its last use")
+    max_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="total size of all entries; least recently used go first"
+    )
+    max_entry_bytes: int = Field(1024 * 1024, gt=0, description="a larger stage output is not cached")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_", extra="ignore")
 
@@ -77,6 +90,7 @@ class Settings(BaseSettings):
                                     '`stagecoach up`, e.g. {"retrieve": 3}')
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
+    cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
 
     @model_validator(mode="after")
     def _resolve_urls(self) -> "Settings":

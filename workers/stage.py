@@ -1,8 +1,10 @@
-"""Run one stage: contract in, DSPy module call, contract out.
+"""Run one stage: contract in, DSPy module call (or the shared cache), contract out.
 
 The runner never touches Celery; the task wraps it. Inputs are validated against the stage's
-input contract, the module is called under `dspy.context` with this stage's LM, and the
-prediction is checked against the output contract before it may join the job's state.
+input contract; a cacheable call is looked up in the fleet-wide cache (workers/cache.py) by a
+key over the stage, its LM settings and those inputs; otherwise the module is called under
+`dspy.context` with this stage's LM, the prediction is checked against the output contract, and
+only then stored in the cache and allowed to join the job's state.
 """
 
 import importlib
@@ -17,6 +19,8 @@ from contracts.envelope import Usage
 from contracts.errors import ContractError
 from contracts.fields import validate
 from contracts.specs import LMOverride, StageSpec
+from workers.cache import StageCache, cache_digest, cacheable
+from workers.cost import usage_of
 from workers.errors import (
     ModuleLoadError,
     PermanentStageError,
@@ -35,6 +39,8 @@ class StageRun:
     usage: Usage
     started_at: float
     seconds: float
+    cached: bool = False
+    cached_usage: Usage | None = None  # what the calls served from the cache once cost
 
 
 def load_program(spec: StageSpec) -> dspy.Module:
@@ -72,9 +78,10 @@ def _instantiate(spec: StageSpec, target: Any) -> dspy.Module:
 class StageRunner:
     """Calls one stage's module; one program instance per thread (modules hold call state)."""
 
-    def __init__(self, spec: StageSpec, lm_settings: LMSettings) -> None:
+    def __init__(self, spec: StageSpec, lm_settings: LMSettings, cache: StageCache | None = None) -> None:
         self.spec = spec
         self.lm_settings = lm_settings
+        self.cache = cache
         self._local = threading.local()
 
     def program(self) -> dspy.Module:
@@ -85,10 +92,27 @@ class StageRunner:
     def run(self, inputs: dict[str, Any], override: LMOverride | None = None) -> StageRun:
         checked = self._check(f"stage '{self.spec.name}' inputs", self.spec.inputs, inputs)
         started = time.time()
-        prediction = self._call(checked, override)
+        digest = self._cache_digest(checked, _merge(self.spec.lm, override))
+        hit = self.cache.get(self.spec.versioned_name, digest, self.spec.cache.ttl) if self.cache and digest else None
+        if hit is not None:
+            return StageRun(hit.outputs, Usage(), started, time.time() - started, cached=True, cached_usage=hit.usage)
+        run = self._fresh(checked, override, started)
+        if self.cache and digest:
+            self.cache.put(self.spec.versioned_name, digest, run.outputs, run.usage, self.spec.cache.ttl)
+        return run
+
+    def _fresh(self, inputs: dict[str, Any], override: LMOverride | None, started: float) -> StageRun:
+        prediction = self._call(inputs, override)
         seconds = time.time() - started
         outputs = self._check(f"stage '{self.spec.name}' outputs", self.spec.outputs, self._fields(prediction))
-        return StageRun(outputs, _usage(prediction), started, seconds)
+        return StageRun(outputs, usage_of(prediction), started, seconds)
+
+    def _cache_digest(self, inputs: dict[str, Any], lm: LMOverride | None) -> str | None:
+        """The cache key digest for this call, or None when the call must not be cached."""
+        if self.cache is None:
+            return None
+        identity = lm_identity(self.lm_settings, lm)
+        return cache_digest(self.spec, identity, inputs) if cacheable(self.spec, identity) else None
 
     def _check(self, where: str, fields: Any, data: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -124,16 +148,15 @@ def _classify(stage: str, error: Exception) -> StageError:
     return PermanentStageError(stage, message)
 
 
-def _usage(prediction: Any) -> Usage:
-    getter = getattr(prediction, "get_lm_usage", None)
-    raw = getter() if getter else None
-    total = Usage(calls=0)
-    for entry in (raw or {}).values():
-        total = total.plus(
-            Usage(
-                prompt_tokens=int(entry.get("prompt_tokens") or 0),
-                completion_tokens=int(entry.get("completion_tokens") or 0),
-                calls=1,
-            )
-        )
-    return total
+def lm_identity(settings: LMSettings, lm: LMOverride | None) -> dict[str, Any]:
+    """What about the LM determines an answer: model, server, sampling settings and the adapter."""
+    chosen = lm.model_dump(exclude_none=True) if lm else {}
+    return {
+        "model": chosen.get("model", settings.model),
+        "api_base": chosen.get("api_base") or settings.resolved_api_base,
+        "temperature": chosen.get("temperature", settings.temperature),
+        "max_tokens": chosen.get("max_tokens", settings.max_tokens),
+        "rollout_id": chosen.get("rollout_id"),
+        "adapter": type(adapter_for(settings)).__name__,
+        "structured": settings.structured,
+    }

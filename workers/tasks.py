@@ -1,4 +1,4 @@
-"""One Celery task per stage, named and queued `stage.<name>`.
+"""One Celery task per stage version, named and queued `stage.<ref>` (contracts/names.py).
 
 Tasks are thin: validate the envelope, call the stage runner, serialise. Errors become values in
 the envelope (its error log, and `failure` when fatal) rather than exceptions across task
@@ -13,8 +13,10 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from contracts.envelope import Envelope, ErrorRecord, StageTiming
+from contracts.errors import UnknownVersionError
 from contracts.names import stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
+from workers.cache import StageCache
 from workers.errors import StageError, StageTimeoutError
 from workers.jobs import JobStore
 from workers.outcome import stage_outcome
@@ -26,27 +28,33 @@ STAGE_KILL_GRACE = 30.0
 
 
 def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Settings, jobs: JobStore) -> None:
-    for spec in stages.values():
-        runner = StageRunner(spec, settings.lm)
-        _register(app, spec, StageExecutor(runner, jobs), settings)
+    """One task per stage version, named by its catalog ref (`answer`, or `answer@1` for an older one)."""
+    cache = StageCache.from_url(settings.backend_url, settings.cache) if settings.cache.enabled else None
+    versions = {(spec.name, spec.version): ref for ref, spec in stages.items()}
+    for ref, spec in stages.items():
+        runner = StageRunner(spec, settings.lm, cache)
+        _register(app, ref, StageExecutor(runner, jobs, versions), settings)
 
 
-def _register(app: Celery, spec: StageSpec, executor: "StageExecutor", settings: Settings) -> None:
+def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settings) -> None:
+    spec = executor.spec
     soft = spec.time_limit or settings.stage_time_limit
 
     @app.task(
-        name=stage_task(spec.name),
+        name=stage_task(ref),
         bind=True,
-        queue=stage_queue(spec.name),
+        queue=stage_queue(ref),
         acks_late=True,
         reject_on_worker_lost=True,
         soft_time_limit=soft,
         time_limit=soft + STAGE_KILL_GRACE,
         max_retries=spec.retry.max_retries,
     )
-    def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> dict[str, Any]:
+    def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
         job = Envelope.model_validate(envelope)
         call = StageNode.model_validate(node)
+        if call.version is not None and call.version != spec.version:
+            return executor.hand_over(self, job, call, path)
         with stage_outcome(self, spec.name, job, path, job.pick(list(spec.inputs), call.inputs)) as report:
             return report(executor.execute(self, job, call, path)).model_dump(mode="json")
 
@@ -54,10 +62,25 @@ def _register(app: Celery, spec: StageSpec, executor: "StageExecutor", settings:
 class StageExecutor:
     """Runs a stage for one envelope and folds the outcome (output, retry or error) into it."""
 
-    def __init__(self, runner: StageRunner, jobs: JobStore) -> None:
+    def __init__(self, runner: StageRunner, jobs: JobStore, versions: dict[tuple[str, str], str]) -> None:
         self.runner = runner
         self.jobs = jobs
         self.spec = runner.spec
+        self.versions = versions  # (stage name, version) -> catalog ref, for every version this worker knows
+
+    def hand_over(self, task: Task, job: Envelope, call: StageNode, path: str) -> Any:
+        """The job started on another version of this stage (the catalog changed since): run it there."""
+        ref = self.versions.get((self.spec.name, call.version or ""))
+        if ref is None:
+            known = sorted(v for n, v in self.versions if n == self.spec.name)
+            error = UnknownVersionError("stage", self.spec.name, call.version or "", known)
+            record = ErrorRecord(node=path, stage=self.spec.name, kind="stage", error_type=type(error).__name__,
+                                 message=f"the job started on this version: {error}")
+            return job.with_error(record, fatal=call.critical).model_dump(mode="json")
+        kwargs = {"node": call.model_dump(mode="json"), "path": path}
+        target = task.app.signature(stage_task(ref), args=(job.model_dump(mode="json"),), kwargs=kwargs,
+                                    queue=stage_queue(ref))
+        return task.replace(target)
 
     def execute(self, task: Task, job: Envelope, call: StageNode, path: str) -> Envelope:
         if job.failed:
@@ -82,8 +105,9 @@ class StageExecutor:
             started_at=run.started_at,
             seconds=run.seconds,
             attempts=task.request.retries + 1,
+            cached=run.cached,
         )
-        return job.with_output(path, run.outputs, timing, run.usage, call.outputs)
+        return job.with_output(path, run.outputs, timing, run.usage, call.outputs, run.cached_usage)
 
     def _retry(self, task: Task, job: Envelope, call: StageNode, path: str, error: StageError) -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
