@@ -199,6 +199,8 @@ class StageCache:
         stats = list(self.client.scan_iter(match=_stats_pattern(stage)))
         if stats:
             self.client.delete(*stats)
+        if stage is None:
+            self.client.delete(CACHE_LRU_KEY, CACHE_SIZES_KEY, CACHE_TOTAL_KEY)
         return len(set(known) | {_text(s) for s in strays})
 
     def _forget_keys(self, keys: list[str], reason: str) -> int:

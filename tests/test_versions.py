@@ -1,0 +1,148 @@
+"""Versions side by side: two versions of a stage and of a pipeline in one catalog, on real workers.
+
+The latest version keeps the bare name (task and queue `stage.vprobe`), the older one gets its own
+(`stage.vprobe@1`). Requests pin a pipeline version (`vpipe@1` or a `version` field); a stage task
+handed a node pinned to another version (a job compiled before the catalog changed) passes it to
+that version's queue, so the job finishes on the versions it started with.
+"""
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from contracts.catalog import load_catalog
+from contracts.envelope import Envelope
+from contracts.errors import SpecError, UnknownVersionError
+from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
+from routing.client import Client
+from tests.conftest import client_app
+from tests.services import Fleet, worker_env
+from workers.cache import StageCache
+from workers.settings import CacheSettings
+
+STAGES = """
+stages:
+  - {name: vprobe, version: "1", module: "examples.basic:Summarize", inputs: {document: str},
+     outputs: {summary: str}}
+  - {name: vprobe, version: 2, module: "examples.basic:Headline", inputs: {summary: str},
+     outputs: {headline: str}}
+"""
+PIPELINES = """
+pipelines:
+  - {name: vpipe, version: "1", inputs: {document: str}, outputs: [summary], root: ["vprobe@1"]}
+  - {name: vpipe, version: "2", inputs: {summary: str}, outputs: [headline], root: [vprobe]}
+"""
+
+
+@pytest.fixture(scope="module")
+def catalog_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("versions")
+    (folder / "stages.yaml").write_text(STAGES)  # the versions come from two files, as they would
+    (folder / "pipelines.yaml").write_text(PIPELINES)
+    return [folder / "stages.yaml", folder / "pipelines.yaml"]
+
+
+@pytest.fixture(scope="module")
+def app(private_redis: str, lm_url: str, catalog_paths: list[Path]) -> Iterator[Celery]:
+    env = worker_env(private_redis, lm_url, catalog=catalog_paths, STAGECOACH_CACHE_ENABLED="true")
+    fleet = Fleet(env, Path(tempfile.mkdtemp(prefix="stagecoach-versions-")))
+    fleet.start("latest", [stage_queue("vprobe"), ROUTING_QUEUE])
+    fleet.start("older", [stage_queue("vprobe@1")])
+    try:
+        fleet.wait_ready()
+        yield client_app(private_redis, lm_url, catalog_paths)
+    finally:
+        fleet.stop()
+
+
+def test_both_versions_load_each_with_its_own_queue(catalog_paths: list[Path]) -> None:
+    catalog = load_catalog(catalog_paths)
+    assert {ref: spec.version for ref, spec in catalog.stages.items()} == {"vprobe": "2", "vprobe@1": "1"}
+    assert catalog.stage_ref("vprobe", "2") == "vprobe" and catalog.stage_ref("vprobe@1") == "vprobe@1"
+    assert stage_task("vprobe@1") == stage_queue("vprobe@1") == "stage.vprobe@1"
+    assert catalog.pipeline("vpipe").version == "2" and catalog.pipeline("vpipe", "1").version == "1"
+
+
+def test_unknown_version_names_the_known_ones(catalog_paths: list[Path]) -> None:
+    catalog = load_catalog(catalog_paths)
+    with pytest.raises(UnknownVersionError, match="unknown version '9' of pipeline 'vpipe'; known versions: 1, 2"):
+        catalog.pipeline("vpipe@9")
+    with pytest.raises(UnknownVersionError, match="of stage 'vprobe'; known versions: 1, 2"):
+        catalog.stage("vprobe", "3")
+
+
+def test_the_same_version_defined_twice_differently_is_an_error(tmp_path: Path, catalog_paths: list[Path]) -> None:
+    clash = tmp_path / "clash.yaml"
+    clash.write_text(STAGES.replace("examples.basic:Summarize", "examples.basic:KeyTerms"))
+    with pytest.raises(SpecError, match="stage 'vprobe@1' is defined twice with different contents"):
+        load_catalog([*catalog_paths, clash])
+
+
+def test_a_pipeline_node_pinning_an_unknown_stage_version_fails_at_load(tmp_path: Path,
+                                                                       catalog_paths: list[Path]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pipeline: {name: vbad, inputs: {document: str}, root: ['vprobe@4']}")
+    with pytest.raises(SpecError, match="pipeline 'vbad': unknown version '4' of stage 'vprobe'"):
+        load_catalog([*catalog_paths, bad])
+
+
+def test_latest_version_runs_by_default(app: Celery) -> None:
+    result = Client(app).submit("vpipe", {"summary": "Tides turn."}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert result.pipeline_version == "2"
+    assert [(t.identity, t.worker.split("@")[0]) for t in result.timings] == [("vprobe@2", "latest")]
+    assert result.answer == {"headline": "headline of <Tides turn.>"}
+
+
+def test_a_request_pins_an_older_pipeline_version(app: Celery) -> None:
+    client = Client(app)
+    for handle in (client.submit("vpipe@1", {"document": "Tides turn."}),
+                   client.submit("vpipe", {"document": "Tides turn."}, version="1")):
+        result = handle.get(timeout=90)
+        assert result.state == "succeeded", result.error
+        assert result.pipeline_version == "1"
+        assert [(t.identity, t.worker.split("@")[0]) for t in result.timings] == [("vprobe@1", "older")]
+
+
+def test_plain_json_request_with_a_version_field(app: Celery) -> None:
+    request = {"pipeline": "vpipe", "version": "1", "inputs": {"document": "Owls."}}
+    result = app.send_task(RUN_TASK, args=[request], queue=ROUTING_QUEUE).get(timeout=90)
+    assert result["state"] == "succeeded"
+    assert result["answer"] == {"summary": "summary of <Owls.>"}
+
+
+def test_plain_json_request_for_an_unknown_version_fails_clearly(app: Celery) -> None:
+    request = {"pipeline": "vpipe@7", "inputs": {"document": "Owls."}}
+    result = app.send_task(RUN_TASK, args=[request], queue=ROUTING_QUEUE).get(timeout=90)
+    assert result["state"] == "failed"
+    assert "unknown version '7' of pipeline 'vpipe'; known versions: 1, 2" in result["error"]["message"]
+
+
+def test_a_job_compiled_before_an_upgrade_finishes_on_its_version(app: Celery) -> None:
+    """A message for `stage.vprobe` pinned to version 1 (sent when 1 was the latest) reaches the
+    v2 worker, which hands it to `stage.vprobe@1`."""
+    envelope = Envelope(job_id="pinned", pipeline="vpipe", pipeline_version="1", state={"document": "Owls."})
+    node = {"kind": "stage", "stage": "vprobe", "version": "1"}
+    raw = app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
+                        kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe")).get(timeout=90)
+    done = Envelope.model_validate(raw)
+    assert [(t.identity, t.worker.split("@")[0]) for t in done.timings] == [("vprobe@1", "older")]
+    assert done.state["summary"] == "summary of <Owls.>"
+
+
+def test_a_version_no_worker_knows_is_a_clear_job_error(app: Celery) -> None:
+    envelope = Envelope(job_id="gone", pipeline="vpipe", pipeline_version="0", state={"summary": "Owls."})
+    node = {"kind": "stage", "stage": "vprobe", "version": "0"}
+    raw = app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
+                        kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe")).get(timeout=90)
+    done = Envelope.model_validate(raw)
+    assert done.failure is not None
+    assert "unknown version '0' of stage 'vprobe'; known versions: 1, 2" in done.failure.message
+
+
+def test_cache_entries_are_kept_per_version(app: Celery, private_redis: str) -> None:
+    stages = {s.stage for s in StageCache.from_url(private_redis, CacheSettings()).report().stages}
+    assert {"vprobe@1", "vprobe@2"} <= stages
