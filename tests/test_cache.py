@@ -24,8 +24,7 @@ from contracts.catalog import load_catalog
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
-from tests.conftest import client_app
-from tests.services import ROOT, Fleet, worker_env
+from tests.services import ROOT, Fleet, client_for, worker_env
 from tests.services import test_lm as lm_server
 
 STAGECOACH = str(Path(__import__("sys").executable).with_name("stagecoach"))
@@ -90,7 +89,7 @@ def lm_requests(lm_url: str) -> int:
 
 @pytest.fixture(scope="module")
 def client(private_redis: str, own_lm: str, catalog_paths: list[Path]) -> Client:
-    return Client(client_app(private_redis, own_lm, catalog_paths))
+    return client_for(private_redis, own_lm, catalog_paths)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
 from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
 from routing.client import Client
-from tests.conftest import client_app
-from tests.services import Fleet, worker_env
+from tests.services import Fleet, client_for, worker_env
 from workers.cache import StageCache
 from workers.settings import CacheSettings
 
@@ -46,14 +45,14 @@ def catalog_paths(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def app(private_redis: str, lm_url: str, catalog_paths: list[Path]) -> Iterator[Celery]:
+def client(private_redis: str, lm_url: str, catalog_paths: list[Path]) -> Iterator[Client]:
     env = worker_env(private_redis, lm_url, catalog=catalog_paths, STAGECOACH_CACHE_ENABLED="true")
     fleet = Fleet(env, Path(tempfile.mkdtemp(prefix="stagecoach-versions-")))
     fleet.start("latest", [stage_queue("vprobe"), ROUTING_QUEUE])
     fleet.start("older", [stage_queue("vprobe@1")])
     try:
         fleet.wait_ready()
-        yield client_app(private_redis, lm_url, catalog_paths)
+        yield client_for(private_redis, lm_url, catalog_paths)
     finally:
         fleet.stop()
 
@@ -89,16 +88,20 @@ def test_a_pipeline_node_pinning_an_unknown_stage_version_fails_at_load(tmp_path
         load_catalog([*catalog_paths, bad])
 
 
-def test_latest_version_runs_by_default(app: Celery) -> None:
-    result = Client(app).submit("vpipe", {"summary": "Tides turn."}).get(timeout=90)
+@pytest.fixture(scope="module")
+def app(client: Client) -> Celery:
+    return client.app
+
+
+def test_latest_version_runs_by_default(client: Client) -> None:
+    result = client.submit("vpipe", {"summary": "Tides turn."}).get(timeout=90)
     assert result.state == "succeeded", result.error
     assert result.pipeline_version == "2"
     assert [(t.identity, t.worker.split("@")[0]) for t in result.timings] == [("vprobe@2", "latest")]
     assert result.answer == {"headline": "headline of <Tides turn.>"}
 
 
-def test_a_request_pins_an_older_pipeline_version(app: Celery) -> None:
-    client = Client(app)
+def test_a_request_pins_an_older_pipeline_version(client: Client) -> None:
     for handle in (client.submit("vpipe@1", {"document": "Tides turn."}),
                    client.submit("vpipe", {"document": "Tides turn."}, version="1")):
         result = handle.get(timeout=90)
