@@ -11,6 +11,9 @@ STAGE_PREFIX = "stage."
 ROUTING_QUEUE = "pipeline.routing"
 VERSION_SEPARATOR = "@"
 
+# adjacent fusible stages of a sequence, run in turn by one task on the first stage's queue
+FUSED_TASK = "stage.fused"
+
 RUN_TASK = "pipeline.run"
 FINISH_TASK = "pipeline.finish"
 

@@ -14,7 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from contracts.envelope import Envelope, ErrorRecord, StageTiming
 from contracts.errors import UnknownVersionError
-from contracts.names import stage_queue, stage_task
+from contracts.names import FUSED_TASK, split_ref, stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.cache import StageCache
 from workers.errors import StageError, StageTimeoutError
@@ -25,15 +25,18 @@ from workers.stage import StageRunner
 
 # seconds between a stage's own soft time limit (recorded as a timeout) and the hard kill of its process
 STAGE_KILL_GRACE = 30.0
+MAX_FUSED_STEPS = 8  # the compiler fuses at most this many stages into one task
 
 
 def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Settings, jobs: JobStore) -> None:
     """One task per stage version, named by its catalog ref (`answer`, or `answer@1` for an older one)."""
     cache = StageCache.from_url(settings.backend_url, settings.cache) if settings.cache.enabled else None
     versions = {(spec.name, spec.version): ref for ref, spec in stages.items()}
+    executors: dict[str, StageExecutor] = {}
     for ref, spec in stages.items():
-        runner = StageRunner(spec, settings.lm, cache)
-        _register(app, ref, StageExecutor(runner, jobs, versions), settings)
+        executors[ref] = StageExecutor(StageRunner(spec, settings.lm, cache), jobs, versions)
+        _register(app, ref, executors[ref], settings)
+    _register_fused(app, FusedExecutor(executors, versions), settings)
 
 
 def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settings) -> None:
@@ -59,6 +62,55 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
             return report(executor.execute(self, job, call, path)).model_dump(mode="json")
 
 
+def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> None:
+    specs = [executor.spec for executor in fused.executors.values()]
+    soft = max([s.time_limit or settings.stage_time_limit for s in specs] or [settings.stage_time_limit])
+    soft *= MAX_FUSED_STEPS
+
+    @app.task(
+        name=FUSED_TASK,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        soft_time_limit=soft,
+        time_limit=soft + STAGE_KILL_GRACE,
+        max_retries=max([s.retry.max_retries for s in specs] or [0]),
+    )
+    def run_fused(self: Task, envelope: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
+        return fused.execute(self, Envelope.model_validate(envelope), steps).model_dump(mode="json")
+
+
+class FusedExecutor:
+    """Runs adjacent stages of a sequence in turn in one task: one hop instead of several. Each
+    stage is recorded (output, timing, usage, errors) exactly as if it had run alone."""
+
+    def __init__(self, executors: dict[str, "StageExecutor"], versions: dict[tuple[str, str], str]) -> None:
+        self.executors = executors
+        self.versions = versions
+
+    def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]]) -> Envelope:
+        for index, step in enumerate(steps):
+            call = StageNode.model_validate(step["node"])
+            executor = self._executor(call)
+            if executor is None:
+                return job.with_error(self._unknown(call, step["path"]), fatal=call.critical)
+            # a retry resumes at this step: the stages before it are in the envelope already
+            job = executor.execute(task, job, call, step["path"], resume={"steps": steps[index:]})
+        return job
+
+    def _executor(self, call: StageNode) -> "StageExecutor | None":
+        name, pinned = split_ref(call.stage)
+        version = call.version or pinned
+        ref = self.versions.get((name, version)) if version else name
+        return self.executors.get(ref or "")
+
+    def _unknown(self, call: StageNode, path: str) -> ErrorRecord:
+        name, pinned = split_ref(call.stage)
+        known = sorted(v for n, v in self.versions if n == name)
+        error = UnknownVersionError("stage", name, call.version or pinned or "?", known)
+        return ErrorRecord(node=path, stage=name, kind="stage", error_type=type(error).__name__, message=str(error))
+
+
 class StageExecutor:
     """Runs a stage for one envelope and folds the outcome (output, retry or error) into it."""
 
@@ -82,7 +134,9 @@ class StageExecutor:
                                     queue=stage_queue(ref))
         return task.replace(target)
 
-    def execute(self, task: Task, job: Envelope, call: StageNode, path: str) -> Envelope:
+    def execute(self, task: Task, job: Envelope, call: StageNode, path: str,
+                resume: dict[str, Any] | None = None) -> Envelope:
+        """Run the stage; `resume` are the task kwargs a retry is sent with (default: this node)."""
         if job.failed:
             return job  # a fatal error earlier: pass through to the end of the pipeline
         self.jobs.entered(job.job_id, path, self.spec.name)
@@ -94,7 +148,7 @@ class StageExecutor:
             if isinstance(error.__cause__, SoftTimeLimitExceeded):  # the runner wraps what the module raised
                 return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
             if error.retryable and task.request.retries < self.spec.retry.max_retries:
-                self._retry(task, job, call, path, error)
+                self._retry(task, job, path, error, resume or {"node": call.model_dump(mode="json"), "path": path})
             return self._failed(job, call, path, error, task)
         self.jobs.left(job.job_id)
         timing = StageTiming(
@@ -109,13 +163,12 @@ class StageExecutor:
         )
         return job.with_output(path, run.outputs, timing, run.usage, call.outputs, run.cached_usage)
 
-    def _retry(self, task: Task, job: Envelope, call: StageNode, path: str, error: StageError) -> NoReturn:
+    def _retry(self, task: Task, job: Envelope, path: str, error: StageError, kwargs: dict[str, Any]) -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
         raises Celery's Retry, which ends this run."""
         logged = job.with_error(self._record(path, error, task), fatal=False)
         policy = self.spec.retry
         countdown = min(policy.backoff_seconds * 2 ** task.request.retries, policy.backoff_max_seconds)
-        kwargs = {"node": call.model_dump(mode="json"), "path": path}
         task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
         raise AssertionError("unreachable: Task.retry raises")
 
