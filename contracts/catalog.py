@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from contracts.errors import SpecError, UnknownPipelineError, UnknownStageError, UnknownVersionError
+from contracts.errors import (
+    ContractError,
+    FieldProblem,
+    SpecError,
+    UnknownPipelineError,
+    UnknownStageError,
+    UnknownVersionError,
+)
 from contracts.fields import validate
 from contracts.names import split_ref, versioned
 from contracts.specs import AnyNode, PipelineSpec, StageNode, StageSpec, SubPipelineNode, children
@@ -50,6 +57,18 @@ class Catalog(BaseModel):
         """The pipeline's input contract applied to a request; raises ContractError naming fields."""
         spec = self.pipeline(pipeline, version)
         return validate(f"pipeline '{spec.name}' inputs", spec.inputs, inputs)
+
+    def wanted_outputs(self, pipeline: str, outputs: list[str] | None, version: str | None = None) -> list[str]:
+        """The outputs a request asks for: all declared ones, or a subset of them (else ContractError)."""
+        spec = self.pipeline(pipeline, version)
+        if outputs is None:
+            return list(spec.outputs)
+        problems = [FieldProblem("outputs", f"'{name}' is not an output of pipeline '{spec.name}'; outputs: "
+                                            f"{', '.join(spec.outputs) or 'none'}")
+                    for name in outputs if name not in spec.outputs]
+        if problems:
+            raise ContractError(f"pipeline '{spec.name}' request", problems)
+        return list(dict.fromkeys(outputs))
 
     def with_stage(self, spec: StageSpec) -> "Catalog":
         return self.model_copy(update={"stages": _keyed([*self.stages.values(), spec], "stage")})

@@ -107,6 +107,7 @@ class Envelope(BaseModel):
         default_factory=dict, description="per stage: what the calls served from the shared cache once cost"
     )
     skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
+    publish: list[str] = Field(default_factory=list, description="fields final once written: published early")
     failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
 
     @property

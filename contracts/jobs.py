@@ -20,6 +20,7 @@ class JobRequest(BaseModel):
     pipeline: str = Field(description="pipeline name, or `name@version` to pin a version")
     version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[str] | None = Field(None, description="only these declared outputs; stages feeding only others skip")
 
 
 class JobStatus(BaseModel):

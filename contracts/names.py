@@ -69,6 +69,11 @@ def monitor_key(*parts: str) -> str:
     return MONITOR_KEY_PREFIX + ":".join(parts)
 
 
+def job_fields_key(job_id: str) -> str:
+    """Hash of a job's answer fields published as soon as they are final (before the job ends)."""
+    return JOB_KEY_PREFIX + job_id + ":fields"
+
+
 def cache_entry_key(stage_version: str, digest: str) -> str:
     """One cached stage output; `stage_version` is `name@version` so a stage's entries can be found."""
     return f"{CACHE_ENTRY_PREFIX}{stage_version}:{digest}"

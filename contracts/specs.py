@@ -341,6 +341,7 @@ class PipelineSpec(Model):
     inputs: Fields
     outputs: list[str] = Field(default_factory=list, description="state fields reported as the answer")
     example: dict[str, Any] = Field(default_factory=dict)
+    lazy: bool = Field(True, description="skip stages whose outputs nothing later reads and the job does not return")
     root: Node
 
     @field_validator("root", mode="before")

@@ -1,5 +1,6 @@
 """The Python client: submit jobs by pipeline name, follow their status, read their results."""
 
+import time
 import uuid
 from typing import Any
 
@@ -9,6 +10,7 @@ from celery.result import AsyncResult
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.names import ROUTING_QUEUE, RUN_TASK
 from routing.errors import JobTimeoutError, PipelineError
+from workers.jobs import MISSING
 from workers.runtime import Runtime
 
 
@@ -34,6 +36,28 @@ class JobHandle:
             raise PipelineError(result.error.message, self.id)
         return result
 
+    def output(self, field: str, timeout: float | None = None, poll: float = 0.05) -> Any:
+        """One answer field, as soon as it is final: while the job still runs when the pipeline
+        can deliver it early (routing/lazy.py), else from the result. A failed job raises
+        PipelineError, so does a job that finished without the field."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            value = self.client.runtime.jobs.published(self.id, field)
+            if value is not MISSING:
+                return value
+            if self.ready():
+                return self._from_result(field)
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobTimeoutError(f"job {self.id}: field '{field}' not there after {timeout}s", self.id)
+            time.sleep(poll)
+
+    def _from_result(self, field: str) -> Any:
+        result = self.get(raise_errors=True)
+        if field in result.fields:
+            return result.fields[field]
+        raise PipelineError(f"job {self.id} finished without field '{field}'; answer: {', '.join(result.answer)}",
+                            self.id)
+
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
 
@@ -44,13 +68,15 @@ class Client:
         self.app = runtime.app
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None) -> JobHandle:
+               version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
-        version (`qa@2`), or `version` may; otherwise the latest runs."""
+        version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
+        some declared outputs: stages that feed only the others are skipped."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
+        self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked)
+        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
         self.runtime.jobs.queued(job_id, pipeline)
         self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json", exclude_none=True)], task_id=job_id,
                            queue=ROUTING_QUEUE)

@@ -20,6 +20,7 @@ from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from contracts.specs import PipelineSpec
 from routing.compile import Compiler, bind_input
 from routing.guard import register_routing_task
+from routing.lazy import plan
 from routing.nodes import KINDS
 from workers.jobs import JobStore
 from workers.outcome import job_finished
@@ -63,8 +64,11 @@ def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tu
         raise ContractError("pipeline.run request", problems_of(error)) from None
     spec = pin_versions(catalog, catalog.pipeline(parsed.pipeline, parsed.version))
     inputs = catalog.validate_inputs(parsed.pipeline, parsed.inputs, parsed.version)
-    envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs)
-    return envelope, spec
+    wanted = catalog.wanted_outputs(parsed.pipeline, parsed.outputs, parsed.version)
+    lazy = plan(catalog, spec.model_copy(update={"outputs": wanted}), wanted)
+    envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs,
+                        trail=lazy.skipped, skipped=[d.node for d in lazy.skipped], publish=lazy.publish)
+    return envelope, lazy.spec
 
 
 def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) -> JobResult:

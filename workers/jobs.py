@@ -7,7 +7,9 @@ from typing import Any
 import redis
 
 from contracts.jobs import JobState, JobStatus
-from contracts.names import job_key
+from contracts.names import job_fields_key, job_key
+
+MISSING = object()
 
 
 class JobStore:
@@ -38,6 +40,21 @@ class JobStore:
             return JobStatus(job_id=job_id, state="unknown")
         fields = {_text(k): json.loads(v) for k, v in raw.items()}
         return JobStatus(job_id=job_id, **fields)
+
+    def publish(self, job_id: str, fields: dict[str, Any]) -> None:
+        """Answer fields that are final already, readable before the job ends (`JobHandle.output`)."""
+        if not fields:
+            return
+        key = job_fields_key(job_id)
+        pipe = self.client.pipeline()
+        pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+        pipe.expire(key, self.ttl)
+        pipe.execute()
+
+    def published(self, job_id: str, field: str) -> Any:
+        """A published field's value, or MISSING."""
+        raw = self.client.hget(job_fields_key(job_id), field)
+        return MISSING if raw is None else json.loads(raw)
 
     def _update(self, job_id: str, fields: dict[str, Any]) -> None:
         self._write(job_id, {**fields, "updated_at": time.time()})

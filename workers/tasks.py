@@ -161,7 +161,10 @@ class StageExecutor:
             attempts=task.request.retries + 1,
             cached=run.cached,
         )
-        return job.with_output(path, run.outputs, timing, run.usage, call.outputs, run.cached_usage)
+        done = job.with_output(path, run.outputs, timing, run.usage, call.outputs, run.cached_usage)
+        written = {call.outputs.get(name, name) for name in run.outputs}
+        self.jobs.publish(job.job_id, {name: done.state[name] for name in job.publish if name in written})
+        return done
 
     def _retry(self, task: Task, job: Envelope, path: str, error: StageError, kwargs: dict[str, Any]) -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
