@@ -1,8 +1,9 @@
-"""Stage fusion: a fused three-stage chain against the same chain unfused (not a test).
+"""Stage fusion: a three-stage chain fused into one task, and with LM-level fusion (the first two
+stages share one merged LM call), against the same chain unfused (not a test).
 
 Starts its own Redis server, the test LM at 0 ms latency (so the cost measured is the hops, not
 the model), one thread-pool worker per stage queue and a routing worker, then submits jobs one
-at a time, alternating fused and unfused, and reports client-observed latency (submit to result)
+at a time, rotating the three pipelines, and reports client-observed latency (submit to result)
 as a ratio of medians measured in this one run. Target: fused <= 0.7x unfused. The shared stage
 cache is off in these fleets, and every input is distinct, so no cache answers.
 
@@ -22,7 +23,8 @@ from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines" / "fusion.yaml"]
-FUSED, UNFUSED = "bench_fused3", "bench_unfused3"
+FUSED, UNFUSED, LM_FUSED = "bench_fused3", "bench_unfused3", "bench_lmfused3"
+PIPELINES = (UNFUSED, FUSED, LM_FUSED)
 STEPS = ("summary", "headline", "terms")
 TARGET = 0.7
 
@@ -32,7 +34,8 @@ def stack() -> Iterator[Client]:
     with private_redis() as redis_url, test_lm_server("--latency-ms", "0") as lm_url:
         fleet = Fleet(worker_env(redis_url, lm_url, CATALOG), Path(tempfile.mkdtemp(prefix="stagecoach-fusion-")))
         for step in STEPS:  # each stage on its own worker, as deployed: unfused jobs hop between them
-            fleet.start(f"fusion-{step}", [stage_queue(f"fz_{step}"), stage_queue(f"uf_{step}")], concurrency=2)
+            queues = [stage_queue(f"{kind}_{step}") for kind in ("fz", "uf", "lm")]
+            fleet.start(f"fusion-{step}", queues, concurrency=2)
         fleet.start("fusion-routing", [ROUTING_QUEUE], concurrency=4)
         try:
             fleet.wait_ready()
@@ -52,13 +55,14 @@ def run_once(client: Client, pipeline: str, index: int) -> float:
 
 
 def measure(client: Client, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Alternating runs, so drift on a busy machine affects both alike."""
+    """Rotated runs, so drift on a busy machine affects every pipeline alike."""
     for index in range(warmup):
-        for pipeline in (FUSED, UNFUSED):
+        for pipeline in PIPELINES:
             run_once(client, pipeline, -1 - index)
-    samples: dict[str, list[float]] = {FUSED: [], UNFUSED: []}
+    samples: dict[str, list[float]] = {name: [] for name in PIPELINES}
     for index in range(runs):
-        for pipeline in (FUSED, UNFUSED) if index % 2 == 0 else (UNFUSED, FUSED):
+        shift = index % len(PIPELINES)
+        for pipeline in PIPELINES[shift:] + PIPELINES[:shift]:
             samples[pipeline].append(run_once(client, pipeline, index))
     return samples
 
@@ -67,7 +71,7 @@ def report(samples: dict[str, list[float]]) -> str:
     base = statistics.median(samples[UNFUSED])
     lines = [f"three-stage chain, test LM at 0 ms, {len(samples[FUSED])} runs each",
              f"{'pipeline':<16}{'median ms':>10}{'mean ms':>10}{'min ms':>9}{'max ms':>9}{'ratio':>8}"]
-    for name in (UNFUSED, FUSED):
+    for name in PIPELINES:
         values = samples[name]
         median = statistics.median(values)
         lines.append(f"{name:<16}{median * 1000:>10.1f}{statistics.mean(values) * 1000:>10.1f}"

@@ -39,7 +39,10 @@ class StageTiming(BaseModel):
     started_at: float
     seconds: float
     attempts: int = 1
-    cached: bool = False
+    cached: bool = Field(False, description="served from the shared stage cache: no LM call")
+    shared_call: str | None = Field(
+        None, description="LM-level fusion: node path of the stage whose one LM call also produced this output"
+    )
 
 
 class Decision(BaseModel):

@@ -80,7 +80,10 @@ class StageSpec(Model):
     retry: RetryPolicy = RetryPolicy()
     time_limit: float | None = Field(None, gt=0, description="seconds before the stage is stopped")
     cache: CachePolicy = CachePolicy()
-    fusible: bool = Field(False, description="may run in one task with adjacent fusible stages of a sequence")
+    fusible: bool | Literal["lm"] = Field(
+        False, description="true: may run in one task with adjacent fusible stages of a sequence; "
+                           "'lm': also merged with an adjacent 'lm' stage into one signature and one LM call",
+    )
     state_digest: str | None = Field(None, description="sha256 of the saved state; filled on load")
 
     @property

@@ -5,7 +5,9 @@ The catalog (bench/pipelines/fusion.yaml) holds one three-stage chain twice: `fz
 ran shows whether the chain hopped: fused, all three run on the first stage's worker.
 """
 
+import json
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,10 +15,12 @@ import pytest
 
 from contracts.catalog import load_catalog
 from contracts.names import FUSED_TASK, ROUTING_QUEUE, stage_queue
+from contracts.specs import StageNode
 from routing.client import Client
 from routing.compile import Compiler
 from routing.nodes import KINDS
 from tests.services import ROOT, Fleet, client_for, worker_env
+from workers.fusion import mergeable, merged_program, merged_spec
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines" / "fusion.yaml"]
 DOCUMENT = "Barges carry coal from Basel to Rotterdam."
@@ -26,7 +30,7 @@ DOCUMENT = "Barges carry coal from Basel to Rotterdam."
 def client(private_redis: str, lm_url: str) -> Iterator[Client]:
     fleet = Fleet(worker_env(private_redis, lm_url, catalog=CATALOG), Path(tempfile.mkdtemp(prefix="sc-fusion-")))
     for step in ("summary", "headline", "terms"):
-        fleet.start(f"w-{step}", [stage_queue(f"fz_{step}"), stage_queue(f"uf_{step}")])
+        fleet.start(f"w-{step}", [stage_queue(f"{kind}_{step}") for kind in ("fz", "uf", "lm")])
     fleet.start("routing", [ROUTING_QUEUE])
     try:
         fleet.wait_ready()
@@ -76,3 +80,37 @@ def test_a_stage_failure_inside_the_fused_task_fails_the_job_naming_the_stage(cl
     assert result.state == "failed"
     assert result.error is not None and result.error.node == "summary" and result.error.stage == "fz_summary"
     assert result.timings == []
+
+
+def lm_requests(lm_url: str) -> int:
+    with urllib.request.urlopen(lm_url.removesuffix("/v1") + "/stats", timeout=5) as response:
+        return int(json.load(response)["counts"].get("requests", 0))
+
+
+def test_lm_fusion_merges_two_stages_into_one_lm_call(client: Client, lm_url: str) -> None:
+    before = lm_requests(lm_url)
+    result = client.submit("bench_lmfused3", {"document": DOCUMENT + " merged"}).get(timeout=90)
+    assert result.state == "succeeded", result.error
+    assert lm_requests(lm_url) - before == 2  # summary+headline in one call, then terms
+    assert [(t.node, t.shared_call) for t in result.timings] == [("summary", None), ("headline", "summary"),
+                                                                 ("terms", None)]
+    assert set(result.outputs["summary"]) == {"summary"}
+    assert set(result.outputs["headline"]) == {"headline", "tags"}  # both stages' fields kept, each its own
+    assert result.answer["summary"] == f"summary of <{DOCUMENT} merged>"
+    assert result.answer["headline"].startswith("headline of <")
+    assert result.usage["lm_summary"].calls == 1 and result.usage["lm_headline"].calls == 0
+    assert [t.worker.split("@")[0] for t in result.timings] == ["w-summary"] * 3
+
+
+def test_the_merged_prompt_holds_both_steps_and_every_field(client: Client) -> None:
+    catalog = load_catalog(CATALOG)
+    a, b = catalog.stage("lm_summary"), catalog.stage("lm_headline")
+    node_a, node_b = StageNode(stage="lm_summary"), StageNode(stage="lm_headline")
+    assert mergeable(a, node_a, b, node_b)
+    assert not mergeable(a, node_a, b, StageNode(stage="lm_headline", inputs={"summary": "document"}))
+    program = merged_program(a, b, merged_spec(a, node_a, b, node_b))
+    signature = program.signature  # type: ignore[attr-defined]
+    assert list(signature.input_fields) == ["document"]
+    assert list(signature.output_fields) == ["summary", "headline", "tags"]
+    assert "Step 1: Summarize the document" in signature.instructions
+    assert "Step 2: Write a short headline" in signature.instructions

@@ -45,7 +45,7 @@ class StageRun:
 
 def load_program(spec: StageSpec) -> dspy.Module:
     """Instantiate the stage's DSPy module from its import path, with saved state if named."""
-    target = _import(spec)
+    target = import_target(spec)
     program = _instantiate(spec, target)
     if spec.state:
         try:
@@ -55,7 +55,8 @@ def load_program(spec: StageSpec) -> dspy.Module:
     return program
 
 
-def _import(spec: StageSpec) -> Any:
+def import_target(spec: StageSpec) -> Any:
+    """What `spec.module` names: a dspy.Signature, a dspy.Module subclass or a factory."""
     module_name, _, attr = spec.module.partition(":")
     try:
         target: Any = importlib.import_module(module_name)

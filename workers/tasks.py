@@ -7,6 +7,7 @@ went wrong. Transient LM errors are retried with exponential backoff, each attem
 Each outcome (ok, error kind, retry) is also sent as a Celery event for the monitor (workers/outcome.py).
 """
 
+import threading
 from typing import Any, NoReturn
 
 from celery import Celery, Task
@@ -18,10 +19,11 @@ from contracts.names import FUSED_TASK, split_ref, stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.cache import StageCache
 from workers.errors import StageError, StageTimeoutError
+from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
 from workers.jobs import JobStore
 from workers.outcome import stage_outcome
 from workers.settings import Settings
-from workers.stage import StageRunner
+from workers.stage import StageRun, StageRunner
 
 # seconds between a stage's own soft time limit (recorded as a timeout) and the hard kill of its process
 STAGE_KILL_GRACE = 30.0
@@ -36,7 +38,7 @@ def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Se
     for ref, spec in stages.items():
         executors[ref] = StageExecutor(StageRunner(spec, settings.lm, cache), jobs, versions)
         _register(app, ref, executors[ref], settings)
-    _register_fused(app, FusedExecutor(executors, versions), settings)
+    _register_fused(app, FusedExecutor(executors, versions, settings, cache), settings)
 
 
 def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settings) -> None:
@@ -82,21 +84,53 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
 
 class FusedExecutor:
     """Runs adjacent stages of a sequence in turn in one task: one hop instead of several. Each
-    stage is recorded (output, timing, usage, errors) exactly as if it had run alone."""
+    stage is recorded (output, timing, usage, errors) exactly as if it had run alone; pairs of
+    `fusible: lm` stages share one merged LM call (workers/fusion.py)."""
 
-    def __init__(self, executors: dict[str, "StageExecutor"], versions: dict[tuple[str, str], str]) -> None:
+    def __init__(self, executors: dict[str, "StageExecutor"], versions: dict[tuple[str, str], str],
+                 settings: Settings, cache: StageCache | None) -> None:
         self.executors = executors
         self.versions = versions
+        self.settings = settings
+        self.cache = cache
+        self._merged: dict[tuple[str, str], MergedRunner] = {}
+        self._lock = threading.Lock()
 
     def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]]) -> Envelope:
-        for index, step in enumerate(steps):
-            call = StageNode.model_validate(step["node"])
-            executor = self._executor(call)
-            if executor is None:
-                return job.with_error(self._unknown(call, step["path"]), fatal=call.critical)
+        index = 0
+        while index < len(steps):
             # a retry resumes at this step: the stages before it are in the envelope already
-            job = executor.execute(task, job, call, step["path"], resume={"steps": steps[index:]})
+            resume = {"steps": steps[index:]}
+            calls = [(StageNode.model_validate(s["node"]), s["path"]) for s in steps[index:index + 2]]
+            executors = [self._executor(call) for call, _ in calls]
+            if executors[0] is None:
+                return job.with_error(self._unknown(*calls[0]), fatal=calls[0][0].critical)
+            pair = self._pair(calls, executors)
+            if pair is not None:
+                job = pair.execute(task, job, merged_call(pair.spec, calls[0][0], calls[1][0]), calls[0][1], resume)
+                index += 2
+            else:
+                job = executors[0].execute(task, job, calls[0][0], calls[0][1], resume=resume)
+                index += 1
         return job
+
+    def _pair(self, calls: list[tuple[StageNode, str]],
+              executors: list["StageExecutor | None"]) -> "PairExecutor | None":
+        if len(calls) < 2 or executors[1] is None or executors[0] is None:
+            return None
+        a, b = executors[0].spec, executors[1].spec
+        if not mergeable(a, calls[0][0], b, calls[1][0]):
+            return None
+        runner = self._merged_runner(a, calls[0][0], b, calls[1][0])
+        return PairExecutor(runner, executors[0].jobs, self.versions, (calls[0], calls[1]))
+
+    def _merged_runner(self, a: StageSpec, node_a: StageNode, b: StageSpec, node_b: StageNode) -> MergedRunner:
+        key = (a.identity + repr(node_a.inputs) + repr(node_a.outputs), b.identity + repr(node_b.inputs))
+        with self._lock:
+            if key not in self._merged:
+                merged = merged_spec(a, node_a, b, node_b)
+                self._merged[key] = MergedRunner(a, b, merged, self.settings.lm, self.cache)
+            return self._merged[key]
 
     def _executor(self, call: StageNode) -> "StageExecutor | None":
         name, pinned = split_ref(call.stage)
@@ -151,20 +185,30 @@ class StageExecutor:
                 self._retry(task, job, path, error, resume or {"node": call.model_dump(mode="json"), "path": path})
             return self._failed(job, call, path, error, task)
         self.jobs.left(job.job_id)
-        timing = StageTiming(
+        return self._done(task, job, call, path, run)
+
+    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun) -> Envelope:
+        """Fold a successful run into the envelope and publish the fields that are final now."""
+        done = job.with_output(path, run.outputs, self._timing(task, path, run, self.spec), run.usage, call.outputs,
+                               run.cached_usage)
+        self._publish(job, done, {call.outputs.get(name, name) for name in run.outputs})
+        return done
+
+    def _timing(self, task: Task, path: str, run: StageRun, spec: StageSpec, shared: str | None = None) -> StageTiming:
+        return StageTiming(
             node=path,
-            stage=self.spec.name,
-            identity=self.spec.identity,
+            stage=spec.name,
+            identity=spec.identity,
             worker=task.request.hostname or "",
             started_at=run.started_at,
             seconds=run.seconds,
             attempts=task.request.retries + 1,
             cached=run.cached,
+            shared_call=shared,
         )
-        done = job.with_output(path, run.outputs, timing, run.usage, call.outputs, run.cached_usage)
-        written = {call.outputs.get(name, name) for name in run.outputs}
-        self.jobs.publish(job.job_id, {name: done.state[name] for name in job.publish if name in written})
-        return done
+
+    def _publish(self, before: Envelope, after: Envelope, written: set[str]) -> None:
+        self.jobs.publish(before.job_id, {name: after.state[name] for name in before.publish if name in written})
 
     def _retry(self, task: Task, job: Envelope, path: str, error: StageError, kwargs: dict[str, Any]) -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
@@ -190,3 +234,20 @@ class StageExecutor:
             attempts=task.request.retries + 1,
             fields=error.fields,
         )
+
+
+class PairExecutor(StageExecutor):
+    """Runs two stages as one merged LM call and records them as two stages."""
+
+    def __init__(self, runner: MergedRunner, jobs: JobStore, versions: dict[tuple[str, str], str],
+                 nodes: tuple[tuple[StageNode, str], tuple[StageNode, str]]) -> None:
+        super().__init__(runner, jobs, versions)
+        self.pair = (runner.first, runner.second)
+        self.nodes = nodes
+
+    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun) -> Envelope:
+        done = split(task, job, run, self.pair, self.nodes, self._timing)
+        written = {node.outputs.get(k, k) for (node, _), spec in zip(self.nodes, self.pair, strict=True)
+                   for k in spec.outputs}
+        self._publish(job, done, written)
+        return done

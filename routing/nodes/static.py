@@ -38,7 +38,9 @@ def fusion_runs(catalog: Catalog, steps: list[AnyNode]) -> list[list[AnyNode]]:
 
 def _fusible(catalog: Catalog, step: AnyNode) -> bool:
     # a node with its own time limit keeps its own task: the limit is set on that task's signature
-    return isinstance(step, StageNode) and step.time_limit is None and catalog.stage(step.stage, step.version).fusible
+    if not isinstance(step, StageNode) or step.time_limit is not None:
+        return False
+    return bool(catalog.stage(step.stage, step.version).fusible)
 
 
 def _compile_run(compiler: Compiler, run: list[AnyNode], prefix: str) -> Signature:
