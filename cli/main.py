@@ -122,19 +122,21 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="wait for the result and print it")] = False,
     as_json: JsonFlag = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait waits per job")] = 600.0,
+    outputs: Annotated[list[str] | None, typer.Option(
+        "--output", "-o", help="only this declared output (repeatable); stages feeding only others skip")] = None,
 ) -> None:
-    """Submit a job (or one per line of --input-file) to PIPELINE."""
+    """Submit a job (or one per line of --input-file) to PIPELINE (`name@version` pins a version)."""
     from cli import commands
 
     client = _client()
     try:
         spec = client.runtime.catalog.pipeline(pipeline)
         if input_file is not None:
-            if inputs or example:
-                fail("--input-file cannot be combined with --input or --example", EXIT_INPUT)
+            if inputs or example or outputs:
+                fail("--input-file cannot be combined with --input, --example or --output", EXIT_INPUT)
             raise typer.Exit(commands.submit_file(client, pipeline, input_file, wait, as_json, timeout))
         job_inputs = commands.gather_inputs(spec, inputs or [], example)
-        handle = client.submit(pipeline, job_inputs)
+        handle = client.submit(pipeline, job_inputs, outputs=outputs or None)
     except (StagecoachError, ValueError) as error:
         fail(str(error), EXIT_INPUT)
     raise typer.Exit(commands.after_submit(handle, wait, as_json, timeout))

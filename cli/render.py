@@ -43,6 +43,8 @@ def result_table(result: JobResult) -> Group:
     if result.error is not None:
         where = f" at {result.error.node}" if result.error.node else ""
         table.add_row("error", f"[red]{result.error.kind}{where}: {short(result.error.message, 400)}[/]")
+    if result.skipped:
+        table.add_row("skipped", "not run, nothing needed their outputs: " + ", ".join(result.skipped))
     if result.cached_stages:
         table.add_row("cached", "served from the shared cache (no LM call): " + ", ".join(result.cached_stages))
     if result.usage or result.cached_usage:
