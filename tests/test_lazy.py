@@ -3,6 +3,8 @@ caller may ask for only some outputs, and `handle.output(field)` returns a field
 still runs when the pipeline can deliver it early.
 """
 
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +48,7 @@ pipelines:
     lazy: false
     root: [lz_summary, lz_enrich]
 """
+STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 INPUTS = {"document": "Barges drift past the mill.", "topic": "canal locks"}
 
 
@@ -144,3 +147,14 @@ def test_only_fields_final_when_written_are_published(catalog_paths: list[Path])
     looped = full.pipeline("t_loop_max")
     # `draft` is written before the loop and again inside it: not final when first written
     assert "draft" not in plan(full, looped.model_copy(update={"lazy": True}), list(looped.outputs)).publish
+
+
+def test_submit_command_asks_for_some_outputs(private_redis: str, lm_url: str, catalog_paths: list[Path],
+                                              client: Client) -> None:
+    env = worker_env(private_redis, lm_url, catalog=catalog_paths)
+    cmd = [STAGECOACH, "submit", "lazy_pick", "-i", "document=Owls.", "-i", "topic=night", "-o", "key_terms",
+           "--wait"]
+    shown = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "skipped" in shown.stdout and "lz_summary, lz_enrich" in shown.stdout
+    assert "key_terms" in shown.stdout and "headline" not in shown.stdout

@@ -6,6 +6,9 @@ handed a node pinned to another version (a job compiled before the catalog chang
 that version's queue, so the job finishes on the versions it started with.
 """
 
+import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
 from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
 from routing.client import Client
-from tests.services import Fleet, client_for, worker_env
+from tests.services import ROOT, Fleet, client_for, worker_env
 from workers.cache import StageCache
 from workers.settings import CacheSettings
 
@@ -149,3 +152,18 @@ def test_a_version_no_worker_knows_is_a_clear_job_error(app: Celery) -> None:
 def test_cache_entries_are_kept_per_version(app: Celery, private_redis: str) -> None:
     stages = {s.stage for s in StageCache.from_url(private_redis, CacheSettings()).report().stages}
     assert {"vprobe@1", "vprobe@2"} <= stages
+
+
+def test_submit_command_pins_a_version(private_redis: str, lm_url: str, catalog_paths: list[Path],
+                                       client: Client) -> None:
+    env = worker_env(private_redis, lm_url, catalog=catalog_paths)
+    stagecoach = str(Path(sys.executable).with_name("stagecoach"))
+    cmd = [stagecoach, "submit", "vpipe@1", "-i", "document=Owls.", "--wait", "--json"]
+    shown = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    result = json.loads(shown.stdout)
+    assert result["pipeline_version"] == "1" and result["timings"][0]["identity"] == "vprobe@1"
+    unknown = subprocess.run([stagecoach, "submit", "vpipe@9", "-i", "document=Owls."], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2
+    assert "unknown version '9' of pipeline 'vpipe'; known versions: 1, 2" in unknown.stderr
