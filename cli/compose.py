@@ -16,7 +16,7 @@ import yaml
 
 from cli import settings_doc
 from contracts.catalog import Catalog
-from contracts.names import ROUTING_QUEUE, stage_queue
+from contracts.names import ROUTING_QUEUE, service_name, stage_queue
 from workers.settings import LOCAL_MODEL
 
 DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
@@ -48,8 +48,9 @@ def render(catalog: Catalog) -> str:
              "\nservices:\n", _service("redis", redis(), shared=False), _service("rabbitmq", rabbitmq(), shared=False),
              _service("lm", lm()), _service("flower", flower()), _service("monitor", monitor()),
              _service("routing", worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], concurrency=8))]
-    for name in sorted(catalog.stages):
-        parts.append(_service(f"worker-{name}", worker(f"worker-{name}", [stage_queue(name)])))
+    for ref in sorted(catalog.stages):
+        name = f"worker-{service_name(ref)}"  # `answer@1` -> worker-answer-v1
+        parts.append(_service(name, worker(name, [stage_queue(ref)])))
     parts.append("\n" + _block({"volumes": {"redis-data": {}, "rabbitmq-data": {}}}))
     return "".join(parts)
 

@@ -27,7 +27,7 @@ from urllib.parse import urlparse, urlunparse
 import redis
 
 from contracts.catalog import Catalog, load_catalog
-from contracts.names import ROUTING_QUEUE, stage_queue
+from contracts.names import ROUTING_QUEUE, service_name, stage_queue
 from workers.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -242,7 +242,7 @@ def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
 
 def worker_name(stage: str, index: int) -> str:
     """`stage-<name>` for the first worker of a queue, `stage-<name>-2`, `-3`... for the others."""
-    return f"stage-{stage}" if index == 1 else f"stage-{stage}-{index}"
+    return f"stage-{service_name(stage)}" if index == 1 else f"stage-{service_name(stage)}-{index}"
 
 
 def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,

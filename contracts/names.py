@@ -50,6 +50,12 @@ def stage_queue(stage: str) -> str:
     return STAGE_PREFIX + stage
 
 
+def service_name(ref: str) -> str:
+    """A worker / compose service name for a stage ref: `@` is Celery's node-name separator and is not
+    allowed in compose service names, so `answer@1` becomes `answer-v1`."""
+    return ref.replace(VERSION_SEPARATOR, "-v")
+
+
 def routing_task(kind: str) -> str:
     """Celery task name of the routing task that decides a runtime node (branch, loop, map...)."""
     return f"pipeline.{kind}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 
+from cli.compose import render as render_compose
 from contracts.catalog import load_catalog
 from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
@@ -167,3 +168,9 @@ def test_submit_command_pins_a_version(private_redis: str, lm_url: str, catalog_
                              capture_output=True, text=True, timeout=120)
     assert unknown.returncode == 2
     assert "unknown version '9' of pipeline 'vpipe'; known versions: 1, 2" in unknown.stderr
+
+
+def test_compose_gives_each_version_a_worker_service(catalog_paths: list[Path]) -> None:
+    compose = render_compose(load_catalog(catalog_paths))
+    assert "worker-vprobe-v1:" in compose and "-Q stage.vprobe@1 -n worker-vprobe-v1@%h" in compose
+    assert "worker-vprobe:" in compose and "-Q stage.vprobe -n worker-vprobe@%h" in compose
