@@ -7,15 +7,15 @@ counted as free.
 import os
 from typing import Any
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no fetch
-
-import litellm
-
 from contracts.envelope import Usage
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no fetch
 
 
 def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
     """US dollars for these tokens, or None when the local price map does not know the model."""
+    import litellm  # ~5 s of CPU: paid by the first priced call, not by every worker's start-up
+
     try:
         prompt_cost, completion_cost = litellm.cost_per_token(
             model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
