@@ -8,15 +8,20 @@ under its own node; the LM call, its usage and its cache entry belong to the fir
 second stage's timing names it (`shared_call`). Pairs that do not qualify run one after another.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import dspy
 from celery import Task
 
-from contracts.envelope import Envelope, Usage
+from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.specs import StageNode, StageSpec
+from workers.cache import StageCache
 from workers.settings import LMSettings
 from workers.stage import StageRun, StageRunner, import_target
+
+# (task, node path, run, stage spec[, shared call's node path]) -> the stage's timing record
+TimingFn = Callable[..., StageTiming]
 
 
 def mergeable(a: StageSpec, node_a: StageNode, b: StageSpec, node_b: StageNode) -> bool:
@@ -78,7 +83,7 @@ class MergedRunner(StageRunner):
     """A stage runner whose program is the merged signature of two stages."""
 
     def __init__(self, a: StageSpec, b: StageSpec, merged: StageSpec, lm_settings: LMSettings,
-                 cache: Any = None) -> None:
+                 cache: StageCache | None = None) -> None:
         super().__init__(merged, lm_settings, cache)
         self.first, self.second = a, b
 
@@ -95,7 +100,7 @@ def merged_call(merged: StageSpec, node_a: StageNode, node_b: StageNode) -> Stag
 
 
 def split(task: Task, job: Envelope, run: StageRun, pair: tuple[StageSpec, StageSpec],
-          nodes: tuple[tuple[StageNode, str], tuple[StageNode, str]], timing: Any) -> Envelope:
+          nodes: tuple[tuple[StageNode, str], tuple[StageNode, str]], timing: TimingFn) -> Envelope:
     """Record the merged call's outputs as two stages: each its own fields, the usage once (first)."""
     (a, b), ((node_a, path_a), (node_b, path_b)) = pair, nodes
     out_a = {name: run.outputs[name] for name in a.outputs if name in run.outputs}
