@@ -5,6 +5,7 @@ No workers: these drive `StageCache` directly, the way the stage runner does.
 
 from collections.abc import Iterator
 
+import litellm
 import pytest
 import redis
 
@@ -13,6 +14,7 @@ from contracts.names import CACHE_KEY_PREFIX
 from contracts.specs import StageSpec
 from tests import services
 from workers.cache import StageCache, cache_digest, cacheable
+from workers.cost import price
 from workers.settings import CacheSettings
 
 USAGE = Usage(prompt_tokens=10, completion_tokens=2, calls=1)
@@ -123,3 +125,9 @@ def test_unreachable_redis_means_uncached_not_failed() -> None:
     cache = StageCache(redis.Redis(port=services.free_port(), socket_connect_timeout=0.2), CacheSettings())
     assert cache.get("probe@1", "d") is None
     assert cache.put("probe@1", "d", entry(1), USAGE) == 0
+
+
+def test_prices_come_from_litellms_local_map() -> None:
+    expected = sum(litellm.cost_per_token(model="openai/gpt-4o-mini", prompt_tokens=1000, completion_tokens=200))
+    assert price("openai/gpt-4o-mini", 1000, 200) == pytest.approx(expected)
+    assert price("openai/test-lm", 1000, 200) is None
