@@ -107,12 +107,28 @@ class FusedExecutor:
                 return job.with_error(self._unknown(*calls[0]), fatal=calls[0][0].critical)
             pair = self._pair(calls, executors)
             if pair is not None:
-                job = pair.execute(task, job, merged_call(pair.spec, calls[0][0], calls[1][0]), calls[0][1], resume)
+                job = self._run_pair(task, job, pair, calls, resume)
                 index += 2
             else:
-                job = executors[0].execute(task, job, calls[0][0], calls[0][1], resume=resume)
+                job = self._run_one(task, job, executors[0], calls[0], resume)
                 index += 1
         return job
+
+    def _run_one(self, task: Task, job: Envelope, executor: "StageExecutor", call: tuple[StageNode, str],
+                 resume: dict[str, Any]) -> Envelope:
+        node, path = call
+        spec = executor.spec
+        with stage_outcome(task, spec.name, job, path, job.pick(list(spec.inputs), node.inputs)) as report:
+            return report(executor.execute(task, job, node, path, resume=resume))
+
+    def _run_pair(self, task: Task, job: Envelope, pair: "PairExecutor", calls: list[tuple[StageNode, str]],
+                  resume: dict[str, Any]) -> Envelope:
+        """One merged call, reported to the monitor as the two stages it stands for."""
+        (node_a, path_a), (node_b, path_b) = calls
+        a, b = pair.pair
+        with stage_outcome(task, a.name, job, path_a, job.pick(list(a.inputs), node_a.inputs)) as report_a, \
+                stage_outcome(task, b.name, job, path_b, job.pick(list(b.inputs), node_b.inputs)) as report_b:
+            return report_b(report_a(pair.execute(task, job, merged_call(pair.spec, node_a, node_b), path_a, resume)))
 
     def _pair(self, calls: list[tuple[StageNode, str]],
               executors: list["StageExecutor | None"]) -> "PairExecutor | None":
