@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from contracts.envelope import Usage
+from contracts.envelope import StageTiming, Usage
 from contracts.jobs import JobResult, JobStatus
 from contracts.specs import PipelineSpec
 
@@ -45,8 +45,13 @@ def result_table(result: JobResult) -> Group:
         table.add_row("error", f"[red]{result.error.kind}{where}: {short(result.error.message, 400)}[/]")
     if result.skipped:
         table.add_row("skipped", "not run, nothing needed their outputs: " + ", ".join(result.skipped))
-    if result.cached_stages:
-        table.add_row("cached", "served from the shared cache (no LM call): " + ", ".join(result.cached_stages))
+    shared = [t.node for t in result.timings if t.cached and t.cache != "dspy"]
+    replayed = [t.node for t in result.timings if t.cached and t.cache == "dspy"]
+    if shared:
+        table.add_row("cached", "served from the shared cache (no LM call): " + ", ".join(shared))
+    if replayed:
+        table.add_row("replayed", "answered by DSPy's own cache on the worker (no LM call, usage not known): "
+                      + ", ".join(replayed))
     if result.usage or result.cached_usage:
         table.add_row("cost", cost_text(result.total_usage))
     return Group(heading, table)
@@ -83,8 +88,13 @@ def timings_table(results: list[JobResult]) -> Table:
     for result in results:
         for timing in result.timings:
             table.add_row(f"{result.pipeline} {result.job_id[:6]}", timing.node, timing.worker.split("@")[0],
-                          f"{timing.seconds:.2f}", str(timing.attempts), "yes" if timing.cached else "")
+                          f"{timing.seconds:.2f}", str(timing.attempts), _cache_column(timing))
     return table
+
+
+def _cache_column(timing: StageTiming) -> str:
+    """`shared` (the fleet's stage cache), `dspy` (DSPy's own cache on the worker), or empty."""
+    return (timing.cache or "yes") if timing.cached else ""
 
 
 def status_table(status: JobStatus) -> Table:

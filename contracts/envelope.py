@@ -39,7 +39,10 @@ class StageTiming(BaseModel):
     started_at: float
     seconds: float
     attempts: int = 1
-    cached: bool = Field(False, description="served from the shared stage cache: no LM call")
+    cached: bool = Field(False, description="served from a cache: no LM request")
+    cache: Literal["shared", "dspy"] | None = Field(
+        None, description="which: the fleet's shared stage cache, or DSPy's own per-worker cache"
+    )
     shared_call: str | None = Field(
         None, description="LM-level fusion: node path of the stage whose one LM call also produced this output"
     )

@@ -11,9 +11,10 @@ import importlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dspy
+from dspy.utils.callback import BaseCallback
 
 from contracts.envelope import Usage
 from contracts.errors import ContractError
@@ -41,6 +42,18 @@ class StageRun:
     seconds: float
     cached: bool = False
     cached_usage: Usage | None = None  # what the calls served from the cache once cost
+    cache: Literal["shared", "dspy"] | None = None  # which cache served it
+
+
+class LMCallCounter(BaseCallback):
+    """Counts LM calls (cache hits included): DSPy's usage tracker skips its own cache hits, so
+    calls made with no tracked usage were replayed by DSPy's cache."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        self.calls += 1
 
 
 def load_program(spec: StageSpec) -> dspy.Module:
@@ -96,17 +109,21 @@ class StageRunner:
         digest = self._cache_digest(checked, _merge(self.spec.lm, override))
         hit = self.cache.get(self.spec.versioned_name, digest, self.spec.cache.ttl) if self.cache and digest else None
         if hit is not None:
-            return StageRun(hit.outputs, Usage(), started, time.time() - started, cached=True, cached_usage=hit.usage)
+            return StageRun(hit.outputs, Usage(), started, time.time() - started, cached=True, cached_usage=hit.usage,
+                            cache="shared")
         run = self._fresh(checked, override, started)
-        if self.cache and digest:
+        if self.cache and digest:  # a DSPy replay is stored too, with the usage known (none)
             self.cache.put(self.spec.versioned_name, digest, run.outputs, run.usage, self.spec.cache.ttl)
         return run
 
     def _fresh(self, inputs: dict[str, Any], override: LMOverride | None, started: float) -> StageRun:
-        prediction = self._call(inputs, override)
+        counter = LMCallCounter()
+        prediction = self._call(inputs, override, counter)
         seconds = time.time() - started
         outputs = self._check(f"stage '{self.spec.name}' outputs", self.spec.outputs, self._fields(prediction))
-        return StageRun(outputs, usage_of(prediction), started, seconds)
+        usage = usage_of(prediction)
+        replayed = counter.calls > 0 and usage.calls == 0  # every LM call answered by DSPy's own cache
+        return StageRun(outputs, usage, started, seconds, cached=replayed, cache="dspy" if replayed else None)
 
     def _cache_digest(self, inputs: dict[str, Any], lm: LMOverride | None) -> str | None:
         """The cache key digest for this call, or None when the call must not be cached."""
@@ -121,10 +138,10 @@ class StageRunner:
         except ContractError as error:
             raise StageContractError(self.spec.name, str(error), [p.field for p in error.problems]) from None
 
-    def _call(self, inputs: dict[str, Any], override: LMOverride | None) -> dspy.Prediction:
+    def _call(self, inputs: dict[str, Any], override: LMOverride | None, counter: LMCallCounter) -> dspy.Prediction:
         lm = lm_for(self.lm_settings, _merge(self.spec.lm, override))
         try:
-            with dspy.context(lm=lm, adapter=adapter_for(self.lm_settings), track_usage=True):
+            with dspy.context(lm=lm, adapter=adapter_for(self.lm_settings), track_usage=True, callbacks=[counter]):
                 return self.program()(**inputs)
         except StageError:
             raise

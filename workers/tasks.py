@@ -220,6 +220,7 @@ class StageExecutor:
             seconds=run.seconds,
             attempts=task.request.retries + 1,
             cached=run.cached,
+            cache=run.cache,
             shared_call=shared,
         )
 
