@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stagecoach-installed
 PYTEST_ARGS ?= -q
 
-.PHONY: all install system-deps demo up test lint clean bench
+.PHONY: all install system-deps demo up test test-chaos lint clean bench
 
 all: lint test
 
@@ -42,7 +42,11 @@ up: install
 	$(VENV)/bin/stagecoach up
 
 test: install system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) --ignore=tests/chaos
+
+# Slow fault injection (issue 9): SIGKILLs under load, a Redis restart, LM 429/500 storms; prints its figures
+test-chaos: install
+	$(PY) -m pytest tests/chaos -q -rP -p no:cacheprovider
 
 # Fan-out latency (not a test): ensemble of 5 and parallel of 3 vs one member; BENCH_ARGS=--latency-ms 400 --runs 8
 bench: install

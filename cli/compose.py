@@ -47,6 +47,7 @@ def render(catalog: Catalog) -> str:
     parts = [HEAD, "\n", _block({"x-stagecoach": base()}).replace("x-stagecoach:", "x-stagecoach: &stagecoach", 1),
              "\nservices:\n", _service("redis", redis(), shared=False), _service("rabbitmq", rabbitmq(), shared=False),
              _service("lm", lm()), _service("flower", flower()), _service("monitor", monitor()),
+             _service("watchdog", watchdog()),
              _service("routing", worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], concurrency=8))]
     for ref in sorted(catalog.stages):
         name = f"worker-{service_name(ref)}"  # `answer@1` -> worker-answer-v1
@@ -139,6 +140,12 @@ def monitor() -> dict[str, Any]:
         "ports": [f"{MONITOR_PORT}:{MONITOR_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{MONITOR_PORT}/healthz")),
     }
+
+
+def watchdog() -> dict[str, Any]:
+    """`stagecoach watchdog` (issue 9): re-dispatches jobs whose messages were lost, from their checkpoints."""
+    return {"command": "stagecoach watchdog",  # healthy when a sweep (idempotent) runs against Redis
+            "healthcheck": _health(["CMD", "stagecoach", "watchdog", "--once"], interval="60s")}
 
 
 def worker(name: str, queues: list[str], pool: str = "threads", concurrency: int = 4) -> dict[str, Any]:

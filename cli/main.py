@@ -127,6 +127,7 @@ def submit(
 ) -> None:
     """Submit a job (or one per line of --input-file) to PIPELINE (`name@version` pins a version)."""
     from cli import commands
+    from routing.errors import BrokerUnavailableError
 
     client = _client()
     try:
@@ -137,6 +138,8 @@ def submit(
             raise typer.Exit(commands.submit_file(client, pipeline, input_file, wait, as_json, timeout))
         job_inputs = commands.gather_inputs(spec, inputs or [], example)
         handle = client.submit(pipeline, job_inputs, outputs=outputs or None)
+    except BrokerUnavailableError as error:
+        fail(str(error), EXIT_SERVICES)
     except (StagecoachError, ValueError) as error:
         fail(str(error), EXIT_INPUT)
     raise typer.Exit(commands.after_submit(handle, wait, as_json, timeout))
@@ -261,6 +264,97 @@ def settings_table(markdown: Annotated[bool, typer.Option(help="the README's mar
         return
     render.out.print(render.rows_table("settings (environment variables)",
                                        ("variable", "type", "default", "meaning"), settings_doc.rows()))
+    render.out.print(render.rows_table("effective values (derived from the settings above and the catalog)",
+                                       ("value", "now", "from"), settings_doc.effective()))
+
+
+def _redis_settings() -> Any:
+    """Settings that reach the running stack's Redis: the result backend, where job records, checkpoints
+    and dead letters live (exit 4 when it is down)."""
+    from cli.jobs import client_settings
+    from cli.stack import redis_reachable
+    from routing.client import safe_url
+
+    settings = client_settings()
+    if not redis_reachable(settings.backend_url):
+        fail(f"cannot reach Redis at {safe_url(settings.backend_url)}: start the stack with `stagecoach up` or set "
+             "STAGECOACH_BROKER_URL", EXIT_SERVICES)
+    return settings
+
+
+@app.command("dead-letters")
+def dead_letters(
+    as_json: JsonFlag = False,
+    limit: Annotated[int, typer.Option(help="newest N entries")] = 50,
+) -> None:
+    """Messages no worker could run (malformed, foreign serialiser, too big...), newest first, with the reason."""
+    from cli.reliability import show_dead_letters, store
+
+    show_dead_letters(store(_redis_settings()).entries(limit), as_json)
+
+
+@app.command()
+def replay(
+    letter_id: Annotated[str, typer.Argument(help="dead letter id (a unique prefix is enough)")],
+    queue: Annotated[str | None, typer.Option(help="push onto this queue instead of the original one")] = None,
+) -> None:
+    """Re-submit a dead letter: push its raw message back onto its queue and drop the entry."""
+    from cli.reliability import ReplayError
+    from cli.reliability import replay as replay_letter
+
+    try:
+        letter = replay_letter(_redis_settings(), letter_id, queue)
+    except ReplayError as error:
+        fail(str(error), EXIT_INPUT)
+    render.out.print(f"replayed {letter.id} onto {queue or letter.queue}", highlight=False)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Stop a job: its next stage ends it as failed (cancelled); stages already running finish first."""
+    from cli.reliability import recovery
+    from routing.recovery import RecoveryError
+
+    try:
+        recovery(_redis_settings()).cancel(job_id)
+    except RecoveryError as error:
+        fail(str(error), EXIT_PENDING)
+    render.out.print(f"job {job_id} cancelled", highlight=False)
+
+
+@app.command()
+def resume(job_id: str) -> None:
+    """Continue a failed job from its checkpoint: completed stages are replayed, not run (no LM calls)."""
+    from cli.reliability import recovery
+    from routing.recovery import RecoveryError
+
+    try:
+        generation = recovery(_redis_settings()).resume(job_id)
+    except RecoveryError as error:
+        fail(str(error), EXIT_PENDING)
+    render.out.print(f"job {job_id} resumed (generation {generation}); `stagecoach result {job_id} --wait`",
+                     highlight=False)
+
+
+@app.command()
+def watchdog(
+    interval: Annotated[float | None, typer.Option(help="seconds between sweeps; default STAGECOACH_WATCHDOG_INTERVAL")]
+    = None,
+    once: Annotated[bool, typer.Option("--once", help="one sweep, then exit")] = False,
+) -> None:
+    """Re-dispatch jobs that made no progress past their stage deadline (lost messages, killed workers)."""
+    import redis
+
+    from cli.jobs import client_settings
+    from cli.reliability import watch
+
+    settings = client_settings()  # no reachability check: the loop waits out a broker that is down
+    try:
+        watch(settings, interval or settings.watchdog_interval, once)
+    except KeyboardInterrupt:
+        return
+    except redis.RedisError as error:  # only with --once (a health check): the loop itself waits
+        fail(f"watchdog: Redis unavailable ({error})", EXIT_SERVICES)
 
 
 @app.command()

@@ -47,6 +47,18 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def effective() -> list[tuple[str, str, str]]:
+    """Values derived from the settings and the catalog, e.g. the Redis visibility timeout."""
+    from contracts.catalog import load_catalog
+    from workers.factory import visibility_timeout
+
+    settings = Settings()
+    seconds = visibility_timeout(settings, load_catalog(settings.catalog))
+    source = ("STAGECOACH_VISIBILITY_TIMEOUT" if settings.visibility_timeout is not None
+              else "longest stage limit + 30 s hard-limit grace + 60 s")
+    return [("effective visibility timeout", f"{seconds} s", source)]
+
+
 def markdown() -> str:
     lines = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     lines += [f"| `{env}` | {kind} | `{default}` | {meaning} |" for env, kind, default, meaning in rows()]

@@ -48,10 +48,20 @@ class Service:
     log: Path
     proc: subprocess.Popen[bytes]
     ready: Callable[[], bool]
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    restarts: list[float] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Start the same command again, appending to the same log (`stagecoach up` keeps no holes)."""
+        self.restarts.append(time.time())
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def log_tail(self, chars: int = 2000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
@@ -116,6 +126,7 @@ def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = N
         lm_url, lm_env = _local_lm(settings, logdir, services)
         env = child_env(broker_url, backend_url, lm_env)
         _workers(catalog, settings, env, logdir, services)
+        _watchdog(env, logdir, services)
         flower_url = _flower(settings, env, logdir, services)
         monitor_url = _monitor(env, logdir, services)
     except BaseException:
@@ -261,6 +272,13 @@ def _worker(name: str, queues: list[str], settings: Settings, env: dict[str, str
     return _spawn(name, "worker", ",".join(queues), cmd, logdir, env, lambda: " ready." in _read(log))
 
 
+def _watchdog(env: dict[str, str], logdir: Path, services: list[Service]) -> None:
+    """Re-dispatches jobs whose messages were lost (a worker killed mid-pop, a Redis restart)."""
+    log = logdir / "watchdog.log"
+    services.append(_spawn("watchdog", "watchdog", "stalled jobs", [str(BIN / "stagecoach"), "watchdog"], logdir,
+                           env, lambda: "watchdog:" in _read(log)))
+
+
 def _flower(settings: Settings, env: dict[str, str], logdir: Path, services: list[Service]) -> str:
     port = settings.flower_port if port_free(settings.flower_port) else free_port()
     url = f"http://127.0.0.1:{port}"
@@ -291,7 +309,7 @@ def _spawn(name: str, role: str, url: str, cmd: list[str], logdir: Path, env: di
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True, preexec_fn=_die_with_parent)
-    return Service(name, role, url, log, proc, ready)
+    return Service(name, role, url, log, proc, ready, cmd, env)
 
 
 def _die_with_parent() -> None:

@@ -2,13 +2,14 @@
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cli import render
 from cli.inputs import InputError
-from cli.stack import Stack, redact, start_stack
+from cli.stack import Service, Stack, redact, start_stack
 from workers.settings import Settings
 
 READY_SECONDS = 180.0
@@ -61,16 +62,31 @@ def stop_signals() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
+RESTARTS_PER_MINUTE = 5  # a service dying more often than this is crash-looping: stop the stack instead
+
+
 def serve_until_stopped(stack: Stack, stop: threading.Event) -> int:
-    """Block until a stop signal (exit 0) or until a service dies on its own (exit 1)."""
+    """Block until a stop signal (exit 0). A service that dies is restarted (and said so); Redis dying,
+    or a service crash-looping, stops the stack (exit 1)."""
     while not stop.wait(1.0):
-        dead = stack.dead()
-        if dead:
-            for service in dead:
-                render.err.print(f"[red]{service.name} exited (code {service.proc.returncode}); "
-                                 f"log {service.log}:[/]\n{service.log_tail(1500)}")
-            return 1
+        for service in stack.dead():
+            if not restart_dead(service):
+                return 1
     return 0
+
+
+def restart_dead(service: Service) -> bool:
+    """Restart a dead service, telling the operator; False when it must not or should not be restarted."""
+    recent = [t for t in service.restarts if t > time.time() - 60]
+    render.err.print(f"[red]{service.name} exited (code {service.proc.returncode}); log {service.log}:[/]\n"
+                     f"{service.log_tail(1500)}")
+    if service.role == "redis" or len(recent) >= RESTARTS_PER_MINUTE:
+        render.err.print(f"[red]not restarting {service.name}[/] "
+                         f"({'the broker' if service.role == 'redis' else 'it keeps dying'}); stopping the stack")
+        return False
+    service.restart()
+    render.err.print(f"[yellow]restarted {service.name}[/] (pid {service.proc.pid})", highlight=False)
+    return True
 
 
 def up(settings: Settings, state_dir: Path) -> int:

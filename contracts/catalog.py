@@ -132,6 +132,11 @@ def load_catalog(paths: Iterable[Path | str]) -> Catalog:
 
 
 def check_catalog(catalog: Catalog) -> None:
+    for stage in catalog.stages.values():
+        fallback = stage.on_error.stage
+        if fallback is not None and (fallback not in catalog.stages or fallback == stage.name):
+            raise SpecError(f"stage '{stage.name}': on_error fallback stage '{fallback}' is unknown or itself; "
+                            f"known stages: {', '.join(sorted(catalog.stages))}")
     for key, pipeline in catalog.pipelines.items():
         for node in iter_nodes(pipeline.root):
             if isinstance(node, StageNode):

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ErrorKind = Literal["contract", "stage", "lm", "timeout", "pipeline", "routing"]
+# message: a broker message no worker could run (dead-lettered); cancelled: an operator stopped the job
+ErrorKind = Literal["contract", "stage", "lm", "timeout", "pipeline", "routing", "message", "cancelled"]
 
 
 class ErrorRecord(BaseModel):
@@ -46,6 +47,9 @@ class StageTiming(BaseModel):
     shared_call: str | None = Field(
         None, description="LM-level fusion: node path of the stage whose one LM call also produced this output"
     )
+    redeliveries: int = Field(0, description="times the broker delivered this stage's message again")
+    throttled_seconds: float = Field(0.0, description="time waited for the stage's shared rate limit")
+    from_checkpoint: bool = Field(False, description="replayed from the job's checkpoint: no LM call this time")
 
 
 class Decision(BaseModel):
@@ -115,6 +119,7 @@ class Envelope(BaseModel):
     skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
     publish: list[str] = Field(default_factory=list, description="fields final once written: published early")
     failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
+    generation: int = Field(0, description="dispatch of this job: 0 first, +1 per watchdog re-dispatch or resume")
 
     @property
     def failed(self) -> bool:

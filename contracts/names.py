@@ -21,6 +21,12 @@ KEY_PREFIX = "stagecoach:"
 JOB_KEY_PREFIX = KEY_PREFIX + "job:"
 CACHE_KEY_PREFIX = KEY_PREFIX + "cache:"
 MONITOR_KEY_PREFIX = KEY_PREFIX + "monitor:"
+DEAD_LETTER_KEY = KEY_PREFIX + "deadletters"  # list of JSON DeadLetter entries, newest first
+CHECKPOINT_KEY_PREFIX = KEY_PREFIX + "checkpoint:"
+CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
+CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
+RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
+WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
 
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
 CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
@@ -95,3 +101,20 @@ def cache_entry_pattern(stage: str | None) -> str:
 def cache_stats_key(stage_version: str) -> str:
     """Hash of hits, misses, evictions, entries and bytes of one stage version."""
     return CACHE_STATS_PREFIX + stage_version
+
+
+def checkpoint_key(job_id: str) -> str:
+    return CHECKPOINT_KEY_PREFIX + job_id
+
+
+def claim_key(job_id: str, what: str) -> str:
+    """SET NX key that makes one (job, node path, attempt) happen once, whoever delivers it."""
+    return f"{CLAIM_KEY_PREFIX}{job_id}:{what}"
+
+
+def cancel_key(job_id: str) -> str:
+    return CANCEL_KEY_PREFIX + job_id
+
+
+def rate_key(stage: str, unit: str, window: int) -> str:
+    return f"{RATE_KEY_PREFIX}{stage}:{unit}:{window}"

@@ -57,6 +57,37 @@ class CachePolicy(Model):
     ttl: int | None = Field(None, gt=0, description="seconds an entry lives; default: the cache setting")
 
 
+class OnError(Model):
+    """What a stage does once its retries are spent (or the error is permanent).
+
+    `fail`: the job fails (unless the node is `critical: false`: the error is recorded and the job
+    goes on); `fallback`: the stage's outputs become `value` (checked against the output contract)
+    or what the stage named `stage` produces from the same state; `skip`: the error is recorded and
+    the job goes on without the stage's outputs. Every outcome is in the job's errors and trail.
+    """
+
+    strategy: Literal["fail", "fallback", "skip"] = "fail"
+    value: dict[str, Any] | None = Field(None, description="fallback: fixed output values")
+    stage: str | None = Field(None, description="fallback: a stage run in place of the failed one")
+
+    @model_validator(mode="after")
+    def _fallback_has_a_source(self) -> "OnError":
+        if self.strategy == "fallback" and (self.value is None) == (self.stage is None):
+            raise ValueError("on_error 'fallback' needs exactly one of 'value' (fixed outputs) or 'stage'")
+        if self.strategy != "fallback" and (self.value is not None or self.stage is not None):
+            raise ValueError(f"on_error '{self.strategy}' takes no 'value' or 'stage' (only 'fallback' does)")
+        return self
+
+
+class RateLimit(Model):
+    """A provider quota shared by every worker of the stage (enforced through Redis): at most `calls`
+    LM calls and/or `tokens` tokens (prompt + completion) per `per_seconds` window."""
+
+    calls: int | None = Field(None, gt=0, description="stage calls per window")
+    tokens: int | None = Field(None, gt=0, description="LM tokens per window")
+    per_seconds: float = Field(60.0, gt=0, description="the sliding window, seconds")
+
+
 class StageSpec(Model):
     """A stage: name, version, input/output contracts and the DSPy module that implements it.
 
@@ -78,6 +109,8 @@ class StageSpec(Model):
     outputs: Fields
     lm: LMOverride | None = None
     retry: RetryPolicy = RetryPolicy()
+    on_error: OnError = Field(OnError(), description="after retries: fail, fallback (value or stage) or skip")
+    rate_limit: RateLimit | None = Field(None, description="calls/tokens per window, shared by all the stage's workers")
     time_limit: float | None = Field(None, gt=0, description="seconds before the stage is stopped")
     cache: CachePolicy = CachePolicy()
     fusible: bool | Literal["lm"] = Field(

@@ -2,14 +2,18 @@
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.names import ROUTING_QUEUE, RUN_TASK
-from routing.errors import JobTimeoutError, PipelineError
+from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
+from workers.checkpoint import BROKER_DOWN
 from workers.jobs import MISSING
 from workers.runtime import Runtime
 
@@ -26,11 +30,23 @@ class JobHandle:
         return bool(AsyncResult(self.id, app=self.client.app).ready())
 
     def get(self, timeout: float | None = None, raise_errors: bool = False) -> JobResult:
-        """Wait for the JobResult. With raise_errors, a failed job raises PipelineError."""
-        try:
-            raw = AsyncResult(self.id, app=self.client.app).get(timeout=timeout, propagate=True)
-        except CeleryTimeout:
-            raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
+        """Wait for the JobResult (riding out a Redis restart meanwhile). With raise_errors, a failed
+        job raises PipelineError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                raw = AsyncResult(self.id, app=self.client.app).get(timeout=left, propagate=True)
+                break
+            except CeleryTimeout:
+                raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
+            except BROKER_DOWN:  # the result connection broke (Redis restarting): read again
+                if self._stored_failure():
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeoutError(f"job {self.id} not finished after {timeout}s (Redis unreachable)",
+                                          self.id) from None
+                time.sleep(0.5)
         result = JobResult.model_validate(raw)
         if raise_errors and result.error is not None:
             raise PipelineError(result.error.message, self.id)
@@ -58,6 +74,13 @@ class JobHandle:
         raise PipelineError(f"job {self.id} finished without field '{field}'; answer: {', '.join(result.answer)}",
                             self.id)
 
+    def _stored_failure(self) -> bool:
+        """Whether the job's own result is a stored connection error (not a broken read)."""
+        try:
+            return bool(AsyncResult(self.id, app=self.client.app).state == "FAILURE")
+        except BROKER_DOWN:
+            return False
+
     def __repr__(self) -> str:
         return f"JobHandle({self.id!r})"
 
@@ -77,13 +100,53 @@ class Client:
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
         request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
-        self.runtime.jobs.queued(job_id, pipeline)
-        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json", exclude_none=True)], task_id=job_id,
-                           queue=ROUTING_QUEUE)
+        check_size(request, self.runtime.settings.max_request_bytes)
+        self._with_retries(lambda: self._publish(job_id, request))
         return JobHandle(self, job_id)
+
+    def _publish(self, job_id: str, request: JobRequest) -> None:
+        self.runtime.jobs.queued(job_id, request.pipeline)
+        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json")], task_id=job_id, queue=ROUTING_QUEUE)
+
+    def _with_retries(self, publish: Callable[[], None]) -> None:
+        """Retry while the broker is unreachable (a Redis restart), for at most STAGECOACH_PUBLISH_RETRY_SECONDS."""
+        settings = self.runtime.settings
+        deadline = time.monotonic() + settings.publish_retry_seconds
+        pause = 0.2
+        while True:
+            try:
+                publish()
+                return
+            except BROKER_DOWN as error:
+                if time.monotonic() + pause > deadline:
+                    raise BrokerUnavailableError(
+                        f"cannot publish the job to the broker at {safe_url(settings.broker_url)} after "
+                        f"{settings.publish_retry_seconds:g}s (STAGECOACH_PUBLISH_RETRY_SECONDS): "
+                        f"{type(error).__name__}: {error}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def handle(self, job_id: str) -> JobHandle:
         return JobHandle(self, job_id)
 
     def status(self, job_id: str) -> JobStatus:
         return self.runtime.jobs.status(job_id)
+
+
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
+    return parsed._replace(netloc=netloc).geturl()
+
+
+def check_size(request: JobRequest, max_bytes: int) -> None:
+    """Refuse a request bigger than STAGECOACH_MAX_REQUEST_BYTES before it reaches the broker."""
+    size = len(request.model_dump_json(exclude_none=True))
+    if size > max_bytes:
+        raise ContractError(f"pipeline '{request.pipeline}' inputs", [FieldProblem(
+            "inputs", f"request of {size} bytes exceeds STAGECOACH_MAX_REQUEST_BYTES ({max_bytes})")])

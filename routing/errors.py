@@ -17,3 +17,7 @@ class RoutingError(PipelineError):
 
 class JobTimeoutError(PipelineError):
     """The job did not finish within the time the caller was willing to wait."""
+
+
+class BrokerUnavailableError(PipelineError):
+    """The broker did not accept a job within the publish retry time; names the broker URL."""

@@ -5,15 +5,17 @@ start a job. Bad requests do not raise: they finish as a failed JobResult naming
 the caller's `.get()` returns an explanation and the worker keeps serving.
 """
 
+import json
 import time
 from typing import Any
 
 from celery import Celery, Task, states
+from celery.exceptions import Ignore
 from pydantic import ValidationError
 
 from contracts.catalog import Catalog, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
-from contracts.errors import ContractError, StagecoachError
+from contracts.errors import ContractError, FieldProblem, StagecoachError
 from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
@@ -22,6 +24,7 @@ from routing.compile import Compiler, bind_input
 from routing.guard import register_routing_task
 from routing.lazy import plan
 from routing.nodes import KINDS
+from workers.checkpoint import Begin, Checkpoints, Claim, delivery, outage_requeues
 from workers.jobs import JobStore
 from workers.outcome import job_finished
 from workers.runtime import Runtime
@@ -30,9 +33,11 @@ from workers.runtime import Runtime
 def register(runtime: Runtime) -> None:
     """Every routing task: run, finish, each runtime kind's decision and the extra tasks kinds add."""
     app = runtime.app
+    settings = runtime.settings
     compiler = Compiler(app, runtime.catalog, KINDS)
-    _register_run(app, runtime.catalog, compiler, runtime.jobs)
-    _register_finish(app, runtime.catalog, runtime.jobs)
+    checkpoints = Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds)
+    _register_run(app, runtime.catalog, compiler, runtime.jobs, checkpoints, settings.max_request_bytes)
+    _register_finish(app, runtime.catalog, runtime.jobs, checkpoints)
     for name, kind in KINDS.items():
         if kind.decide is not None:
             # guarded: an exception while deciding ends the job as failed, never leaves it hanging
@@ -41,23 +46,73 @@ def register(runtime: Runtime) -> None:
             registrar(app, compiler)
 
 
-def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore) -> None:
+def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore,
+                  checkpoints: Checkpoints, max_bytes: int) -> None:
+    # *args/**kwargs: any call shape reaches the body, so a wrong one is a failed JobResult, not a TypeError
     @app.task(name=RUN_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
-    def run_pipeline(self: Task, request: dict[str, Any]) -> Any:
+    def run_pipeline(self: Task, *args: Any, **kwargs: Any) -> Any:
         job_id = self.request.id
+        request: Any = None
         try:
+            request = request_of(args, kwargs, max_bytes)
             envelope, spec = start_envelope(catalog, request, job_id)
         except StagecoachError as error:
             result = rejected(job_id, request, error, jobs)
             job_finished(self, result, {})
             return result.model_dump(mode="json")
-        jobs.entered(job_id, "", None)
-        canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
-        canvas.tasks[-1].set(task_id=finish_task_id(job_id))  # see finish_task_id
-        return self.replace(canvas)
+        with outage_requeues(f"pipeline.run of job {job_id}"):
+            claim = start_once(checkpoints, envelope, request, *delivery(self))
+            jobs.entered(job_id, "", None)
+            return replace_once(self, job_canvas(compiler, spec, envelope), checkpoints, claim)
 
 
-def start_envelope(catalog: Catalog, request: dict[str, Any], job_id: str) -> tuple[Envelope, PipelineSpec]:
+def job_canvas(compiler: Compiler, spec: PipelineSpec, envelope: Envelope) -> Any:
+    """The whole job as canvas, the envelope bound to its first task(s), `pipeline.finish` last."""
+    canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
+    canvas.tasks[-1].set(task_id=finish_task_id(envelope.job_id))  # see finish_task_id
+    return canvas
+
+
+def replace_once(task: Task, canvas: Any, checkpoints: Checkpoints, claim: Claim) -> Any:
+    """`task.replace(canvas)`, the start claimed done only once the chain is sent (if sending fails the
+    message is handed back and its redelivery takes the claim over)."""
+    try:
+        return task.replace(canvas)
+    except Ignore:  # how replace ends the task once the chain is sent
+        checkpoints.complete(claim)
+        raise
+
+
+def start_once(checkpoints: Checkpoints, envelope: Envelope, request: dict[str, Any], owner: str,
+               redelivered: bool) -> Claim:
+    """Checkpoint the request, then claim the start: a duplicated `pipeline.run` never starts a second chain."""
+    checkpoints.started(envelope.job_id, envelope.pipeline, request)
+    claim = checkpoints.claim(envelope, "run", checkpoints.stall, owner, redelivered)
+    if claim.begin is not Begin.RUN:
+        raise Ignore()
+    return claim
+
+
+def request_of(args: tuple[Any, ...], kwargs: dict[str, Any], max_bytes: int) -> Any:
+    """The one request of a `pipeline.run` call: `args=[REQUEST]`, `kwargs=REQUEST` or `kwargs={"request": ...}`."""
+    if len(args) == 1 and not kwargs:
+        request = args[0]
+    elif not args and set(kwargs) == {"request"}:
+        request = kwargs["request"]
+    elif not args and kwargs:
+        request = kwargs
+    else:
+        got = f"{len(args)} positional argument(s)" + (f" and kwargs {sorted(kwargs)}" if kwargs else "")
+        raise ContractError("pipeline.run request", [FieldProblem(
+            "<request>", f"expected one request {{pipeline, inputs}} as args=[REQUEST] or as kwargs; got {got}")])
+    size = len(json.dumps(request, default=str))
+    if size > max_bytes:
+        raise ContractError("pipeline.run request", [FieldProblem(
+            "inputs", f"request of {size} bytes exceeds STAGECOACH_MAX_REQUEST_BYTES ({max_bytes})")])
+    return request
+
+
+def start_envelope(catalog: Catalog, request: Any, job_id: str) -> tuple[Envelope, PipelineSpec]:
     try:
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
@@ -97,16 +152,22 @@ def finish_task_id(job_id: str) -> str:
     return f"{job_id}-finish"
 
 
-def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore) -> None:
+def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore, checkpoints: Checkpoints) -> None:
     @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def finish_pipeline(self: Task, envelope: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
-        result = job_result(job, outputs)
-        data = result.model_dump(mode="json")
-        if self.request.id != job.job_id:
-            self.backend.store_result(job.job_id, data, states.SUCCESS)
-            _job_succeeded_event(self, job.job_id, result)
-        jobs.finished(job.job_id, result.state)
+        with outage_requeues(f"pipeline.finish of job {job.job_id}"):
+            claim = checkpoints.claim(job, "finish", checkpoints.stall, *delivery(self))
+            if claim.begin is not Begin.RUN:
+                raise Ignore()  # a duplicate, or a generation the watchdog replaced: one result per job
+            result = job_result(job, outputs)
+            data = result.model_dump(mode="json")
+            if self.request.id != job.job_id:
+                self.backend.store_result(job.job_id, data, states.SUCCESS)
+                _job_succeeded_event(self, job.job_id, result)
+            jobs.finished(job.job_id, result.state)
+            checkpoints.finished(job.job_id)
+            checkpoints.complete(claim)
         job_finished(self, result, job.pick(list(catalog.pipeline(job.pipeline).inputs)))
         return data
 

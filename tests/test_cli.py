@@ -171,7 +171,7 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     assert "stage.key_terms" in table and "pipeline.routing" in table
     state = json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())
     pids = state["pids"]
-    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "flower", "monitor"}
+    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "watchdog", "flower", "monitor"}
     settings = Settings(broker_url=broker, catalog=[ROOT / "pipelines" / "qa.yaml"],
                         lm=LMSettings(model="openai/test-lm", api_base=lm_url))
     result = Client(create_runtime(settings)).submit("qa", {"question": "Up and running?"}).get(timeout=60)

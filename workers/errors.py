@@ -38,11 +38,29 @@ class ModuleLoadError(PermanentStageError):
     """The stage's DSPy module or saved state could not be loaded."""
 
 
+class PoisonMessageError(StagecoachError):
+    """A broker message no worker can run (undecodable, wrongly shaped, foreign serialiser, too big)."""
+
+
+class JobCancelledError(StagecoachError):
+    """An operator cancelled the job (`stagecoach cancel`)."""
+
+
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _TRANSIENT_NAMES = (
     "Timeout", "ConnectError", "ConnectionError", "RateLimit", "ServiceUnavailable", "APIConnection",
     "InternalServerError", "RemoteProtocolError", "ReadError", "BadGateway",
 )
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether an LM client error is a timeout (litellm.Timeout, httpx/openai timeouts, TimeoutError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or "Timeout" in type(seen).__name__:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_transient(error: BaseException) -> bool:

@@ -20,7 +20,7 @@ from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
 from workers.jobs import JobStore
 from workers.runtime import Runtime
 from workers.settings import Settings
-from workers.tasks import register_stage_tasks
+from workers.tasks import STAGE_KILL_GRACE, register_stage_tasks
 
 
 def create_runtime(settings: Settings | None = None, catalog: Catalog | None = None) -> Runtime:
@@ -36,8 +36,23 @@ def create_runtime(settings: Settings | None = None, catalog: Catalog | None = N
     return runtime
 
 
-def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
+def visibility_timeout(settings: Settings, catalog: Catalog) -> int:
+    """Seconds before Redis hands an unacked message to another consumer: the setting, else the longest
+    stage's hard limit + 60. Lower is safe (a duplicate of a running step is dropped by its claim) but
+    then the watchdog, not Redis, recovers a killed worker's job; see docs/reliability.md."""
+    if settings.visibility_timeout is not None:
+        return settings.visibility_timeout
     longest = max([s.time_limit or settings.stage_time_limit for s in catalog.stages.values()] or [0.0])
+    return int(longest + STAGE_KILL_GRACE) + 60
+
+
+def publish_retry_policy(seconds: float) -> dict[str, float]:
+    """kombu's retry policy for publishing, spread over about `seconds` (pauses of 0.2 s growing to 2 s)."""
+    return {"max_retries": max(3, int(seconds / 2) + 2), "interval_start": 0.2, "interval_step": 0.5,
+            "interval_max": 2.0}
+
+
+def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
     return {
         "task_serializer": "json",
         "result_serializer": "json",
@@ -47,9 +62,15 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "result_expires": settings.result_expires,
+        # a Redis restart must not drop a finished task's result (nor the job's): retry storing it
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        # the next step of a chain is published after a stage returns; while Redis restarts, retry it
+        # (for about STAGECOACH_PUBLISH_RETRY_SECONDS) rather than fail the job on a publish error
+        "task_publish_retry": True,
+        "task_publish_retry_policy": publish_retry_policy(settings.publish_retry_seconds),
         "result_extended": True,
-        "broker_transport_options": {"visibility_timeout": max(settings.visibility_timeout, int(longest) + 60)},
-        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog)},
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
@@ -58,6 +79,7 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,
         "worker_hijack_root_logger": False,
+        "worker_consumer": "workers.consumer:PoisonProofConsumer",  # screens every message (poison-proof)
     }
 
 

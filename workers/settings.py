@@ -82,12 +82,24 @@ class Settings(BaseSettings):
         description="import paths of register(runtime) functions called at app creation",
     )
     result_expires: int = Field(7 * 24 * 3600, description="seconds a job result is kept")
-    visibility_timeout: int = Field(3600, description="seconds before an unacked message is redelivered (Redis broker)")
+    visibility_timeout: int | None = Field(
+        None, description="seconds before Redis redelivers an unacked message (Redis broker); default: the longest "
+                          "stage's limit + 90 (`stagecoach settings` shows the effective value; docs/reliability.md)")
+    watchdog_stall_seconds: float = Field(
+        120.0, gt=0, description="a job whose next stage has not started this long after the last one is re-dispatched")
+    watchdog_interval: float = Field(5.0, gt=0, description="seconds between two watchdog sweeps")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
     concurrency: int = Field(4, description="tasks one worker runs at once")
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
     workers: dict[str, int] = Field(default_factory=dict, description="worker processes per stage queue started by "
                                     '`stagecoach up`, e.g. {"retrieve": 3}')
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0,
+                                   description="a bigger broker message is dead-lettered, not run")
+    max_request_bytes: int = Field(1024 * 1024, gt=0,
+                                   description="a job request (inputs as JSON) above this is refused")
+    dead_letter_max: int = Field(1000, gt=0, description="dead letters kept in Redis (oldest dropped)")
+    publish_retry_seconds: float = Field(
+        30.0, ge=0, description="a client retries publishing a job this long while the broker is down, then fails")
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())

@@ -10,6 +10,7 @@ only then stored in the cache and allowed to join the job's state.
 import importlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +29,8 @@ from workers.errors import (
     RetryableStageError,
     StageContractError,
     StageError,
+    StageTimeoutError,
+    is_timeout,
     is_transient,
 )
 from workers.lm import adapter_for, lm_for
@@ -90,12 +93,19 @@ def _instantiate(spec: StageSpec, target: Any) -> dspy.Module:
 
 
 class StageRunner:
-    """Calls one stage's module; one program instance per thread (modules hold call state)."""
+    """Calls one stage's module; one program instance per thread (modules hold call state).
 
-    def __init__(self, spec: StageSpec, lm_settings: LMSettings, cache: StageCache | None = None) -> None:
+    With a `time_limit` the call runs in a helper thread the caller waits on for at most that long,
+    so the limit holds in every pool (Celery's thread pool enforces none), and the LM's HTTP timeout
+    is clipped to it.
+    """
+
+    def __init__(self, spec: StageSpec, lm_settings: LMSettings, cache: StageCache | None = None,
+                 time_limit: float | None = None) -> None:
         self.spec = spec
         self.lm_settings = lm_settings
         self.cache = cache
+        self.time_limit = time_limit
         self._local = threading.local()
 
     def program(self) -> dspy.Module:
@@ -139,14 +149,60 @@ class StageRunner:
             raise StageContractError(self.spec.name, str(error), [p.field for p in error.problems]) from None
 
     def _call(self, inputs: dict[str, Any], override: LMOverride | None, counter: LMCallCounter) -> dspy.Prediction:
-        lm = lm_for(self.lm_settings, _merge(self.spec.lm, override))
+        chosen = _merge(self.spec.lm, override)
+        lm_timeout = (chosen.timeout if chosen and chosen.timeout else None) or self.lm_settings.timeout
+        clipped = self.time_limit is not None and lm_timeout >= self.time_limit
+        if clipped:
+            chosen = (chosen or LMOverride()).model_copy(update={"timeout": self.time_limit})
+        lm = lm_for(self.lm_settings, chosen)
         try:
-            with dspy.context(lm=lm, adapter=adapter_for(self.lm_settings), track_usage=True, callbacks=[counter]):
-                return self.program()(**inputs)
+            return self._bounded(lambda: self._predict(lm, inputs, counter))
         except StageError:
             raise
         except Exception as error:
+            if is_timeout(error):
+                raise self._timeout(lm_timeout, clipped, error) from error
             raise _classify(self.spec.name, error) from error
+
+    def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> dspy.Prediction:
+        with dspy.context(lm=lm, adapter=adapter_for(self.lm_settings), track_usage=True, callbacks=[counter]):
+            return self.program()(**inputs)
+
+    def _bounded(self, call: Callable[[], dspy.Prediction]) -> dspy.Prediction:
+        """`call()` in a helper thread, waited on for at most the time limit. Not in a prefork child (the
+        task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
+        if self.time_limit is None or threading.current_thread() is threading.main_thread():
+            return call()
+        program = self.program()  # the helper uses this thread's program instance
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            self._local.program = program
+            try:
+                outcome["value"] = call()
+            except BaseException as error:  # handed to the waiting thread
+                outcome["error"] = error
+
+        helper = threading.Thread(target=work, name=f"stage-{self.spec.name}", daemon=True)
+        helper.start()
+        helper.join(self.time_limit)
+        if helper.is_alive():  # abandoned: it ends when its LM call does (the LM timeout is clipped too)
+            del self._local.program  # it may still use that instance; the next call gets a fresh one
+            raise StageTimeoutError(self.spec.name, self._limit_text())
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]  # type: ignore[no-any-return]
+
+    def _limit_text(self) -> str:
+        return (f"time limit of {self.time_limit:g}s exceeded (the stage's `time_limit`, default "
+                "STAGECOACH_STAGE_TIME_LIMIT)")
+
+    def _timeout(self, lm_timeout: float, clipped: bool, error: Exception) -> StageError:
+        if clipped:
+            return StageTimeoutError(self.spec.name, self._limit_text())
+        return RetryableStageError(self.spec.name, (
+            f"LM Timeout: no reply within {lm_timeout:g}s; raise STAGECOACH_LM_TIMEOUT (or the stage's `lm.timeout`) "
+            f"if the model needs longer ({type(error).__name__})"))
 
     def _fields(self, prediction: Any) -> dict[str, Any]:
         data = prediction.toDict() if hasattr(prediction, "toDict") else dict(prediction)

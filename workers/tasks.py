@@ -7,21 +7,30 @@ went wrong. Transient LM errors are retried with exponential backoff, each attem
 Each outcome (ok, error kind, retry) is also sent as a Celery event for the monitor (workers/outcome.py).
 """
 
+import json
 import threading
+import time
 from typing import Any, NoReturn
 
+import redis
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from pydantic import ValidationError
 
-from contracts.envelope import Envelope, ErrorRecord, StageTiming
-from contracts.errors import UnknownVersionError
+from contracts.deadletters import DeadLetter
+from contracts.envelope import Decision, Envelope, ErrorRecord, StageTiming, Usage
+from contracts.errors import ContractError, UnknownVersionError
+from contracts.fields import problems_of, validate
 from contracts.names import FUSED_TASK, split_ref, stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.cache import StageCache
+from workers.checkpoint import Begin, Checkpoints, Done, delivery, outage_requeues
+from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.errors import StageError, StageTimeoutError
 from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
 from workers.jobs import JobStore
 from workers.outcome import stage_outcome
+from workers.ratelimit import RateLimiter
 from workers.settings import Settings
 from workers.stage import StageRun, StageRunner
 
@@ -34,14 +43,22 @@ def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Se
     """One task per stage version, named by its catalog ref (`answer`, or `answer@1` for an older one)."""
     cache = StageCache.from_url(settings.backend_url, settings.cache) if settings.cache.enabled else None
     versions = {(spec.name, spec.version): ref for ref, spec in stages.items()}
+    dead_letters = DeadLetterStore(redis.Redis.from_url(settings.backend_url), settings.dead_letter_max)
+    guard = Guard(Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds),
+                  RateLimiter(redis.Redis.from_url(settings.backend_url)))
+    # each runner holds its stage's time limit in every pool; all of them are there for on_error fallbacks
+    runners = {ref: StageRunner(spec, settings.lm, cache, spec.time_limit or settings.stage_time_limit)
+               for ref, spec in stages.items()}
     executors: dict[str, StageExecutor] = {}
     for ref, spec in stages.items():
-        executors[ref] = StageExecutor(StageRunner(spec, settings.lm, cache), jobs, versions)
-        _register(app, ref, executors[ref], settings)
+        hard_limit = (spec.time_limit or settings.stage_time_limit) + STAGE_KILL_GRACE
+        executors[ref] = StageExecutor(runners[ref], jobs, versions, guard, hard_limit, runners)
+        _register(app, ref, executors[ref], settings, dead_letters)
     _register_fused(app, FusedExecutor(executors, versions, settings, cache), settings)
 
 
-def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settings) -> None:
+def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settings,
+              dead_letters: DeadLetterStore) -> None:
     spec = executor.spec
     soft = spec.time_limit or settings.stage_time_limit
 
@@ -56,12 +73,48 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
         max_retries=spec.retry.max_retries,
     )
     def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
-        job = Envelope.model_validate(envelope)
-        call = StageNode.model_validate(node)
+        job, call = inbound(app, dead_letters, self, envelope, node)
         if call.version is not None and call.version != spec.version:
             return executor.hand_over(self, job, call, path)
-        with stage_outcome(self, spec.name, job, path, job.pick(list(spec.inputs), call.inputs)) as report:
+        inputs = job.pick(list(spec.inputs), call.inputs)
+        with outage_requeues(f"{self.name} of job {job.job_id}"), \
+                stage_outcome(self, spec.name, job, path, inputs) as report:
             return report(executor.execute(self, job, call, path)).model_dump(mode="json")
+
+
+def inbound(app: Celery, dead_letters: DeadLetterStore, task: Task, envelope: Any,
+            node: Any) -> tuple[Envelope, StageNode]:
+    """The envelope and node of a stage message; an invalid one is dead-lettered, its job failed,
+    and the message rejected (the rest of its chain cannot run without an envelope)."""
+    try:
+        return Envelope.model_validate(envelope), StageNode.model_validate(node)
+    except ValidationError as error:
+        problems = "; ".join(str(p) for p in problems_of(error))
+        raw = json.dumps({"envelope": envelope, "node": node}, default=str).encode()
+        request = task.request
+        named = {"task": task.name, "task_id": request.id, "root_id": request.root_id}
+        letter = DeadLetter.of(f"{task.name}: invalid envelope or node: {problems}", raw,
+                               str((request.delivery_info or {}).get("routing_key") or ""), MAX_RAW_BYTES,
+                               {k: v for k, v in named.items() if isinstance(v, str)}, source="task")
+        quarantine(app, dead_letters, letter)
+        raise Reject(letter.reason, requeue=False) from None
+
+
+def recovery_decision(path: str, choice: str, record: ErrorRecord, detail: dict[str, Any] | None = None) -> Decision:
+    return Decision(node=path, kind="recovery", choice=choice, detail={"error": record.message, **(detail or {})})
+
+
+def cancelled_record(path: str, stage: str | None) -> ErrorRecord:
+    return ErrorRecord(node=path, stage=stage, kind="cancelled", error_type="JobCancelledError",
+                       message="job cancelled by an operator (`stagecoach cancel`)")
+
+
+class Guard:
+    """What keeps a stage step once-only and within quota: checkpoints/claims and the rate limiter."""
+
+    def __init__(self, checkpoints: Checkpoints, limiter: RateLimiter) -> None:
+        self.checkpoints = checkpoints
+        self.limiter = limiter
 
 
 def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> None:
@@ -164,11 +217,16 @@ class FusedExecutor:
 class StageExecutor:
     """Runs a stage for one envelope and folds the outcome (output, retry or error) into it."""
 
-    def __init__(self, runner: StageRunner, jobs: JobStore, versions: dict[tuple[str, str], str]) -> None:
+    def __init__(self, runner: StageRunner, jobs: JobStore, versions: dict[tuple[str, str], str],
+                 guard: Guard | None = None, hard_limit: float = 0.0,
+                 fallbacks: dict[str, StageRunner] | None = None) -> None:
         self.runner = runner
         self.jobs = jobs
         self.spec = runner.spec
         self.versions = versions  # (stage name, version) -> catalog ref, for every version this worker knows
+        self.guard = guard  # None: no claims or checkpoints (a fused pair's merged call)
+        self.hard_limit = hard_limit
+        self.fallbacks = fallbacks or {}  # every stage's runner, by ref: an `on_error` fallback stage runs inline
 
     def hand_over(self, task: Task, job: Envelope, call: StageNode, path: str) -> Any:
         """The job started on another version of this stage (the catalog changed since): run it there."""
@@ -186,10 +244,40 @@ class StageExecutor:
 
     def execute(self, task: Task, job: Envelope, call: StageNode, path: str,
                 resume: dict[str, Any] | None = None) -> Envelope:
-        """Run the stage; `resume` are the task kwargs a retry is sent with (default: this node)."""
+        """Run the stage once per (job, generation, node path, attempt), however often it is delivered;
+        `resume` are the task kwargs a retry is sent with (default: this node)."""
         if job.failed:
             return job  # a fatal error earlier: pass through to the end of the pipeline
+        if self.guard is None:
+            return self._run(task, job, call, path, resume, 0)
+        checkpoints = self.guard.checkpoints
+        claim = checkpoints.claim(job, f"{path}#{task.request.retries}", self.hard_limit, *delivery(task))
+        if claim.begin is not Begin.RUN:
+            raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
+        try:
+            return self._once(task, job, call, path, resume, claim.redeliveries)
+        finally:
+            checkpoints.complete(claim)
+
+    def _once(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
+              redeliveries: int) -> Envelope:
+        """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, or run."""
+        assert self.guard is not None
+        checkpoints = self.guard.checkpoints
+        if checkpoints.cancelled(job.job_id):
+            return job.with_error(cancelled_record(path, self.spec.name), fatal=True)
+        done = checkpoints.done(job.job_id, path)
+        if done is not None:  # completed by an earlier generation of this job: no second LM call
+            timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": redeliveries})
+            return job.with_output(path, done.outputs, timing, done.usage, call.outputs)
+        # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
+        checkpoints.push_deadline(job.job_id, time.time() + self.hard_limit + checkpoints.stall)
+        return self._run(task, job, call, path, resume, redeliveries)
+
+    def _run(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
+             redeliveries: int) -> Envelope:
         self.jobs.entered(job.job_id, path, self.spec.name)
+        throttled = self._wait_turn()
         try:
             run = self.runner.run(job.pick(list(self.spec.inputs), call.inputs), call.lm)
         except SoftTimeLimitExceeded:
@@ -200,15 +288,34 @@ class StageExecutor:
             if error.retryable and task.request.retries < self.spec.retry.max_retries:
                 self._retry(task, job, path, error, resume or {"node": call.model_dump(mode="json"), "path": path})
             return self._failed(job, call, path, error, task)
-        self.jobs.left(job.job_id)
-        return self._done(task, job, call, path, run)
+        timing = self._timing(task, path, run, self.spec).model_copy(
+            update={"redeliveries": redeliveries, "throttled_seconds": throttled})
+        self._spent(run.usage)
+        out = self._done(task, job, call, path, run, timing)
+        if self.guard is not None:
+            self.guard.checkpoints.save(out, path, Done(run.outputs, timing, run.usage))  # counts the stage, once
+        else:
+            self.jobs.left(job.job_id)
+        return out
 
-    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun) -> Envelope:
+    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
+              timing: StageTiming | None = None) -> Envelope:
         """Fold a successful run into the envelope and publish the fields that are final now."""
-        done = job.with_output(path, run.outputs, self._timing(task, path, run, self.spec), run.usage, call.outputs,
-                               run.cached_usage)
+        done = job.with_output(path, run.outputs, timing or self._timing(task, path, run, self.spec), run.usage,
+                               call.outputs, run.cached_usage)
         self._publish(job, done, {call.outputs.get(name, name) for name in run.outputs})
         return done
+
+    def _wait_turn(self) -> float:
+        """The stage's shared rate limit, if it has one: wait for a slot (logged while throttled)."""
+        if self.guard is None or self.spec.rate_limit is None:
+            return 0.0
+        return self.guard.limiter.wait_turn(self.spec.name, self.spec.rate_limit)
+
+    def _spent(self, usage: Usage | None) -> None:
+        if self.guard is not None and self.spec.rate_limit is not None and usage is not None:
+            self.guard.limiter.spent(self.spec.name, self.spec.rate_limit,
+                                     usage.prompt_tokens + usage.completion_tokens)
 
     def _timing(self, task: Task, path: str, run: StageRun, spec: StageSpec, shared: str | None = None) -> StageTiming:
         return StageTiming(
@@ -237,8 +344,43 @@ class StageExecutor:
         raise AssertionError("unreachable: Task.retry raises")
 
     def _failed(self, job: Envelope, call: StageNode, path: str, error: StageError, task: Task) -> Envelope:
+        """Retries are spent: the stage's `on_error` strategy decides what the job does next."""
         self.jobs.left(job.job_id)
-        return job.with_error(self._record(path, error, task), fatal=call.critical)
+        record = self._record(path, error, task)
+        policy = self.spec.on_error
+        if policy.strategy == "fail":
+            return job.with_error(record, fatal=call.critical)
+        logged = job.with_error(record, fatal=False)
+        if policy.strategy == "skip":
+            return logged.with_decision(recovery_decision(path, "skip", record))
+        if policy.value is not None:
+            return self._fallback_value(logged, call, path, record, policy.value)
+        return self._fallback_stage(logged, call, path, record, task)
+
+    def _fallback_value(self, job: Envelope, call: StageNode, path: str, record: ErrorRecord,
+                        value: dict[str, Any]) -> Envelope:
+        try:
+            outputs = validate(f"stage '{self.spec.name}' on_error fallback value", self.spec.outputs, value)
+        except ContractError as bad:
+            return job.with_error(ErrorRecord(node=path, stage=self.spec.name, kind="contract",
+                                              error_type="ContractError", message=str(bad)), fatal=call.critical)
+        decided = job.with_decision(recovery_decision(path, "fallback", record, {"value": outputs}))
+        return decided.with_output(path, outputs, rename=call.outputs)
+
+    def _fallback_stage(self, job: Envelope, call: StageNode, path: str, record: ErrorRecord, task: Task) -> Envelope:
+        name = str(self.spec.on_error.stage)
+        runner = self.fallbacks[name]
+        decided = job.with_decision(recovery_decision(path, "fallback", record, {"stage": name}))
+        try:
+            run = runner.run(job.pick(list(runner.spec.inputs)))  # its own contract's fields, by name
+        except StageError as error:  # the fallback failed too: that ends it
+            failed = ErrorRecord(node=path, stage=name, kind=error.kind,  # type: ignore[arg-type]
+                                 error_type=type(error).__name__, message=f"fallback stage '{name}': {error}",
+                                 fields=error.fields)
+            return decided.with_error(failed, fatal=call.critical)
+        timing = StageTiming(node=path, stage=name, identity=runner.spec.identity, worker=task.request.hostname or "",
+                             started_at=run.started_at, seconds=run.seconds)
+        return decided.with_output(path, run.outputs, timing, run.usage, call.outputs)
 
     def _record(self, path: str, error: StageError, task: Task) -> ErrorRecord:
         return ErrorRecord(
@@ -262,7 +404,8 @@ class PairExecutor(StageExecutor):
         self.pair = (runner.first, runner.second)
         self.nodes = nodes
 
-    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun) -> Envelope:
+    def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
+              timing: StageTiming | None = None) -> Envelope:
         done = split(task, job, run, self.pair, self.nodes, self._timing)
         written = {node.outputs.get(k, k) for (node, _), spec in zip(self.nodes, self.pair, strict=True)
                    for k in spec.outputs}

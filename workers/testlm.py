@@ -7,6 +7,7 @@ values built from the input fields (`answer of <question text>`), so data flow i
 Fault injection, server-wide or per prompt (markers anywhere in an input):
   --latency-ms N / [[lm:sleep=N]]      add latency
   --fail-rate P                        deterministic 503s for a fraction of (prompt, attempt)
+  --fail-statuses 429:0.3,500:0.2      deterministic statuses for fractions of (prompt, attempt)
   [[lm:fail_first=N]]                  the first N attempts of this prompt get 503
   [[lm:fail]] / [[lm:status=400]]      always 503 / always this status
   [[lm:garbage]]                       reply with text that is not JSON
@@ -37,7 +38,9 @@ SET_MARKER = re.compile(r"\[\[lm:set:(\w+)=([^\]]*)\]\]")
 class Behaviour:
     """Server-wide settings and the counters fault injection needs."""
 
-    def __init__(self, latency_ms: float = 0, fail_rate: float = 0, rules: list[dict[str, Any]] | None = None):
+    def __init__(self, latency_ms: float = 0, fail_rate: float = 0, rules: list[dict[str, Any]] | None = None,
+                 fail_statuses: dict[int, float] | None = None):
+        self.fail_statuses = fail_statuses or {}
         self.latency_ms = latency_ms
         self.fail_rate = fail_rate
         self.rules = [(re.compile(r["when"], re.S | re.I), r["set"]) for r in rules or []]
@@ -222,8 +225,13 @@ class Handler(BaseHTTPRequestHandler):
             return 503
         if "fail_first" in markers and attempt <= int(markers["fail_first"]):
             return 503
-        if self.behaviour.fail_rate and (digest(key, str(attempt)) % 10_000) / 10_000 < self.behaviour.fail_rate:
+        draw = (digest(key, str(attempt)) % 10_000) / 10_000
+        if self.behaviour.fail_rate and draw < self.behaviour.fail_rate:
             return 503
+        for status, share in self.behaviour.fail_statuses.items():  # consecutive slices of [0, 1)
+            if draw < share:
+                return status
+            draw -= share
         return None
 
     def _send(self, status: int, payload: dict[str, Any]) -> None:
@@ -266,16 +274,24 @@ def serve_in_thread(port: int = 0, **options: Any) -> tuple[ThreadingHTTPServer,
     return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
 
+def parse_statuses(text: str) -> dict[int, float]:
+    """`429:0.3,500:0.2` -> {429: 0.3, 500: 0.2}."""
+    pairs = (item.split(":") for item in text.split(",") if item.strip())
+    return {int(status): float(share) for status, share in pairs}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8091)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--fail-rate", type=float, default=0.0)
+    parser.add_argument("--fail-statuses", type=parse_statuses, default={},
+                        help="STATUS:SHARE,... e.g. 429:0.3,500:0.2")
     parser.add_argument("--rules", type=Path)
     args = parser.parse_args(argv)
     rules = json.loads(args.rules.read_text()) if args.rules else None
-    server = make_server(args.host, args.port, Behaviour(args.latency_ms, args.fail_rate, rules))
+    server = make_server(args.host, args.port, Behaviour(args.latency_ms, args.fail_rate, rules, args.fail_statuses))
     print(f"test LM listening on http://{args.host}:{server.server_address[1]}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()

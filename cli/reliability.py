@@ -1,0 +1,98 @@
+"""Operator controls for jobs and messages: dead letters (list, replay), cancel, resume."""
+
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import redis
+
+from cli import render
+from contracts.deadletters import DeadLetter
+from workers.deadletter import DeadLetterStore, describe
+from workers.settings import Settings
+
+if TYPE_CHECKING:
+    from routing.recovery import Recovery
+
+
+class ReplayError(ValueError):
+    """A dead letter that cannot be replayed; the message says why."""
+
+
+def store(settings: Settings) -> DeadLetterStore:
+    return DeadLetterStore(redis.Redis.from_url(settings.backend_url), settings.dead_letter_max)
+
+
+def show_dead_letters(letters: list[DeadLetter], as_json: bool) -> None:
+    if as_json:
+        render.print_json([letter.model_dump(mode="json") for letter in letters])
+        return
+    rows = [(letter.id[:12], datetime.fromtimestamp(letter.at, UTC).strftime("%Y-%m-%d %H:%M:%S"), letter.queue,
+             letter.task or "-", (letter.task_id or "-")[:12], letter.reason, f"{letter.size}",
+             describe(letter.raw)) for letter in letters]
+    render.out.print(render.rows_table(f"dead letters ({len(letters)})",
+                                       ("id", "at (UTC)", "queue", "task", "task id", "reason", "bytes", "raw"), rows))
+
+
+def replay(settings: Settings, letter_id: str, queue: str | None) -> DeadLetter:
+    """Push a dead letter's raw message back onto its queue (a fresh delivery tag) and drop the entry."""
+    letters = store(settings)
+    letter = letters.get(letter_id)
+    if letter is None:
+        raise ReplayError(f"no single dead letter with id '{letter_id}' (see `stagecoach dead-letters`)")
+    if letter.source != "broker":
+        raise ReplayError(f"dead letter {letter.id} holds a task's refused arguments, not a broker message")
+    if letter.truncated:
+        raise ReplayError(f"dead letter {letter.id} kept only part of its {letter.size} bytes; cannot replay")
+    target = queue or letter.queue
+    if not target:
+        raise ReplayError(f"dead letter {letter.id} names no queue; pass --queue")
+    if not settings.broker_is_redis:
+        raise ReplayError("replay pushes onto Redis queues; this broker is not Redis")
+    redis.Redis.from_url(settings.broker_url).lpush(target, refreshed(letter.raw))
+    letters.remove(letter.id)
+    return letter
+
+
+def refreshed(raw: bytes) -> bytes:
+    """The message with a new delivery tag (the old one may still sit in the broker's unacked set)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw
+    if isinstance(payload, dict) and isinstance(payload.get("properties"), dict):
+        payload["properties"]["delivery_tag"] = str(uuid.uuid4())
+        return json.dumps(payload).encode()
+    return raw
+
+
+def recovery(settings: Settings) -> "Recovery":
+    from routing.recovery import Recovery
+    from workers.checkpoint import Checkpoints
+    from workers.factory import create_runtime
+
+    runtime = create_runtime(settings)
+    checkpoints = Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds)
+    return Recovery(runtime.app, runtime.catalog, checkpoints, runtime.jobs)
+
+
+def watch(settings: Settings, interval: float, once: bool) -> None:
+    """Sweep for stalled jobs every `interval` seconds (until interrupted), printing what it did."""
+    from routing.recovery import sweep
+
+    carer = recovery(settings)  # builds the app without touching Redis
+    render.err.print(f"watchdog: a job is re-dispatched {settings.watchdog_stall_seconds:.0f}s after its "
+                     f"deadline of progress; sweeping every {interval:.1f}s", highlight=False)
+    while True:
+        try:
+            for job_id, action in sweep(carer):
+                render.out.print(f"{datetime.now(UTC):%H:%M:%S} job {job_id}: {action}", highlight=False)
+        except redis.RedisError as error:  # the broker restarting: try again next sweep
+            render.err.print(f"watchdog: Redis unavailable ({error}); retrying", highlight=False)
+            if once:
+                raise
+        if once:
+            return
+        time.sleep(interval)

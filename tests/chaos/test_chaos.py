@@ -1,0 +1,209 @@
+"""Chaos runs (issue 9), outside the default suite: `make test-chaos` (CI runs it too).
+
+- 200 jobs while stage workers are SIGKILLed at least 10 times (main process and pool child,
+  thread and prefork pools): every job completes, none runs a stage twice into its result.
+- A Redis restart (AOF) under load: every job completes once, no worker is left dead.
+- 100 jobs with 30 % 429 and 20 % 500 from the LM: every job ends (succeeds or fails cleanly).
+Each run prints its figures (kills, re-dispatches, redeliveries, wall time). Real processes only.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from contracts.jobs import JobResult
+from contracts.names import ROUTING_QUEUE, stage_queue
+from routing.client import Client, JobHandle
+from tests.reliability_kit import RestartableRedis, catalog_paths, restartable_redis
+from tests.services import Fleet, Worker, client_for, private_redis, worker_env
+from tests.services import test_lm as start_test_lm
+
+STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
+STAGES = ("key_terms", "answer")
+CHAOS_ENV = {"STAGECOACH_STAGE_TIME_LIMIT": "5", "STAGECOACH_VISIBILITY_TIMEOUT": "10",
+             "STAGECOACH_WATCHDOG_STALL_SECONDS": "5", "STAGECOACH_WATCHDOG_INTERVAL": "1"}
+
+
+class Chaos:
+    """A fleet of two workers per stage (threads and prefork), a routing worker and the watchdog."""
+
+    def __init__(self, redis_url: str, lm_url: str, logdir: Path) -> None:
+        self.env = worker_env(redis_url, lm_url, catalog_paths(), **CHAOS_ENV)
+        self.fleet = Fleet(self.env, logdir)
+        self.serial = 0
+        self.watchdog_log = logdir / "watchdog.out"
+        self.watchdog: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.fleet.start("routing", [ROUTING_QUEUE], concurrency=6)
+        for stage in STAGES:
+            for pool in ("threads", "prefork"):
+                self.add(stage, pool)
+        self.fleet.wait_ready()
+        with self.watchdog_log.open("wb") as out:
+            self.watchdog = subprocess.Popen([STAGECOACH, "watchdog"], env=self.env, stdout=out,
+                                             stderr=subprocess.STDOUT)
+
+    def add(self, stage: str, pool: str) -> Worker:
+        self.serial += 1
+        return self.fleet.start(f"{stage}-{pool}-{self.serial}", [stage_queue(stage)], pool=pool,
+                                concurrency=4 if pool == "threads" else 2)
+
+    def kill(self, stage: str, pool: str, target: str) -> str:
+        """SIGKILL a worker's main process (a replacement starts) or one of its pool children."""
+        worker = next(w for w in self.fleet.workers if w.name.startswith(f"{stage}-{pool}-") and w.proc.poll() is None)
+        if target == "child":
+            kids = pool_children(worker.proc.pid)
+            if kids:
+                os.kill(random.choice(kids), signal.SIGKILL)
+                return f"{worker.name} pool child"
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait(10)
+        self.fleet.workers.remove(worker)
+        self.add(stage, pool)
+        return f"{worker.name} main process"
+
+    def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.terminate()
+            self.watchdog.wait(20)
+        self.fleet.stop()
+
+    def redispatches(self) -> int:
+        return self.watchdog_log.read_text(errors="replace").count("re-dispatched")
+
+    def alive(self) -> bool:
+        return all(w.proc.poll() is None for w in self.fleet.workers)
+
+
+def pool_children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@contextmanager
+def chaos_fleet(redis_url: str, lm_url: str, tmp_path: Path) -> Iterator[Chaos]:
+    chaos = Chaos(redis_url, lm_url, tmp_path)
+    try:
+        chaos.start()
+        yield chaos
+    finally:
+        chaos.stop()
+
+
+def submit_all(client: Client, count: int, tag: str, pause: float = 0.0) -> list[JobHandle]:
+    handles = []
+    for index in range(count):
+        handles.append(client.submit("qa", {"question": f"{tag} {index}?"}))
+        time.sleep(pause)
+    return handles
+
+
+def check_once(client: Client, results: list[JobResult], tag: str) -> None:
+    """Every job succeeded with its own answer, each stage exactly once in its result and its count."""
+    for index, result in enumerate(results):
+        assert result.ok, (result.job_id, result.error)
+        assert result.answer["answer"] == f"answer of <{tag} {index}?>"
+        assert [t.node for t in result.timings] == ["key_terms", "answer"], result.timings
+        assert client.status(result.job_id).stages_done == 2, result.job_id
+
+
+def figures(name: str, **values: object) -> None:
+    print(f"CHAOS FIGURES {name}: {json.dumps(values)}")
+
+
+@pytest.mark.timeout(480)
+def test_sigkills_of_stage_workers_lose_no_job_and_repeat_none(tmp_path: Path) -> None:
+    kills_wanted = 12
+    plan = [("key_terms", "threads", "main"), ("answer", "prefork", "child"), ("answer", "threads", "main"),
+            ("key_terms", "prefork", "child"), ("key_terms", "prefork", "main"), ("answer", "prefork", "main")]
+    with private_redis() as url, start_test_lm("--latency-ms", "300") as lm, chaos_fleet(url, lm, tmp_path) as chaos:
+        client = client_for(url, lm, catalog_paths())
+        started = time.monotonic()
+        handles: list[JobHandle] = []
+        submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, 200, "Kill", 0.02)))
+        submitter.start()
+        killed = []
+        for number in range(kills_wanted):
+            time.sleep(1.2)
+            killed.append(chaos.kill(*plan[number % len(plan)]))
+        submitter.join()
+        results = [h.get(timeout=240) for h in handles]
+        seconds = time.monotonic() - started
+        check_once(client, results, "Kill")
+        chaos.fleet.wait_ready()
+        assert chaos.alive()
+        timings = [t for r in results for t in r.timings]
+        figures("sigkill", jobs=len(results), kills=len(killed), killed=killed, wall_seconds=round(seconds, 1),
+                watchdog_redispatches=chaos.redispatches(),
+                redelivered_stages=sum(1 for t in timings if t.redeliveries),
+                replayed_from_checkpoint=sum(1 for t in timings if t.from_checkpoint),
+                jobs_in_generation_above_0=sum(1 for r in results if any(t.from_checkpoint for t in r.timings)))
+        assert len(killed) >= 10 and len(results) == 200
+
+
+@pytest.mark.timeout(480)
+def test_redis_restart_under_load_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    with restartable_redis() as server, start_test_lm("--latency-ms", "200") as lm, \
+            chaos_fleet(server.url, lm, tmp_path) as chaos:
+        client = client_for(server.url, lm, catalog_paths())
+        started = time.monotonic()
+        handles: list[JobHandle] = []
+        submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, 100, "Restart", 0.1)))
+        submitter.start()
+        restarts = 0
+        for _ in range(2):
+            time.sleep(3.0)
+            restart(server)
+            restarts += 1
+        submitter.join()
+        results = [h.get(timeout=240) for h in handles]
+        seconds = time.monotonic() - started
+        check_once(client, results, "Restart")
+        assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
+        logs = "".join(w.log_text() for w in chaos.fleet.workers)
+        assert "Unrecoverable error" not in logs
+        figures("redis_restart", jobs=len(results), restarts=restarts, wall_seconds=round(seconds, 1),
+                watchdog_redispatches=chaos.redispatches(),
+                redelivered_stages=sum(1 for r in results for t in r.timings if t.redeliveries))
+
+
+def restart(server: RestartableRedis) -> None:
+    server.stop()
+    time.sleep(2.0)
+    server.start()
+
+
+@pytest.mark.timeout(480)
+def test_lm_faults_429_and_500_every_job_ends(tmp_path: Path) -> None:
+    with private_redis() as url, start_test_lm("--fail-statuses", "429:0.3,500:0.2") as lm, \
+            chaos_fleet(url, lm, tmp_path) as chaos:
+        client = client_for(url, lm, catalog_paths())
+        started = time.monotonic()
+        handles = submit_all(client, 100, "Faulty")
+        results = [h.get(timeout=240) for h in handles]  # a hang would raise JobTimeoutError here
+        seconds = time.monotonic() - started
+        failed = [r for r in results if not r.ok]
+        for result in failed:
+            assert result.error is not None and result.error.kind == "lm" and result.error.attempts == 4
+            assert any(code in result.error.message for code in ("429", "500", "RateLimit", "InternalServer"))
+        retries = sum(1 for r in results for e in r.errors if e.retryable) - len(failed)
+        assert chaos.alive()
+        figures("lm_faults", jobs=len(results), succeeded=len(results) - len(failed), failed_cleanly=len(failed),
+                retries_logged=retries, wall_seconds=round(seconds, 1))
+        assert len(results) == 100
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_redis_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("STAGECOACH_BROKER_URL", raising=False)

@@ -1,0 +1,120 @@
+"""Helpers shared by the reliability and chaos tests: raw broker messages and a private fleet."""
+
+import base64
+import json
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from cli.stack import redis_binary
+from contracts.deadletters import DeadLetter
+from contracts.names import DEAD_LETTER_KEY, ROUTING_QUEUE, stage_queue
+from tests.services import Fleet, default_catalog, free_port, reachable, worker_env
+
+JSON = "application/json"
+EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def headers(task: str, task_id: str, **extra: Any) -> dict[str, Any]:
+    return {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None,
+            "retries": 0, "eta": None, "expires": None, **extra}
+
+
+def message(queue: str, head: dict[str, Any] | Any, body: Any, content_type: str = JSON,
+            encoding: str = "base64", raw_body: str | None = None) -> dict[str, Any]:
+    """A broker message as kombu's Redis transport stores it; `body` is JSON-encoded then base64'd."""
+    encoded = raw_body if raw_body is not None else base64.b64encode(
+        body if isinstance(body, bytes) else json.dumps(body).encode()).decode()
+    return {"body": encoded, "content-encoding": "utf-8", "content-type": content_type, "headers": head,
+            "properties": {"correlation_id": "c", "delivery_mode": 2, "priority": 0, "body_encoding": encoding,
+                           "delivery_tag": str(uuid.uuid4()),
+                           "delivery_info": {"exchange": "", "routing_key": queue}}}
+
+
+def run_message(job_id: str, request: Any, **extra: Any) -> dict[str, Any]:
+    return message(ROUTING_QUEUE, headers("pipeline.run", job_id, **extra), [[request], {}, EMBED])
+
+
+def letters(db: redis.Redis) -> list[DeadLetter]:
+    return [DeadLetter.model_validate_json(item) for item in db.lrange(DEAD_LETTER_KEY, 0, -1)]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until `check` returns something truthy; its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not seen after {timeout}s")
+
+
+RELIABILITY_PIPELINES = Path(__file__).resolve().parent / "pipelines_reliability"
+QA_STAGES = ("key_terms", "answer")
+
+
+def catalog_paths() -> list[Path]:
+    return [*default_catalog(), RELIABILITY_PIPELINES]
+
+
+@contextmanager
+def qa_fleet(redis_url: str, lm_url: str, pool: str = "threads", copies: int = 1,
+             stages: tuple[str, ...] = QA_STAGES, shared: tuple[str, ...] = (), **env: str) -> Iterator[Fleet]:
+    """Routing worker plus workers for `stages` (default: qa's) on a Redis of the caller's own, and one
+    worker consuming every queue of the `shared` stages."""
+    logdir = Path(tempfile.mkdtemp(prefix="stagecoach-reliability-"))
+    fleet = Fleet(worker_env(redis_url, lm_url, catalog_paths(), **env), logdir)
+    fleet.start("routing", [ROUTING_QUEUE], concurrency=4)
+    for copy in range(copies):
+        for stage in stages:
+            fleet.start(f"{stage}-{copy}", [stage_queue(stage)], pool=pool, concurrency=2)
+    if shared:
+        fleet.start("shared", [stage_queue(stage) for stage in shared], pool=pool, concurrency=4)
+    try:
+        fleet.wait_ready()
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+class RestartableRedis:
+    """A private redis-server with AOF on a fixed free port, which a test may stop and start again."""
+
+    def __init__(self, password: str | None = None) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="stagecoach-aof-")
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        cmd = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+               "yes", "--appendfsync", "always", "--dir", self.dir,
+               *(["--requirepass", self.password] if self.password else [])]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: reachable(self.url), 20, f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.proc = None
+
+
+@contextmanager
+def restartable_redis(password: str | None = None) -> Iterator[RestartableRedis]:
+    server = RestartableRedis(password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

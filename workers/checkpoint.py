@@ -1,0 +1,213 @@
+"""Job progress outside the broker: checkpoints, once-only claims, cancellation and the watch index.
+
+A job's checkpoint (hash `stagecoach:checkpoint:<job>`) holds the request it started from, its
+generation (0, then +1 per re-dispatch or resume), the latest envelope and each completed stage's
+outputs (`done:<path>`); it expires with the job's result. Claims (SET NX) make each
+(job, generation, node path, attempt) run once however often the broker delivers it: a
+redelivered or re-dispatched message is dropped, or replayed from the checkpoint without an LM
+call. The watch index (sorted set: job -> deadline) lets the watchdog find jobs that stopped.
+"""
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Reject, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError
+
+from contracts.envelope import Envelope, StageTiming, Usage
+from contracts.names import WATCH_KEY, cancel_key, checkpoint_key, claim_key, job_key
+
+
+class Begin(enum.Enum):
+    RUN = "run"  # this delivery runs the step
+    DUPLICATE = "duplicate"  # another delivery runs it now, or ran it already
+    STALE = "stale"  # the job was re-dispatched since: a newer generation carries it
+
+
+@dataclass(frozen=True)
+class Claim:
+    begin: Begin
+    key: str
+    redeliveries: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    """A completed stage as the checkpoint keeps it, enough to replay it without the LM."""
+
+    outputs: dict[str, Any]
+    timing: StageTiming
+    usage: Usage | None
+
+    def dump(self) -> str:
+        return json.dumps({"outputs": self.outputs, "timing": self.timing.model_dump(mode="json"),
+                           "usage": self.usage.model_dump(mode="json") if self.usage else None})
+
+    @classmethod
+    def load(cls, raw: bytes | str) -> "Done":
+        data = json.loads(raw)
+        usage = Usage.model_validate(data["usage"]) if data.get("usage") else None
+        return cls(data["outputs"], StageTiming.model_validate(data["timing"]), usage)
+
+
+# what a broker outage raises (redis-py, kombu): callers ride it out instead of failing the job
+BROKER_DOWN = (redis.ConnectionError, redis.TimeoutError, OperationalError, ConnectionError)
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def outage_requeues(what: str) -> Iterator[None]:
+    """Broker trouble inside a step (a Redis restart; or a soft limit hit while blocked on Redis) hands
+    the message back instead of failing the job: the redelivered copy takes over its own claim, and
+    anything the step completed is replayed from the checkpoint."""
+    try:
+        yield
+    except (*BROKER_DOWN, SoftTimeLimitExceeded) as error:
+        log.warning("%s: broker unavailable (%s: %s); message handed back", what, type(error).__name__, error)
+        raise Reject(f"broker unavailable: {error}", requeue=True) from None
+
+
+# KEYS checkpoint, job status; ARGV field, value: record a stage's first completion and count it
+_FIRST_DONE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'stages_done', 1)
+  return 1
+end
+return 0
+"""
+
+
+def delivery(task: Task) -> tuple[str, bool]:
+    """Who delivers this step (the task id) and whether the broker handed the message back."""
+    info = task.request.delivery_info or {}
+    return str(task.request.id), bool(info.get("redelivered"))
+
+
+class Checkpoints:
+    def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float) -> None:
+        self.client = client
+        self.ttl = ttl
+        self.stall = stall_seconds
+        self._first_done = client.register_script(_FIRST_DONE)
+
+    @classmethod
+    def from_url(cls, url: str, ttl: int, stall_seconds: float) -> "Checkpoints":
+        return cls(redis.Redis.from_url(url), ttl, stall_seconds)
+
+    # --- the job ------------------------------------------------------------------------------
+
+    def started(self, job_id: str, pipeline: str, request: dict[str, Any]) -> None:
+        """Record what the job started from (first time only) and watch it."""
+        key = checkpoint_key(job_id)
+        pipe = self.client.pipeline()
+        pipe.hsetnx(key, "request", json.dumps(request))
+        pipe.hsetnx(key, "pipeline", pipeline)
+        pipe.hsetnx(key, "generation", 0)
+        pipe.hset(key, "updated_at", time.time())
+        pipe.expire(key, self.ttl)
+        pipe.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
+        pipe.execute()
+
+    def request(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.client.hget(checkpoint_key(job_id), "request")
+        return json.loads(raw) if raw else None
+
+    def generation(self, job_id: str) -> int:
+        raw = self.client.hget(checkpoint_key(job_id), "generation")
+        return int(raw) if raw else 0
+
+    def next_generation(self, job_id: str) -> int:
+        return int(self.client.hincrby(checkpoint_key(job_id), "generation", 1))
+
+    def finished(self, job_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.zrem(WATCH_KEY, job_id)
+        pipe.hset(checkpoint_key(job_id), "finished_at", time.time())
+        pipe.execute()
+
+    def is_finished(self, job_id: str) -> bool:
+        return bool(self.client.hexists(checkpoint_key(job_id), "finished_at"))
+
+    def reopen(self, job_id: str) -> None:
+        """Watch a finished job again (resume)."""
+        pipe = self.client.pipeline()
+        pipe.hdel(checkpoint_key(job_id), "finished_at")
+        pipe.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
+        pipe.execute()
+
+    def stalled(self, now: float | None = None) -> list[str]:
+        """Jobs past their deadline of progress."""
+        found = self.client.zrangebyscore(WATCH_KEY, "-inf", now or time.time())
+        return [j.decode() if isinstance(j, bytes) else str(j) for j in found]
+
+    def push_deadline(self, job_id: str, deadline: float) -> None:
+        self.client.zadd(WATCH_KEY, {job_id: deadline}, xx=True)  # xx: a finished job stays unwatched
+
+    # --- once-only steps ---------------------------------------------------------------------------
+
+    def claim(self, job: Envelope, step: str, ttl: float, owner: str, redelivered: bool = False) -> Claim:
+        """Claim (job, generation, step) for the message `owner` (its task id); `step` names the node
+        path and attempt. The broker handing the same message back (`redelivered`: its consumer died,
+        or the visibility timeout passed) takes over its own claim; any other copy is a duplicate."""
+        if job.generation < self.generation(job.job_id):
+            return Claim(Begin.STALE, "")
+        key = claim_key(job.job_id, f"{job.generation}:{step}")
+        pipe = self.client.pipeline()
+        pipe.incr(key + ":deliveries")
+        pipe.expire(key + ":deliveries", self.ttl)
+        pipe.set(key, f"running:{owner}", nx=True, ex=max(int(ttl), 1))
+        deliveries, _, claimed = pipe.execute()
+        if not claimed and redelivered and self._take_over(key, owner, ttl):
+            claimed = True
+        return Claim(Begin.RUN if claimed else Begin.DUPLICATE, key, max(int(deliveries) - 1, 0))
+
+    def _take_over(self, key: str, owner: str, ttl: float) -> bool:
+        held = self.client.get(key)
+        if held is None or (held.decode() if isinstance(held, bytes) else held) != f"running:{owner}":
+            return False  # done already, or held by another copy
+        return bool(self.client.set(key, f"running:{owner}", xx=True, ex=max(int(ttl), 1)))
+
+    def complete(self, claim: Claim) -> None:
+        if claim.key:
+            self.client.set(claim.key, "done", ex=self.ttl)
+
+    # --- stage checkpoints -------------------------------------------------------------------------
+
+    def save(self, job: Envelope, path: str, done: Done) -> None:
+        """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
+        The job's `stages_done` counts the stage in the same atomic step, once however often it ran."""
+        key = checkpoint_key(job.job_id)
+        pipe = self.client.pipeline()
+        self._first_done(keys=[key, job_key(job.job_id)], args=[f"done:{path}", done.dump()], client=pipe)
+        pipe.hset(key, mapping={"envelope": job.model_dump_json(), "node": path, "updated_at": time.time()})
+        pipe.expire(key, self.ttl)
+        pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
+        pipe.execute()
+
+    def done(self, job_id: str, path: str) -> Done | None:
+        raw = self.client.hget(checkpoint_key(job_id), f"done:{path}")
+        return Done.load(raw) if raw else None
+
+    def envelope(self, job_id: str) -> Envelope | None:
+        raw = self.client.hget(checkpoint_key(job_id), "envelope")
+        return Envelope.model_validate_json(raw) if raw else None
+
+    # --- cancellation ------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> None:
+        self.client.set(cancel_key(job_id), time.time(), ex=self.ttl)
+
+    def uncancel(self, job_id: str) -> None:
+        self.client.delete(cancel_key(job_id))
+
+    def cancelled(self, job_id: str) -> bool:
+        return bool(self.client.exists(cancel_key(job_id)))
