@@ -16,13 +16,13 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from contracts.catalog import Catalog
-from contracts.envelope import Envelope, ErrorRecord
+from contracts.envelope import ErrorRecord
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.compile import Compiler
 from routing.errors import PipelineError
 from routing.nodes import KINDS
-from routing.tasks import job_canvas
+from routing.tasks import job_canvas, start_envelope
 from workers.checkpoint import Checkpoints
 from workers.jobs import JobStore
 
@@ -49,11 +49,9 @@ class Recovery:
         request = self.checkpoints.request(job_id)
         if request is None:
             raise RecoveryError(f"job {job_id} has no checkpoint (never started, or expired)", job_id)
-        pipeline = self.catalog.pipeline(str(request.get("pipeline")))
-        inputs = self.catalog.validate_inputs(pipeline.name, request.get("inputs") or {})
+        first, pipeline = start_envelope(self.catalog, request, job_id)  # same version, outputs and plan
         generation = self.checkpoints.next_generation(job_id)
-        envelope = Envelope(job_id=job_id, pipeline=pipeline.name, pipeline_version=pipeline.version,
-                            state=inputs, generation=generation)
+        envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
         self.checkpoints.push_deadline(job_id, time.time() + backoff)
         job_canvas(self.compiler, pipeline, envelope).apply_async(root_id=job_id)  # finish answers as the job
