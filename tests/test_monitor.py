@@ -173,9 +173,15 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
     assert (width, height) == (1400, 2000) and distinct > 50, (width, height, distinct)
 
     # Flower: every stage worker, and each stage task of the burst (runs + pass-throughs)
-    workers = ms.get_json(f"{flower_url}/api/workers?refresh=1")
-    names = {name.split("@")[0] for name in workers}
-    assert {w.name for w in fleet.workers} <= names, names
+    # Flower asks the workers with a short broadcast timeout: on a busy machine a reply can miss it,
+    # so ask again until every worker has answered once
+    listed: set[str] = set()
+
+    def every_worker_listed() -> bool:
+        listed.update(name.split("@")[0] for name in ms.get_json(f"{flower_url}/api/workers?refresh=1"))
+        return {w.name for w in fleet.workers} <= listed
+
+    wait_until(every_worker_listed, 90, "Flower listing every worker")
     tasks = ms.get_json(f"{flower_url}/api/tasks?limit=100000")
     job_ids = {r.job_id for r in burst}
     mine = [t for t in tasks.values() if t.get("root_id") in job_ids]
