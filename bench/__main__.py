@@ -13,7 +13,7 @@ from typing import Any
 from bench import SCENARIOS
 from bench.harness import FULL, SMOKE, Bench, ScenarioResult
 from bench.report import machine, render, write_docs
-from tests.services import ROOT, private_redis
+from cli.fleet import ROOT, private_redis
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,13 +17,14 @@ from contracts.catalog import Catalog
 from contracts.names import bench_bare_task
 from contracts.specs import StageSpec
 from workers.lm import adapter_for, lm_for
-from workers.settings import LMSettings, Settings
+from workers.runtime import Runtime
+from workers.settings import LMSettings
 from workers.stage import load_program
 
 
-def register(app: Celery, catalog: Catalog, settings: Settings) -> None:
-    for spec in catalog.stages.values():
-        _register(app, spec, settings.lm)
+def register(runtime: Runtime) -> None:
+    for spec in runtime.catalog.stages.values():
+        _register(runtime.app, spec, runtime.settings.lm)
 
 
 def _register(app: Celery, spec: StageSpec, lm: LMSettings) -> None:

@@ -22,7 +22,6 @@ from bench.harness import (
     timed,
 )
 from contracts.names import stage_queue
-from workers.factory import catalog_of
 
 STAGE = "bench_cpu"
 PROCESSES = 2
@@ -34,7 +33,7 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
     plan = [WorkerPlan("stage-bench_cpu", [stage_queue(STAGE)], pool="prefork", concurrency=PROCESSES),
             routing_worker()]
     with bench.stack(0, plan) as stack:
-        program = InProcess(catalog_of(stack.client.app), [STAGE])
+        program = InProcess(stack.client.runtime.catalog, [STAGE])
         label = f"stagecoach, {PROCESSES} processes"
         measures: dict[str, Callable[[int], list[float]]] = {
             label: lambda r: [burst / timed(lambda: _stagecoach(stack, _inputs(burst, r)))],

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 import redis
 
+from cli.fleet import ROOT, Fleet, client_for, test_lm_server, worker_env
 from contracts.names import ROUTING_QUEUE, bench_bare_task, stage_queue
 from routing.client import Client
-from tests import services
-from tests.services import ROOT, Fleet, client_for, worker_env
 from workers.settings import LMSettings
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
@@ -163,7 +162,7 @@ class Bench:
     @contextmanager
     def stack(self, latency_ms: float, workers: list[WorkerPlan]) -> Iterator[Stack]:
         redis.Redis.from_url(self.redis_url).flushdb()  # our own server: no one else's data
-        with services.test_lm("--latency-ms", str(latency_ms)) as lm_url:
+        with test_lm_server("--latency-ms", str(latency_ms)) as lm_url:
             env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS)
             fleet = Fleet(env, self.logdir)
             for plan in workers:

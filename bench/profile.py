@@ -18,11 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli.fleet import CELERY, PYTHON, ROOT, client_for, private_redis, test_lm_server, wait_until, worker_env
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
-from tests import services
-from tests.services import CELERY, PYTHON, ROOT, client_for, private_redis, wait_until, worker_env
-from workers.factory import catalog_of
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
 
@@ -31,14 +29,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="stagecoach-profile-"))
     out.mkdir(parents=True, exist_ok=True)
-    with private_redis() as redis_url, services.test_lm("--latency-ms", "0") as lm_url:
+    with private_redis() as redis_url, test_lm_server("--latency-ms", "0") as lm_url:
         client = client_for(redis_url, lm_url, CATALOG)
         queues = {f"stage-{s}": stage_queue(s) for s in _stages(client, args.pipeline)}
         queues["routing"] = ROUTING_QUEUE
         procs = [_start(name, queue, worker_env(redis_url, lm_url, CATALOG), out) for name, queue in queues.items()]
         try:
             for name, _ in procs:
-                wait_until(lambda n=name: " ready." in _log(out, n), 90, f"worker {name}")
+                wait_until(lambda n=name: " ready." in _log(out, n), 90, f"worker {name}")  # type: ignore[misc]
             wall = _client_profile(client, args.pipeline, args.jobs, out / "client.prof")
         finally:
             for _, proc in procs:
@@ -51,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _stages(client: Client, pipeline: str) -> list[str]:
-    spec = catalog_of(client.app).pipeline(pipeline)
+    spec = client.runtime.catalog.pipeline(pipeline)
     return [step.stage for step in spec.root.steps] if hasattr(spec.root, "steps") else [spec.root.stage]  # type: ignore[union-attr]
 
 

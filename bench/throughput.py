@@ -22,7 +22,6 @@ from bench.harness import (
     stage_workers,
     timed,
 )
-from workers.factory import catalog_of
 
 STAGES = ["key_terms", "answer"]
 LATENCY_MS = 200
@@ -33,7 +32,7 @@ TARGET = 0.95
 def run(bench: Bench, scale: Scale) -> ScenarioResult:
     plan = [*stage_workers(STAGES, THREADS), routing_worker(16), *bare_workers(STAGES, THREADS)]
     with bench.stack(LATENCY_MS, plan) as stack:
-        program = InProcess(catalog_of(stack.client.app), STAGES)
+        program = InProcess(stack.client.runtime.catalog, STAGES)
         measures: dict[str, Callable[[int], list[float]]] = {
             "stagecoach": lambda r: [_rate(scale.burst, lambda: _stagecoach(stack, _burst(scale, r)))],
             "bare chain": lambda r: [_rate(scale.burst, lambda: _bare(stack, _burst(scale, r)))],

@@ -13,7 +13,7 @@ import pytest
 
 from bench import SCENARIOS
 from bench.report import BEGIN, END
-from tests.services import PYTHON, ROOT
+from cli.fleet import PYTHON, ROOT
 
 
 @pytest.mark.timeout(900)  # six fleets start one after another
