@@ -11,6 +11,4 @@ SCENARIOS: dict[str, str] = {
     "fanout": "bench.fanout",          # ensemble of 5, parallel of 3, map over 4 vs one member
     "memory": "bench.memory",          # peak RSS of one stage worker process
     "scaling": "bench.scaling",        # 1/2/4 worker processes on one stage queue
-    # "cache": "bench.cache",          # issue 11: warm <= 1/20 cold at a 200 ms LM
-    # "fusion": "bench.fusion",        # issue 11: fused <= 0.7x unfused
 }
