@@ -48,9 +48,10 @@ test: install system-deps
 test-chaos: install
 	$(PY) -m pytest tests/chaos -q -rP -p no:cacheprovider
 
-# Fan-out latency (not a test): ensemble of 5 and parallel of 3 vs one member; BENCH_ARGS=--latency-ms 400 --runs 8
+# Every benchmark scenario (not a test): writes bench/results.json and the table in docs/benchmarks.md.
+# BENCH_ARGS=--only latency,fanout runs some; --smoke runs tiny sizes (what tests/test_bench_smoke.py does)
 bench: install
-	$(PY) -m bench.fanout $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -118,3 +118,12 @@ def cancel_key(job_id: str) -> str:
 
 def rate_key(stage: str, unit: str, window: int) -> str:
     return f"{RATE_KEY_PREFIX}{stage}:{unit}:{window}"
+
+
+# bench/: the bare Celery chain that per-job overhead is measured against (one queue per stage)
+BENCH_BARE_PREFIX = "bench.bare."
+
+
+def bench_bare_task(stage: str) -> str:
+    """Task (and queue) name of the benchmark's bare Celery task for a stage."""
+    return BENCH_BARE_PREFIX + stage

@@ -1,0 +1,26 @@
+"""DSPy modules of the benchmark-only stages."""
+
+import hashlib
+
+import dspy
+
+
+class Polish(dspy.Signature):
+    """Rewrite the answer in plain words."""
+
+    answer: str = dspy.InputField()
+    polished: str = dspy.OutputField(desc="one short sentence")
+
+
+class CpuScore(dspy.Module):
+    """A stand-in for parsing or retrieval: `rounds` sha256 steps over the document, no LM call."""
+
+    def __init__(self, rounds: int = 6000) -> None:
+        super().__init__()
+        self.rounds = rounds
+
+    def forward(self, document: str) -> dspy.Prediction:
+        digest = document.encode()
+        for _ in range(self.rounds):
+            digest = hashlib.sha256(digest * 8).digest()
+        return dspy.Prediction(score=digest[0])
