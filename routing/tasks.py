@@ -162,10 +162,11 @@ def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore, checkpoints:
                 raise Ignore()  # a duplicate, or a generation the watchdog replaced: one result per job
             result = job_result(job, outputs)
             data = result.model_dump(mode="json")
+            # the status first: whoever reads the stored result must find the job finished too
+            jobs.finished(job.job_id, result.state)
             if self.request.id != job.job_id:
                 self.backend.store_result(job.job_id, data, states.SUCCESS)
                 _job_succeeded_event(self, job.job_id, result)
-            jobs.finished(job.job_id, result.state)
             checkpoints.finished(job.job_id)
             checkpoints.complete(claim)
         job_finished(self, result, job.pick(list(catalog.pipeline(job.pipeline).inputs)))
