@@ -12,12 +12,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli import stack
+from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from workers.factory import create_runtime
 from workers.settings import LMSettings, Settings
@@ -165,6 +166,12 @@ class Fleet:
         worker = Worker(name, queues, proc, log)
         self.workers.append(worker)
         return worker
+
+    def start_per_stage(self, stages: Iterable[str], concurrency: int = 4, routing_concurrency: int = 8) -> None:
+        """One worker `stage-<name>` per stage queue and the routing worker, as `stagecoach up` runs them."""
+        for stage in stages:
+            self.start(f"stage-{stage}", [stage_queue(stage)], concurrency=concurrency)
+        self.start("routing", [ROUTING_QUEUE], concurrency=routing_concurrency)
 
     def wait_ready(self, timeout: float = 90) -> None:
         for worker in self.workers:

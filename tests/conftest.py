@@ -9,7 +9,6 @@ import pytest
 from celery import Celery
 
 from contracts.catalog import Catalog, load_catalog
-from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests import services
 from tests.services import Fleet, client_for, default_catalog, hotpotqa_path, redis_server, test_lm, worker_env
@@ -54,9 +53,7 @@ def fleet(redis_url: str, lm_url: str, catalog: Catalog) -> Iterator[Fleet]:
     """One worker per stage queue plus the routing worker, for the whole session."""
     logdir = Path(tempfile.mkdtemp(prefix="stagecoach-workers-"))
     fleet = Fleet(worker_env(redis_url, lm_url), logdir)
-    for name in catalog.stages:
-        fleet.start(f"stage-{name}", [stage_queue(name)], concurrency=4)
-    fleet.start("routing", [ROUTING_QUEUE], concurrency=8)
+    fleet.start_per_stage(catalog.stages)
     try:
         fleet.wait_ready()
         yield fleet

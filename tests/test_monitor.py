@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.catalog import Catalog
 from contracts.jobs import JobResult
-from contracts.names import ROUTING_QUEUE, stage_queue
 from monitor.graph import build as build_graph
 from monitor.stats import stage_stats
 from routing.client import Client
@@ -47,9 +46,7 @@ def redis_url(private_redis: str) -> str:
 def fleet(redis_url: str, lm_url: str, catalog: Catalog, logdir: Path) -> Iterator[Fleet]:
     stages = sorted({n.stage for p in PIPELINES for n in build_graph(catalog, p).nodes if n.stage})
     own = Fleet(worker_env(redis_url, lm_url), logdir)
-    for stage in stages:
-        own.start(f"stage-{stage}", [stage_queue(stage)], concurrency=4)
-    own.start("routing", [ROUTING_QUEUE], concurrency=8)
+    own.start_per_stage(stages)
     try:
         own.wait_ready()
         yield own

@@ -49,7 +49,9 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
             return super().connection_for_read(heartbeat)  # type: ignore[no-any-return]
         transport = screening_transport(self._quarantine, self.max_message_bytes)
         options: dict[str, Any] = {"transport": transport}
-        if scheme == "rediss":  # kombu only defaults TLS options for the 'rediss' alias it no longer sees
+        # our transport replaces kombu's 'rediss' alias, so TLS is switched on here; the URL's own
+        # ssl_* query options (ssl_cert_reqs, ssl_ca_certs) take precedence over this default
+        if scheme == "rediss":
             options["ssl"] = self.app.conf.broker_use_ssl or {"ssl_cert_reqs": ssl.CERT_REQUIRED}
         return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, **options))  # type: ignore[no-any-return]
 
