@@ -6,14 +6,18 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from contracts.envelope import Envelope
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
-from contracts.names import ROUTING_QUEUE, RUN_TASK
+from routing.compile import Compiler, bind_input
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
-from workers.checkpoint import BROKER_DOWN
+from routing.nodes import KINDS
+from routing.tasks import start_envelope
+from workers.checkpoint import BROKER_DOWN, Checkpoints
 from workers.jobs import MISSING
 from workers.runtime import Runtime
 
@@ -86,9 +90,16 @@ class JobHandle:
 
 
 class Client:
+    """Starts jobs itself: it compiles the job's canvas and sends it, with the job's queued status and
+    start checkpoint written in one round trip before, so a job costs no `pipeline.run` hop (that task
+    stays for clients in other languages, which send a plain JSON request by name)."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.app = runtime.app
+        self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
+        settings = runtime.settings
+        self.checkpoints = Checkpoints(runtime.jobs.client, settings.result_expires, settings.watchdog_stall_seconds)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
                version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
@@ -101,12 +112,23 @@ class Client:
         job_id = job_id or uuid.uuid4().hex
         request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
         check_size(request, self.runtime.settings.max_request_bytes)
-        self._with_retries(lambda: self._publish(job_id, request))
+        payload = request.model_dump(mode="json")
+        envelope, spec = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
+        canvas = bind_input(self.compiler.pipeline(spec), envelope.model_dump(mode="json"))
+        self._with_retries(lambda: self._start(envelope, payload, canvas))
         return JobHandle(self, job_id)
 
-    def _publish(self, job_id: str, request: JobRequest) -> None:
-        self.runtime.jobs.queued(job_id, request.pipeline)
-        self.app.send_task(RUN_TASK, args=[request.model_dump(mode="json")], task_id=job_id, queue=ROUTING_QUEUE)
+    def _start(self, envelope: Envelope, request: dict[str, Any], canvas: Signature) -> None:
+        """What `pipeline.run` would do, from here: the job's status and start checkpoint (the watchdog
+        and `resume` start again from it) in one round trip, then its chain, whose last task answers
+        under the job id."""
+        job_id = envelope.job_id
+        pipe = self.runtime.jobs.client.pipeline(transaction=False)
+        self.runtime.jobs.queued(job_id, envelope.pipeline, pipe)
+        self.checkpoints.started(job_id, envelope.pipeline, request, pipe)
+        self.checkpoints.claimed_start(envelope, pipe)
+        pipe.execute()
+        canvas.apply_async(task_id=job_id, root_id=job_id)
 
     def _with_retries(self, publish: Callable[[], None]) -> None:
         """Retry while the broker is unreachable (a Redis restart), for at most STAGECOACH_PUBLISH_RETRY_SECONDS."""

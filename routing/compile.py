@@ -15,10 +15,11 @@ from celery import Celery, chain
 from celery.canvas import Signature, _chain, chord, group
 
 from contracts.catalog import Catalog
-from contracts.names import FINISH_TASK, ROUTING_QUEUE, routing_task, stage_queue, stage_task
+from contracts.names import FINISH_TASK, ROUTING_QUEUE, STAGE_PREFIX, routing_task, stage_queue, stage_task
 from contracts.specs import AnyNode, PipelineSpec, StageNode
 from routing.errors import RoutingError
 from routing.kinds import NodeKind
+from workers.finish import Finish
 
 # seconds between a stage call's soft time limit (recorded as a timeout error) and its hard kill
 CALL_KILL_GRACE = 2.0
@@ -30,10 +31,16 @@ class Compiler:
         self.catalog = catalog
         self.kinds = kinds
 
-    def pipeline(self, spec: PipelineSpec) -> Signature:
-        """The whole job: the root node then `pipeline.finish`, which builds the JobResult."""
-        finish = self.app.signature(FINISH_TASK, kwargs={"outputs": spec.outputs}, queue=ROUTING_QUEUE)
-        return chain(self.node(spec.root, ""), finish)
+    def pipeline(self, spec: PipelineSpec) -> _chain:
+        """The whole job as a chain whose last task closes it (workers/finish.py): the last stage when the
+        pipeline ends with one (no extra hop), otherwise `pipeline.finish`, which builds the JobResult."""
+        finish = Finish(spec.outputs, list(spec.inputs)).dump()
+        body = self.node(spec.root, "")
+        last = body.tasks[-1] if isinstance(body, _chain) else body
+        if closes_job(last):
+            last.kwargs["finish"] = finish
+            return body if isinstance(body, _chain) else chain(body)
+        return chain(body, self.app.signature(FINISH_TASK, kwargs={"finish": finish}, queue=ROUTING_QUEUE))
 
     def node(self, node: AnyNode, prefix: str) -> Signature:
         kind = self.kinds.get(node.kind)
@@ -57,6 +64,12 @@ class Compiler:
         if node.time_limit is not None:  # Celery enforces these in prefork and green pools
             sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + CALL_KILL_GRACE)
         return sig
+
+
+def closes_job(sig: Signature) -> bool:
+    """Whether a canvas's last task can close the job itself: one stage task (or a fused run of them);
+    a fan-out or a routing task hands its outcome on, so `pipeline.finish` follows it."""
+    return type(sig) is Signature and str(sig.task).startswith(STAGE_PREFIX)
 
 
 def bind_input(sig: Signature, envelope: dict[str, Any]) -> Signature:

@@ -9,7 +9,7 @@ import json
 import time
 from typing import Any
 
-from celery import Celery, Task, states
+from celery import Celery, Task
 from celery.exceptions import Ignore
 from pydantic import ValidationError
 
@@ -25,6 +25,7 @@ from routing.guard import register_routing_task
 from routing.lazy import plan
 from routing.nodes import KINDS
 from workers.checkpoint import Begin, Checkpoints, Claim, delivery, outage_requeues
+from workers.finish import Finish, answer, close
 from workers.jobs import JobStore
 from workers.outcome import job_finished
 from workers.runtime import Runtime
@@ -37,7 +38,7 @@ def register(runtime: Runtime) -> None:
     compiler = Compiler(app, runtime.catalog, KINDS)
     checkpoints = Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds)
     _register_run(app, runtime.catalog, compiler, runtime.jobs, checkpoints, settings.max_request_bytes)
-    _register_finish(app, runtime.catalog, runtime.jobs, checkpoints)
+    _register_finish(app, runtime.catalog, checkpoints)
     for name, kind in KINDS.items():
         if kind.decide is not None:
             # guarded: an exception while deciding ends the job as failed, never leaves it hanging
@@ -67,7 +68,7 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobSt
 
 
 def job_canvas(compiler: Compiler, spec: PipelineSpec, envelope: Envelope) -> Any:
-    """The whole job as canvas, the envelope bound to its first task(s), `pipeline.finish` last."""
+    """The whole job as canvas, the envelope bound to its first task(s); its last task closes the job."""
     canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
     canvas.tasks[-1].set(task_id=finish_task_id(envelope.job_id))  # see finish_task_id
     return canvas
@@ -146,57 +147,19 @@ def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) 
 
 
 def finish_task_id(job_id: str) -> str:
-    """`pipeline.finish` has an id of its own, so Flower shows `pipeline.run` under the job id and the
-    finish beside it (sharing the job id, its events overwrote the run's). The finish task stores the
-    JobResult under the job id itself, where clients read it."""
+    """The task that closes a job started by `pipeline.run` has an id of its own, so Flower shows
+    `pipeline.run` under the job id and the closing task beside it (sharing the job id, its events
+    overwrote the run's). The closing task stores the JobResult under the job id, where clients read it."""
     return f"{job_id}-finish"
 
 
-def _register_finish(app: Celery, catalog: Catalog, jobs: JobStore, checkpoints: Checkpoints) -> None:
+def _register_finish(app: Celery, catalog: Catalog, checkpoints: Checkpoints) -> None:
+    # `outputs`: what a job compiled before `finish` existed still carries
     @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
-    def finish_pipeline(self: Task, envelope: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
+    def finish_pipeline(self: Task, envelope: dict[str, Any], finish: dict[str, Any] | None = None,
+                        outputs: list[str] | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
+        ending = Finish.load(finish) or Finish(outputs or [], list(catalog.pipeline(job.pipeline).inputs))
         with outage_requeues(f"pipeline.finish of job {job.job_id}"):
-            claim = checkpoints.claim(job, "finish", checkpoints.stall, *delivery(self))
-            if claim.begin is not Begin.RUN:
-                raise Ignore()  # a duplicate, or a generation the watchdog replaced: one result per job
-            result = job_result(job, outputs)
-            data = result.model_dump(mode="json")
-            # the status first: whoever reads the stored result must find the job finished too
-            jobs.finished(job.job_id, result.state)
-            if self.request.id != job.job_id:
-                self.backend.store_result(job.job_id, data, states.SUCCESS)
-                _job_succeeded_event(self, job.job_id, result)
-            checkpoints.finished(job.job_id)
-            checkpoints.complete(claim)
-        job_finished(self, result, job.pick(list(catalog.pipeline(job.pipeline).inputs)))
-        return data
-
-
-def _job_succeeded_event(task: Task, job_id: str, result: JobResult) -> None:
-    """Close the job's `pipeline.run` entry (replaced, so Celery sends no end event for it) in Flower."""
-    runtime = (result.finished_at or time.time()) - (result.submitted_at or time.time())
-    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        dispatcher.send("task-succeeded", uuid=job_id, result=f"job {result.state}", runtime=runtime)
-
-
-def job_result(job: Envelope, outputs: list[str]) -> JobResult:
-    answer = {name: job.state.get(name) for name in outputs} if not job.failed else {}
-    return JobResult(
-        job_id=job.job_id,
-        pipeline=job.pipeline,
-        pipeline_version=job.pipeline_version,
-        state="failed" if job.failed else "succeeded",
-        answer=answer,
-        fields=job.state,
-        outputs=job.outputs,
-        error=job.failure,
-        errors=job.errors,
-        timings=job.timings,
-        trail=job.trail,
-        usage=job.usage,
-        cached_usage=job.cached_usage,
-        skipped=job.skipped,
-        submitted_at=job.submitted_at,
-        finished_at=time.time(),
-    )
+            close(checkpoints, job)  # or Ignore: a duplicate, or a generation the watchdog replaced
+            return answer(self, job, ending)

@@ -12,7 +12,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +37,16 @@ class Claim:
     begin: Begin
     key: str
     redeliveries: int = 0
+
+
+@dataclass(frozen=True)
+class Begun:
+    """A stage step's start, read in the same round trip as its claim: whether an operator cancelled
+    the job, and the step's outputs if an earlier generation completed it."""
+
+    claim: Claim
+    cancelled: bool = False
+    done: "Done | None" = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,48 @@ return 0
 """
 
 
+# The start of a stage step in one round trip (it runs on every stage call, so round trips count):
+# KEYS checkpoint, claim, deliveries, cancel, watch, job status
+# ARGV generation, owner, claim ttl, ttl, redelivered (0/1), done field, deadline, job id, then
+#      field/value pairs of the job's status for a step that runs
+# -> {begin, deliveries, cancelled (0/1), done record or false}
+_BEGIN = """
+local generation = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
+if tonumber(ARGV[1]) < generation then return {'stale', 0, 0, false} end
+local deliveries = redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+local owner = 'running:' .. ARGV[2]
+local claimed = redis.call('SET', KEYS[2], owner, 'NX', 'EX', ARGV[3])
+if not claimed and ARGV[5] == '1' and redis.call('GET', KEYS[2]) == owner then
+  claimed = redis.call('SET', KEYS[2], owner, 'XX', 'EX', ARGV[3])
+end
+if not claimed then return {'duplicate', deliveries, 0, false} end
+local cancelled = redis.call('EXISTS', KEYS[4])
+local done = redis.call('HGET', KEYS[1], ARGV[6])
+if cancelled == 0 and not done then
+  redis.call('ZADD', KEYS[5], 'XX', ARGV[7], ARGV[8])
+  if #ARGV > 8 then
+    redis.call('HSET', KEYS[6], unpack(ARGV, 9))
+    redis.call('EXPIRE', KEYS[6], ARGV[4])
+  end
+end
+return {'run', deliveries, cancelled, done}
+"""
+
+# Close a job once: KEYS finish claim, checkpoint, watch, job status; ARGV generation, ttl, job id,
+# now, then field/value pairs of the job's final status -> 'run' | 'stale' | 'duplicate'
+_CLOSE = """
+local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
+if tonumber(ARGV[1]) < generation then return 'stale' end
+if not redis.call('SET', KEYS[1], 'done', 'NX', 'EX', ARGV[2]) then return 'duplicate' end
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[2], 'finished_at', ARGV[4])
+redis.call('HSET', KEYS[4], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[4], ARGV[2])
+return 'run'
+"""
+
+
 def delivery(task: Task) -> tuple[str, bool]:
     """Who delivers this step (the task id) and whether the broker handed the message back."""
     info = task.request.delivery_info or {}
@@ -98,6 +150,8 @@ class Checkpoints:
         self.ttl = ttl
         self.stall = stall_seconds
         self._first_done = client.register_script(_FIRST_DONE)
+        self._begin = client.register_script(_BEGIN)
+        self._close = client.register_script(_CLOSE)
 
     @classmethod
     def from_url(cls, url: str, ttl: int, stall_seconds: float) -> "Checkpoints":
@@ -105,17 +159,21 @@ class Checkpoints:
 
     # --- the job ------------------------------------------------------------------------------
 
-    def started(self, job_id: str, pipeline: str, request: dict[str, Any]) -> None:
-        """Record what the job started from (first time only) and watch it."""
+    def started(self, job_id: str, pipeline: str, request: dict[str, Any],
+                pipe: "redis.client.Pipeline | None" = None) -> None:
+        """Record what the job started from (first time only) and watch it; with `pipe`, queued on
+        the caller's pipeline (the client sends it with the job's queued status, one round trip)."""
         key = checkpoint_key(job_id)
-        pipe = self.client.pipeline()
+        own = pipe is None
+        pipe = self.client.pipeline() if pipe is None else pipe
         pipe.hsetnx(key, "request", json.dumps(request))
         pipe.hsetnx(key, "pipeline", pipeline)
         pipe.hsetnx(key, "generation", 0)
         pipe.hset(key, "updated_at", time.time())
         pipe.expire(key, self.ttl)
         pipe.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
-        pipe.execute()
+        if own:
+            pipe.execute()
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.client.hget(checkpoint_key(job_id), "request")
@@ -176,22 +234,68 @@ class Checkpoints:
             return False  # done already, or held by another copy
         return bool(self.client.set(key, f"running:{owner}", xx=True, ex=max(int(ttl), 1)))
 
+    def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
+              deadline: float, status: dict[str, str]) -> Begun:
+        """`claim` for a stage step, plus what the step needs to know before it runs (cancelled? done by an
+        earlier generation?), and for a step that runs: its deadline in the watch index and `status`
+        (encoded job-status fields) written. One round trip."""
+        key = claim_key(job.job_id, f"{job.generation}:{step}")
+        keys = [checkpoint_key(job.job_id), key, key + ":deliveries", cancel_key(job.job_id), WATCH_KEY,
+                job_key(job.job_id)]
+        args: list[Any] = [job.generation, owner, max(int(ttl), 1), self.ttl, int(redelivered), f"done:{path}",
+                           deadline, job.job_id]
+        for field, value in status.items():
+            args += [field, value]
+        begin, deliveries, cancelled, done = self._begin(keys=keys, args=args)
+        outcome = Begin(begin.decode() if isinstance(begin, bytes) else begin)
+        claim = Claim(outcome, key if outcome is Begin.RUN else "", max(int(deliveries) - 1, 0))
+        return Begun(claim, bool(cancelled), Done.load(done) if done else None)
+
+    def close(self, job: Envelope, status: dict[str, str], pipe: "redis.client.Pipeline | None" = None) -> bool:
+        """Claim the job's finish and mark it finished (checkpoint, watch index, `status`) in one step;
+        False for a duplicate or a stale generation: another delivery answers for the job. With `pipe`,
+        queued there (the caller reads the outcome with `closed`)."""
+        claim = claim_key(job.job_id, f"{job.generation}:finish")
+        keys = [claim, checkpoint_key(job.job_id), WATCH_KEY, job_key(job.job_id)]
+        args: list[Any] = [job.generation, self.ttl, job.job_id, time.time()]
+        for field, value in status.items():
+            args += [field, value]
+        if pipe is not None:
+            queue_script(pipe, self._close, keys, args)
+            return True
+        return closed(self._close(keys=keys, args=args))
+
+    def claimed_start(self, job: Envelope, pipe: "redis.client.Pipeline") -> None:
+        """The start of the job claimed done, on the caller's pipeline: a client that sent the job's
+        chain itself; a `pipeline.run` for the same job id then starts nothing."""
+        pipe.set(claim_key(job.job_id, f"{job.generation}:run"), "done", ex=self.ttl)
+
     def complete(self, claim: Claim) -> None:
         if claim.key:
             self.client.set(claim.key, "done", ex=self.ttl)
 
     # --- stage checkpoints -------------------------------------------------------------------------
 
-    def save(self, job: Envelope, path: str, done: Done) -> None:
+    def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None,
+             close: dict[str, str] | None = None) -> bool:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
-        The job's `stages_done` counts the stage in the same atomic step, once however often it ran."""
+        The job's `stages_done` counts the stage in the same atomic step, once however often it ran.
+        In the same round trip: the step's `claim` completed, and with `close` (the job's final status)
+        the job closed as `close` does; returns whether it closed (True when not asked to)."""
         key = checkpoint_key(job.job_id)
-        pipe = self.client.pipeline()
-        self._first_done(keys=[key, job_key(job.job_id)], args=[f"done:{path}", done.dump()], client=pipe)
-        pipe.hset(key, mapping={"envelope": job.model_dump_json(), "node": path, "updated_at": time.time()})
-        pipe.expire(key, self.ttl)
-        pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
-        pipe.execute()
+
+        def build(pipe: "redis.client.Pipeline") -> None:
+            queue_script(pipe, self._first_done, [key, job_key(job.job_id)], [f"done:{path}", done.dump()])
+            pipe.hset(key, mapping={"envelope": job.model_dump_json(), "node": path, "updated_at": time.time()})
+            pipe.expire(key, self.ttl)
+            pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
+            if claim is not None and claim.key:
+                pipe.set(claim.key, "done", ex=self.ttl)
+            if close is not None:
+                self.close(job, close, pipe)
+
+        replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
+        return closed(replies[-1]) if close is not None else True
 
     def done(self, job_id: str, path: str) -> Done | None:
         raw = self.client.hget(checkpoint_key(job_id), f"done:{path}")
@@ -211,3 +315,32 @@ class Checkpoints:
 
     def cancelled(self, job_id: str) -> bool:
         return bool(self.client.exists(cancel_key(job_id)))
+
+
+def queue_script(pipe: "redis.client.Pipeline", script: Any, keys: list[str], args: list[Any]) -> None:
+    """A script on a pipeline by its sha alone: redis-py's own way asks SCRIPT EXISTS first, a second
+    round trip on every execute (see `execute_with_scripts`)."""
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def execute_with_scripts(client: redis.Redis, build: Callable[["redis.client.Pipeline"], None],
+                         scripts: list[Any]) -> list[Any]:
+    """One round trip for a pipeline that `build` fills, scripts queued with `queue_script`. A Redis that
+    lost its script cache (restarted) answers NOSCRIPT: the scripts are loaded and the pipeline sent
+    again, which is safe because every command these pipelines hold is idempotent."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        try:
+            return pipe.execute()  # type: ignore[no-any-return]
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            for script in scripts:
+                client.script_load(script.script)
+    raise AssertionError("unreachable")
+
+
+def closed(reply: Any) -> bool:
+    """Whether a `_CLOSE` reply says this delivery closed the job."""
+    return (reply.decode() if isinstance(reply, bytes) else reply) == "run"

@@ -21,9 +21,10 @@ class JobStore:
     def from_url(cls, url: str, ttl_seconds: int) -> "JobStore":
         return cls(redis.Redis.from_url(url), ttl_seconds)
 
-    def queued(self, job_id: str, pipeline: str) -> None:
+    def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None) -> None:
+        """With `pipe`, queued on the caller's pipeline (the client's one round trip per job)."""
         now = time.time()
-        self._write(job_id, {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now})
+        self._write(job_id, {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now}, pipe)
 
     def entered(self, job_id: str, node: str, stage: str | None) -> None:
         self._update(job_id, {"state": "running", "node": node, "stage": stage})
@@ -59,12 +60,30 @@ class JobStore:
     def _update(self, job_id: str, fields: dict[str, Any]) -> None:
         self._write(job_id, {**fields, "updated_at": time.time()})
 
-    def _write(self, job_id: str, fields: dict[str, Any]) -> None:
+    def _write(self, job_id: str, fields: dict[str, Any], pipe: "redis.client.Pipeline | None" = None) -> None:
         key = job_key(job_id)
-        pipe = self.client.pipeline()
-        pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
+        own = pipe is None
+        pipe = self.client.pipeline() if pipe is None else pipe
+        mapping: dict[Any, Any] = encoded(fields)
+        pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl)
-        pipe.execute()
+        if own:
+            pipe.execute()
+
+
+def running_fields(node: str, stage: str | None) -> dict[str, str]:
+    """The status of a job entering `node`, encoded for a script that writes it (workers/checkpoint.py)."""
+    return encoded({"state": "running", "node": node, "stage": stage, "updated_at": time.time()})
+
+
+def finished_fields(state: JobState) -> dict[str, str]:
+    """The final status of a job, encoded for the script that closes it."""
+    return encoded({"state": state, "node": None, "stage": None, "updated_at": time.time()})
+
+
+def encoded(fields: dict[str, Any]) -> dict[str, str]:
+    """Status fields as stored: each value JSON (what `status` reads back)."""
+    return {k: json.dumps(v) for k, v in fields.items()}
 
 
 def _text(value: bytes | str) -> str:

@@ -8,6 +8,7 @@ for per-job traces. Sending is best effort: a monitor event must never fail a st
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,11 +32,26 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> tuple[str, int]:
     return (text if len(text) <= limit else text[:limit] + "..."), len(text.encode())
 
 
+_local = threading.local()
+
+
 def send(task: Task, event: str, fields: dict[str, Any]) -> None:
+    """Best effort, on this thread's own dispatcher (`Task.send_event` builds and closes one per event,
+    which cost a stage more than the publish itself)."""
     try:
-        task.send_event(event, **fields)
+        _dispatcher(task).send(event, uuid=task.request.id, **fields)
     except Exception:  # the broker hiccuped: the job goes on, only the monitor misses one event
+        _local.__dict__.pop("dispatcher", None)  # the next event starts on a fresh connection
         log.warning("could not send %s", event, exc_info=True)
+
+
+def _dispatcher(task: Task) -> Any:
+    key = (id(task.app), task.request.hostname)
+    if getattr(_local, "key", None) != key or getattr(_local, "dispatcher", None) is None:
+        _local.dispatcher = task.app.events.Dispatcher(task.app.connection_for_write(),
+                                                       hostname=task.request.hostname, enabled=True)
+        _local.key = key
+    return _local.dispatcher
 
 
 @contextmanager

@@ -10,6 +10,7 @@ Each outcome (ok, error kind, retry) is also sent as a Celery event for the moni
 import json
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import redis
@@ -24,11 +25,12 @@ from contracts.fields import problems_of, validate
 from contracts.names import FUSED_TASK, split_ref, stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.cache import StageCache
-from workers.checkpoint import Begin, Checkpoints, Done, delivery, outage_requeues
+from workers.checkpoint import Begin, Begun, Checkpoints, Done, delivery, outage_requeues
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.errors import StageError, StageTimeoutError
+from workers.finish import Finish, answer, close, final_state
 from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
-from workers.jobs import JobStore
+from workers.jobs import JobStore, finished_fields, running_fields
 from workers.outcome import stage_outcome
 from workers.ratelimit import RateLimiter
 from workers.settings import Settings
@@ -72,14 +74,22 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
         time_limit=soft + STAGE_KILL_GRACE,
         max_retries=spec.retry.max_retries,
     )
-    def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
+    def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str,
+                  finish: dict[str, Any] | None = None) -> Any:
         job, call = inbound(app, dead_letters, self, envelope, node)
         if call.version is not None and call.version != spec.version:
-            return executor.hand_over(self, job, call, path)
+            return executor.hand_over(self, job, call, path, finish)
         inputs = job.pick(list(spec.inputs), call.inputs)
-        with outage_requeues(f"{self.name} of job {job.job_id}"), \
-                stage_outcome(self, spec.name, job, path, inputs) as report:
-            return report(executor.execute(self, job, call, path)).model_dump(mode="json")
+        ending = Finish.load(finish)  # the pipeline's last stage closes the job itself (workers/finish.py)
+        with outage_requeues(f"{self.name} of job {job.job_id}"):
+            with stage_outcome(self, spec.name, job, path, inputs) as report:
+                step = executor.execute(self, job, call, path, closing=ending is not None)
+                out = report(step.envelope)
+            if ending is None:
+                return out.model_dump(mode="json")
+            if not step.closed:
+                close(executor.checkpoints, out)
+            return answer(self, out, ending)
 
 
 def inbound(app: Celery, dead_letters: DeadLetterStore, task: Task, envelope: Any,
@@ -131,8 +141,16 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
         time_limit=soft + STAGE_KILL_GRACE,
         max_retries=max([s.retry.max_retries for s in specs] or [0]),
     )
-    def run_fused(self: Task, envelope: dict[str, Any], steps: list[dict[str, Any]]) -> dict[str, Any]:
-        return fused.execute(self, Envelope.model_validate(envelope), steps).model_dump(mode="json")
+    def run_fused(self: Task, envelope: dict[str, Any], steps: list[dict[str, Any]],
+                  finish: dict[str, Any] | None = None) -> dict[str, Any]:
+        job = Envelope.model_validate(envelope)
+        with outage_requeues(f"{self.name} of job {job.job_id}"):
+            out = fused.execute(self, job, steps, finish)
+            ending = Finish.load(finish)
+            if ending is None:
+                return out.model_dump(mode="json")
+            close(fused.checkpoints, out)
+            return answer(self, out, ending)
 
 
 class FusedExecutor:
@@ -148,12 +166,14 @@ class FusedExecutor:
         self.cache = cache
         self._merged: dict[tuple[str, str], MergedRunner] = {}
         self._lock = threading.Lock()
+        self.checkpoints = next(iter(executors.values())).checkpoints
 
-    def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]]) -> Envelope:
+    def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]],
+                finish: dict[str, Any] | None = None) -> Envelope:
         index = 0
         while index < len(steps):
             # a retry resumes at this step: the stages before it are in the envelope already
-            resume = {"steps": steps[index:]}
+            resume = {"steps": steps[index:], "finish": finish}
             calls = [(StageNode.model_validate(s["node"]), s["path"]) for s in steps[index:index + 2]]
             executors = [self._executor(call) for call, _ in calls]
             if executors[0] is None:
@@ -172,7 +192,7 @@ class FusedExecutor:
         node, path = call
         spec = executor.spec
         with stage_outcome(task, spec.name, job, path, job.pick(list(spec.inputs), node.inputs)) as report:
-            return report(executor.execute(task, job, node, path, resume=resume))
+            return report(executor.execute(task, job, node, path, resume=resume).envelope)
 
     def _run_pair(self, task: Task, job: Envelope, pair: "PairExecutor", calls: list[tuple[StageNode, str]],
                   resume: dict[str, Any]) -> Envelope:
@@ -181,7 +201,8 @@ class FusedExecutor:
         a, b = pair.pair
         with stage_outcome(task, a.name, job, path_a, job.pick(list(a.inputs), node_a.inputs)) as report_a, \
                 stage_outcome(task, b.name, job, path_b, job.pick(list(b.inputs), node_b.inputs)) as report_b:
-            return report_b(report_a(pair.execute(task, job, merged_call(pair.spec, node_a, node_b), path_a, resume)))
+            step = pair.execute(task, job, merged_call(pair.spec, node_a, node_b), path_a, resume)
+            return report_b(report_a(step.envelope))
 
     def _pair(self, calls: list[tuple[StageNode, str]],
               executors: list["StageExecutor | None"]) -> "PairExecutor | None":
@@ -228,7 +249,13 @@ class StageExecutor:
         self.hard_limit = hard_limit
         self.fallbacks = fallbacks or {}  # every stage's runner, by ref: an `on_error` fallback stage runs inline
 
-    def hand_over(self, task: Task, job: Envelope, call: StageNode, path: str) -> Any:
+    @property
+    def checkpoints(self) -> Checkpoints:
+        assert self.guard is not None, "a merged pair runs inside a fused task, which holds the checkpoints"
+        return self.guard.checkpoints
+
+    def hand_over(self, task: Task, job: Envelope, call: StageNode, path: str,
+                  finish: dict[str, Any] | None = None) -> Any:
         """The job started on another version of this stage (the catalog changed since): run it there."""
         ref = self.versions.get((self.spec.name, call.version or ""))
         if ref is None:
@@ -237,66 +264,75 @@ class StageExecutor:
             record = ErrorRecord(node=path, stage=self.spec.name, kind="stage", error_type=type(error).__name__,
                                  message=f"the job started on this version: {error}")
             return job.with_error(record, fatal=call.critical).model_dump(mode="json")
-        kwargs = {"node": call.model_dump(mode="json"), "path": path}
+        kwargs = {"node": call.model_dump(mode="json"), "path": path, "finish": finish}
         target = task.app.signature(stage_task(ref), args=(job.model_dump(mode="json"),), kwargs=kwargs,
                                     queue=stage_queue(ref))
         return task.replace(target)
 
     def execute(self, task: Task, job: Envelope, call: StageNode, path: str,
-                resume: dict[str, Any] | None = None) -> Envelope:
+                resume: dict[str, Any] | None = None, closing: bool = False) -> "Step":
         """Run the stage once per (job, generation, node path, attempt), however often it is delivered;
-        `resume` are the task kwargs a retry is sent with (default: this node)."""
+        `resume` are the task kwargs a retry is sent with (default: this node). `closing`: this is the
+        job's last step, and a run that completes closes the job in the same round trip as its checkpoint."""
         if job.failed:
-            return job  # a fatal error earlier: pass through to the end of the pipeline
+            return Step(job)  # a fatal error earlier: pass through to the end of the pipeline
         if self.guard is None:
-            return self._run(task, job, call, path, resume, 0)
+            step = self._run(task, job, call, path, resume, 0)
+            if step.done is not None:
+                self.jobs.left(job.job_id)
+            return step
         checkpoints = self.guard.checkpoints
-        claim = checkpoints.claim(job, f"{path}#{task.request.retries}", self.hard_limit, *delivery(task))
-        if claim.begin is not Begin.RUN:
+        # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
+        deadline = time.time() + self.hard_limit + checkpoints.stall
+        begun = checkpoints.begin(job, f"{path}#{task.request.retries}", path, self.hard_limit, *delivery(task),
+                                  deadline, running_fields(path, self.spec.name))
+        if begun.claim.begin is not Begin.RUN:
             raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
         try:
-            return self._once(task, job, call, path, resume, claim.redeliveries)
-        finally:
-            checkpoints.complete(claim)
+            step = self._once(task, job, call, path, resume, begun)
+        except BaseException:
+            checkpoints.complete(begun.claim)
+            raise
+        if step.done is None:
+            checkpoints.complete(begun.claim)
+            return step
+        close = finished_fields(final_state(step.envelope)) if closing else None
+        closed = checkpoints.save(step.envelope, path, step.done, begun.claim, close)  # counts the stage, once
+        return Step(step.envelope, closed=closed if closing else None)
 
     def _once(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
-              redeliveries: int) -> Envelope:
+              begun: Begun) -> "Step":
         """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, or run."""
-        assert self.guard is not None
-        checkpoints = self.guard.checkpoints
-        if checkpoints.cancelled(job.job_id):
-            return job.with_error(cancelled_record(path, self.spec.name), fatal=True)
-        done = checkpoints.done(job.job_id, path)
+        if begun.cancelled:
+            return Step(job.with_error(cancelled_record(path, self.spec.name), fatal=True))
+        done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
-            timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": redeliveries})
-            return job.with_output(path, done.outputs, timing, done.usage, call.outputs)
-        # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
-        checkpoints.push_deadline(job.job_id, time.time() + self.hard_limit + checkpoints.stall)
-        return self._run(task, job, call, path, resume, redeliveries)
+            timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})
+            return Step(job.with_output(path, done.outputs, timing, done.usage, call.outputs))
+        return self._run(task, job, call, path, resume, begun.claim.redeliveries, entered=True)
 
     def _run(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
-             redeliveries: int) -> Envelope:
-        self.jobs.entered(job.job_id, path, self.spec.name)
+             redeliveries: int, entered: bool = False) -> "Step":
+        """The stage call; `entered`: the job's status already names this step (written with the claim)."""
+        if not entered:
+            self.jobs.entered(job.job_id, path, self.spec.name)
         throttled = self._wait_turn()
         try:
             run = self.runner.run(job.pick(list(self.spec.inputs), call.inputs), call.lm)
         except SoftTimeLimitExceeded:
-            return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
+            return Step(self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task))
         except StageError as error:
             if isinstance(error.__cause__, SoftTimeLimitExceeded):  # the runner wraps what the module raised
-                return self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task)
+                return Step(self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"),
+                                         task))
             if error.retryable and task.request.retries < self.spec.retry.max_retries:
                 self._retry(task, job, path, error, resume or {"node": call.model_dump(mode="json"), "path": path})
-            return self._failed(job, call, path, error, task)
+            return Step(self._failed(job, call, path, error, task))
         timing = self._timing(task, path, run, self.spec).model_copy(
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
         self._spent(run.usage)
         out = self._done(task, job, call, path, run, timing)
-        if self.guard is not None:
-            self.guard.checkpoints.save(out, path, Done(run.outputs, timing, run.usage))  # counts the stage, once
-        else:
-            self.jobs.left(job.job_id)
-        return out
+        return Step(out, Done(run.outputs, timing, run.usage))
 
     def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
               timing: StageTiming | None = None) -> Envelope:
@@ -338,6 +374,9 @@ class StageExecutor:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
         raises Celery's Retry, which ends this run."""
         logged = job.with_error(self._record(path, error, task), fatal=False)
+        finish = (task.request.kwargs or {}).get("finish")
+        if finish is not None:  # the job's last stage: its retry closes the job too
+            kwargs = {**kwargs, "finish": finish}
         policy = self.spec.retry
         countdown = min(policy.backoff_seconds * 2 ** task.request.retries, policy.backoff_max_seconds)
         task.retry(args=(logged.model_dump(mode="json"),), kwargs=kwargs, countdown=countdown)
@@ -393,6 +432,17 @@ class StageExecutor:
             attempts=task.request.retries + 1,
             fields=error.fields,
         )
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a stage step leaves: the envelope; `done`, the completed run to checkpoint (None when the
+    stage did not run: failed, cancelled, replayed, passed through); `closed`, whether saving it closed
+    the job (None: closing was not asked for, or not attempted)."""
+
+    envelope: Envelope
+    done: Done | None = None
+    closed: bool | None = None
 
 
 class PairExecutor(StageExecutor):
