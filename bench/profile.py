@@ -1,9 +1,12 @@
 """Where a job's time goes: cProfile on every process a `qa` job touches, at a 0 ms LM.
 
 Starts a private Redis, the test LM, and the stage and routing workers under cProfile with the
-solo pool (so the profiled thread is the one running tasks), runs jobs one at a time from a
-profiled client, stops the workers (warm shutdown writes their profiles) and prints, per process,
-the CPU time per job and the functions that take it.
+solo pool (so the profiled thread is the one running tasks), plus one worker per task of the
+bare Celery chain (bench/bare.py) making the same DSPy calls. Runs jobs one at a time from a
+profiled client, then as many bare chains, stops the workers (warm shutdown writes their
+profiles) and prints a table comparing, per stage, the time a Stagecoach stage task and a bare
+task take inside the worker (all of Celery's handling, the task body, the DSPy call), then per
+process the functions that take the time.
 
     python -m bench.profile [--jobs 200] [--pipeline qa] [--top 25] [--out DIR]
 """
@@ -12,17 +15,18 @@ import argparse
 import cProfile
 import io
 import pstats
+import re
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench.bare import bare_chain
+from bench.harness import CATALOG, PLUGINS
 from cli.fleet import CELERY, PYTHON, ROOT, client_for, private_redis, test_lm_server, wait_until, worker_env
-from contracts.names import ROUTING_QUEUE, stage_queue
+from contracts.names import ROUTING_QUEUE, bench_bare_task, stage_queue
 from routing.client import Client
-
-CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,21 +35,71 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with private_redis() as redis_url, test_lm_server("--latency-ms", "0") as lm_url:
         client = client_for(redis_url, lm_url, CATALOG)
-        queues = {f"stage-{s}": stage_queue(s) for s in _stages(client, args.pipeline)}
+        stages = _stages(client, args.pipeline)
+        queues = {f"stage-{s}": stage_queue(s) for s in stages}
         queues["routing"] = ROUTING_QUEUE
-        procs = [_start(name, queue, worker_env(redis_url, lm_url, CATALOG), out) for name, queue in queues.items()]
+        queues.update({f"bare-{s}": bench_bare_task(s) for s in stages})
+        env = worker_env(redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS)
+        procs = [_start(name, queue, env, out) for name, queue in queues.items()]
         try:
             for name, _ in procs:
                 wait_until(lambda n=name: " ready." in _log(out, n), 90, f"worker {name}")  # type: ignore[misc]
             wall = _client_profile(client, args.pipeline, args.jobs, out / "client.prof")
+            bare_wall = _bare_run(client, stages, args.jobs)
         finally:
             for _, proc in procs:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
-    print(f"{args.pipeline}: {args.jobs} jobs one at a time, {wall * 1000 / args.jobs:.1f} ms per job (wall, client)")
+    print(f"{args.pipeline}: {args.jobs} jobs one at a time, {wall * 1000 / args.jobs:.1f} ms per job (wall, client, "
+          f"profiled); bare chain {bare_wall * 1000 / args.jobs:.1f} ms")
+    print(_comparison(out, stages))
     for name in ["client", *queues]:
         print(_summary(out / f"{name}.prof", name, args.jobs, args.top))
     print(f"profiles in {out} (open with python -m pstats)")
+
+
+def _bare_run(client: Client, stages: list[str], jobs: int) -> float:
+    for index in range(5):
+        bare_chain(client.app, stages, {"question": f"warm-up {index}"}).apply_async().get(timeout=60)
+    started = time.perf_counter()
+    for index in range(jobs):
+        bare_chain(client.app, stages, {"question": f"What moves barges on the Rhine? ({index})"}).apply_async().get(
+            timeout=60)
+    return time.perf_counter() - started
+
+
+# (label, function pattern): where a task's time goes inside a worker, cumulative, per task
+PARTS = [("in the worker", r"celery/app/trace.py:\d+\(trace_task\)"),
+         ("task body", r"celery/app/trace.py:\d+\(__protected_call__\)"),
+         ("DSPy call", r"dspy/primitives/module.py:\d+\(__call__\)|dspy/predict/predict.py:\d+\(__call__\)")]
+
+
+def _comparison(out: Path, stages: list[str]) -> str:
+    """Per stage: ms per task in the Stagecoach stage worker and in the bare one, by part."""
+    lines = ["", "ms per task, profiled (cProfile slows Python code about 2x; compare the columns):",
+             "| stage | part | stagecoach | bare | difference |", "|---|---|---|---|---|"]
+    for stage in stages:
+        ours, bare = _parts(out / f"stage-{stage}.prof"), _parts(out / f"bare-{stage}.prof")
+        for label, _ in PARTS:
+            a, b = ours.get(label), bare.get(label)
+            if a is not None and b is not None:
+                lines.append(f"| {stage} | {label} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
+    return "\n".join(lines)
+
+
+def _parts(path: Path) -> dict[str, float]:
+    if not path.exists():
+        return {}
+    raw = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    found: dict[str, float] = {}
+    for label, pattern in PARTS:
+        hits = [(nc, ct) for (file, line, func), (_, nc, _, ct, _) in raw.items()
+                if re.search(pattern, f"{file}:{line}({func})")]
+        if hits:  # the outermost match: the one with the most cumulative time
+            calls, cumulative = max(hits, key=lambda h: h[1])
+            found[label] = cumulative * 1000 / max(calls, 1)
+    tasks = found.get("in the worker")
+    return found if tasks is not None else {}
 
 
 def _stages(client: Client, pipeline: str) -> list[str]:

@@ -23,7 +23,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from contracts.envelope import Envelope, StageTiming, Usage
-from contracts.names import WATCH_KEY, cancel_key, checkpoint_key, claim_key, job_key
+from contracts.names import WATCH_KEY, cancel_key, checkpoint_key, claim_key, job_fields_key, job_key
 
 
 class Begin(enum.Enum):
@@ -277,11 +277,12 @@ class Checkpoints:
     # --- stage checkpoints -------------------------------------------------------------------------
 
     def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None,
-             close: dict[str, str] | None = None) -> bool:
+             close: dict[str, str] | None = None, publish: dict[str, Any] | None = None) -> bool:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
         The job's `stages_done` counts the stage in the same atomic step, once however often it ran.
-        In the same round trip: the step's `claim` completed, and with `close` (the job's final status)
-        the job closed as `close` does; returns whether it closed (True when not asked to)."""
+        In the same round trip: the step's `claim` completed, the answer fields it made final published
+        (`publish`, as JobStore.publish), and with `close` (the job's final status) the job closed as
+        `close` does; returns whether it closed (True when not asked to)."""
         key = checkpoint_key(job.job_id)
 
         def build(pipe: "redis.client.Pipeline") -> None:
@@ -291,6 +292,9 @@ class Checkpoints:
             pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
             if claim is not None and claim.key:
                 pipe.set(claim.key, "done", ex=self.ttl)
+            if publish:
+                pipe.hset(job_fields_key(job.job_id), mapping={k: json.dumps(v) for k, v in publish.items()})
+                pipe.expire(job_fields_key(job.job_id), self.ttl)
             if close is not None:
                 self.close(job, close, pipe)
 

@@ -11,6 +11,8 @@ import importlib
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -92,6 +94,11 @@ def _instantiate(spec: StageSpec, target: Any) -> dspy.Module:
     return program
 
 
+# Helper threads for bounded calls, reused (starting a thread per call cost more than the bookkeeping);
+# the pool only grows past the busy ones when calls were abandoned at their time limit.
+CALL_THREADS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="stage-call")
+
+
 class StageRunner:
     """Calls one stage's module; one program instance per thread (modules hold call state).
 
@@ -169,29 +176,22 @@ class StageRunner:
             return self.program()(**inputs)
 
     def _bounded(self, call: Callable[[], dspy.Prediction]) -> dspy.Prediction:
-        """`call()` in a helper thread, waited on for at most the time limit. Not in a prefork child (the
+        """`call()` on a helper thread, waited on for at most the time limit. Not in a prefork child (the
         task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
         if self.time_limit is None or threading.current_thread() is threading.main_thread():
             return call()
         program = self.program()  # the helper uses this thread's program instance
-        outcome: dict[str, Any] = {}
 
-        def work() -> None:
+        def work() -> dspy.Prediction:
             self._local.program = program
-            try:
-                outcome["value"] = call()
-            except BaseException as error:  # handed to the waiting thread
-                outcome["error"] = error
+            return call()
 
-        helper = threading.Thread(target=work, name=f"stage-{self.spec.name}", daemon=True)
-        helper.start()
-        helper.join(self.time_limit)
-        if helper.is_alive():  # abandoned: it ends when its LM call does (the LM timeout is clipped too)
+        future = CALL_THREADS.submit(work)
+        try:
+            return future.result(self.time_limit)
+        except FutureTimeout:  # abandoned: it ends when its LM call does (the LM timeout is clipped too)
             del self._local.program  # it may still use that instance; the next call gets a fresh one
-            raise StageTimeoutError(self.spec.name, self._limit_text())
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]  # type: ignore[no-any-return]
+            raise StageTimeoutError(self.spec.name, self._limit_text()) from None
 
     def _limit_text(self) -> str:
         return (f"time limit of {self.time_limit:g}s exceeded (the stage's `time_limit`, default "

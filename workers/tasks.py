@@ -10,7 +10,7 @@ Each outcome (ok, error kind, retry) is also sent as a Celery event for the moni
 import json
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import redis
@@ -279,6 +279,7 @@ class StageExecutor:
         if self.guard is None:
             step = self._run(task, job, call, path, resume, 0)
             if step.done is not None:
+                self.jobs.publish(job.job_id, step.published)
                 self.jobs.left(job.job_id)
             return step
         checkpoints = self.guard.checkpoints
@@ -297,7 +298,8 @@ class StageExecutor:
             checkpoints.complete(begun.claim)
             return step
         close = finished_fields(final_state(step.envelope)) if closing else None
-        closed = checkpoints.save(step.envelope, path, step.done, begun.claim, close)  # counts the stage, once
+        # counts the stage once, and publishes its final fields, in the same round trip
+        closed = checkpoints.save(step.envelope, path, step.done, begun.claim, close, step.published)
         return Step(step.envelope, closed=closed if closing else None)
 
     def _once(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
@@ -331,16 +333,15 @@ class StageExecutor:
         timing = self._timing(task, path, run, self.spec).model_copy(
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
         self._spent(run.usage)
-        out = self._done(task, job, call, path, run, timing)
-        return Step(out, Done(run.outputs, timing, run.usage))
+        out, final = self._done(task, job, call, path, run, timing)
+        return Step(out, Done(run.outputs, timing, run.usage), published=final)
 
     def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
-              timing: StageTiming | None = None) -> Envelope:
-        """Fold a successful run into the envelope and publish the fields that are final now."""
+              timing: StageTiming | None = None) -> tuple[Envelope, dict[str, Any]]:
+        """Fold a successful run into the envelope; also the answer fields that are final now, to publish."""
         done = job.with_output(path, run.outputs, timing or self._timing(task, path, run, self.spec), run.usage,
                                call.outputs, run.cached_usage)
-        self._publish(job, done, {call.outputs.get(name, name) for name in run.outputs})
-        return done
+        return done, self._final_fields(job, done, {call.outputs.get(name, name) for name in run.outputs})
 
     def _wait_turn(self) -> float:
         """The stage's shared rate limit, if it has one: wait for a slot (logged while throttled)."""
@@ -367,8 +368,9 @@ class StageExecutor:
             shared_call=shared,
         )
 
-    def _publish(self, before: Envelope, after: Envelope, written: set[str]) -> None:
-        self.jobs.publish(before.job_id, {name: after.state[name] for name in before.publish if name in written})
+    def _final_fields(self, before: Envelope, after: Envelope, written: set[str]) -> dict[str, Any]:
+        """Fields the job publishes early (`JobHandle.output`) that this step wrote."""
+        return {name: after.state[name] for name in before.publish if name in written}
 
     def _retry(self, task: Task, job: Envelope, path: str, error: StageError, kwargs: dict[str, Any]) -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
@@ -443,6 +445,7 @@ class Step:
     envelope: Envelope
     done: Done | None = None
     closed: bool | None = None
+    published: dict[str, Any] = field(default_factory=dict)  # answer fields final now (`JobHandle.output`)
 
 
 class PairExecutor(StageExecutor):
@@ -455,9 +458,8 @@ class PairExecutor(StageExecutor):
         self.nodes = nodes
 
     def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
-              timing: StageTiming | None = None) -> Envelope:
+              timing: StageTiming | None = None) -> tuple[Envelope, dict[str, Any]]:
         done = split(task, job, run, self.pair, self.nodes, self._timing)
         written = {node.outputs.get(k, k) for (node, _), spec in zip(self.nodes, self.pair, strict=True)
                    for k in spec.outputs}
-        self._publish(job, done, written)
-        return done
+        return done, self._final_fields(job, done, written)
