@@ -36,11 +36,19 @@ class Compiler:
         pipeline ends with one (no extra hop), otherwise `pipeline.finish`, which builds the JobResult."""
         finish = Finish(spec.outputs, list(spec.inputs)).dump()
         body = self.node(spec.root, "")
-        last = body.tasks[-1] if isinstance(body, _chain) else body
-        if closes_job(last):
-            last.kwargs["finish"] = finish
-            return body if isinstance(body, _chain) else chain(body)
-        return chain(body, self.app.signature(FINISH_TASK, kwargs={"finish": finish}, queue=ROUTING_QUEUE))
+        steps = list(body.tasks) if isinstance(body, _chain) else [body]
+        if closes_job(steps[-1]):
+            steps[-1].kwargs["finish"] = finish
+        else:
+            steps.append(self.app.signature(FINISH_TASK, kwargs={"finish": finish}, queue=ROUTING_QUEUE))
+        for step in steps[:-1]:
+            if closes_job(step):
+                # the next task receives the envelope in its message; nothing reads this step's stored
+                # result (the job's is stored under the job id), so Celery's STARTED and SUCCESS writes
+                # (four round trips per task) are skipped. A crash is still stored: stage tasks have
+                # store_errors_even_if_ignored, so the chain's later tasks, the job's too, fail with it.
+                step.set(ignore_result=True)
+        return chain(*steps)
 
     def node(self, node: AnyNode, prefix: str) -> Signature:
         kind = self.kinds.get(node.kind)

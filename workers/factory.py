@@ -29,6 +29,7 @@ def create_runtime(settings: Settings | None = None, catalog: Catalog | None = N
     catalog = catalog or load_catalog(settings.catalog)
     app = Celery("stagecoach", broker=settings.broker_url, backend=settings.backend_url)
     app.conf.update(celery_config(settings, catalog))
+    shorter_reprs(app)
     runtime = Runtime(app, settings, catalog, JobStore.from_url(settings.backend_url, settings.result_expires))
     register_stage_tasks(app, catalog.stages, settings, runtime.jobs)
     for plugin in settings.plugins:
@@ -44,6 +45,19 @@ def visibility_timeout(settings: Settings, catalog: Catalog) -> int:
         return settings.visibility_timeout
     longest = max([s.time_limit or settings.stage_time_limit for s in catalog.stages.values()] or [0.0])
     return int(longest + STAGE_KILL_GRACE) + 60
+
+
+# Celery writes a repr of every task's args and kwargs into its message (what Flower shows) and of
+# every return value into the worker's log. An envelope is a nested document: at Celery's default of
+# 1024 characters, these reprs cost a stage more CPU than its own bookkeeping (bench/profile.py).
+# 256 characters still show the job id, which every envelope starts with.
+REPR_CHARS = 256
+
+
+def shorter_reprs(app: Celery) -> None:
+    app.amqp.argsrepr_maxsize = REPR_CHARS
+    app.amqp.kwargsrepr_maxsize = REPR_CHARS
+    app.Task.resultrepr_maxsize = REPR_CHARS
 
 
 def publish_retry_policy(seconds: float) -> dict[str, float]:

@@ -113,6 +113,7 @@ class StageRunner:
         self.lm_settings = lm_settings
         self.cache = cache
         self.time_limit = time_limit
+        self._adapter = adapter_for(lm_settings)
         self._local = threading.local()
 
     def program(self) -> dspy.Module:
@@ -172,7 +173,10 @@ class StageRunner:
             raise _classify(self.spec.name, error) from error
 
     def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> dspy.Prediction:
-        with dspy.context(lm=lm, adapter=adapter_for(self.lm_settings), track_usage=True, callbacks=[counter]):
+        # the counter only tells DSPy-cache replays apart; with DSPy's cache off there are none, and a
+        # callback makes every DSPy call dearer
+        callbacks = [counter] if self.lm_settings.cache else []
+        with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks):
             return self.program()(**inputs)
 
     def _bounded(self, call: Callable[[], dspy.Prediction]) -> dspy.Prediction:

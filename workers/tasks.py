@@ -73,6 +73,7 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
         soft_time_limit=soft,
         time_limit=soft + STAGE_KILL_GRACE,
         max_retries=spec.retry.max_retries,
+        store_errors_even_if_ignored=True,  # see Compiler.pipeline: a crash fails the job's chain
     )
     def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str,
                   finish: dict[str, Any] | None = None) -> Any:
@@ -140,6 +141,7 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
         soft_time_limit=soft,
         time_limit=soft + STAGE_KILL_GRACE,
         max_retries=max([s.retry.max_retries for s in specs] or [0]),
+        store_errors_even_if_ignored=True,
     )
     def run_fused(self: Task, envelope: dict[str, Any], steps: list[dict[str, Any]],
                   finish: dict[str, Any] | None = None) -> dict[str, Any]:
