@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from contracts.envelope import Envelope
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
-from routing.compile import Compiler, bind_input
+from routing.compile import Compiler
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
 from routing.nodes import KINDS
 from routing.tasks import start_envelope
@@ -114,21 +114,26 @@ class Client:
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
-        canvas = bind_input(self.compiler.pipeline(spec), envelope.model_dump(mode="json"))
-        self._with_retries(lambda: self._start(envelope, payload, canvas))
+        canvas = self.compiler.job(spec, envelope)
+        self._start(envelope, payload, canvas)
         return JobHandle(self, job_id)
 
     def _start(self, envelope: Envelope, request: dict[str, Any], canvas: Signature) -> None:
-        """What `pipeline.run` would do, from here: the job's status and start checkpoint (the watchdog
-        and `resume` start again from it) in one round trip, then its chain, whose last task answers
-        under the job id."""
+        """What `pipeline.run` would do, from here: send the job's chain (its last task answers under the
+        job id), then record the job's status and start checkpoint (the watchdog and `resume` start
+        again from it) in one round trip. That round trip overlaps the first stage instead of delaying
+        it; the status is written field by field only where absent, so a stage that already began (or
+        finished the job) is never set back to queued."""
         job_id = envelope.job_id
-        pipe = self.runtime.jobs.client.pipeline(transaction=False)
-        self.runtime.jobs.queued(job_id, envelope.pipeline, pipe)
-        self.checkpoints.started(job_id, envelope.pipeline, request, pipe)
-        self.checkpoints.claimed_start(envelope, pipe)
-        pipe.execute()
-        canvas.apply_async(task_id=job_id, root_id=job_id)
+        self._with_retries(lambda: canvas.apply_async(task_id=job_id, root_id=job_id))
+
+        def record() -> None:
+            pipe = self.runtime.jobs.client.pipeline(transaction=False)
+            self.runtime.jobs.queued(job_id, envelope.pipeline, pipe, keep_newer=True)
+            self.checkpoints.started(job_id, envelope.pipeline, request, pipe)
+            self.checkpoints.claimed_start(envelope, pipe)
+            pipe.execute()
+        self._with_retries(record)
 
     def _with_retries(self, publish: Callable[[], None]) -> None:
         """Retry while the broker is unreachable (a Redis restart), for at most STAGECOACH_PUBLISH_RETRY_SECONDS."""

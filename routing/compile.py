@@ -15,6 +15,7 @@ from celery import Celery, chain
 from celery.canvas import Signature, _chain, chord, group
 
 from contracts.catalog import Catalog
+from contracts.envelope import Envelope
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, STAGE_PREFIX, routing_task, stage_queue, stage_task
 from contracts.specs import AnyNode, PipelineSpec, StageNode
 from routing.errors import RoutingError
@@ -50,6 +51,16 @@ class Compiler:
                 step.set(ignore_result=True)
         return chain(*steps)
 
+    def job(self, spec: PipelineSpec, envelope: Envelope) -> _chain:
+        """The job's chain, its envelope bound to the first task(s). Each step's message shows the job id
+        in place of Celery's repr of the envelope (what Flower lists; computing that repr was a good
+        share of a stage's overhead)."""
+        canvas = bind_input(self.pipeline(spec), envelope.model_dump(mode="json"))
+        for step in canvas.tasks:
+            if type(step) is Signature:
+                step.set(argsrepr=f"(<envelope of job {envelope.job_id}>,)")
+        return canvas  # type: ignore[no-any-return]
+
     def node(self, node: AnyNode, prefix: str) -> Signature:
         kind = self.kinds.get(node.kind)
         if kind is None:
@@ -68,7 +79,8 @@ class Compiler:
         path = prefix + (node.id or node.stage)
         ref = self.catalog.stage_ref(node.stage, node.version)  # `answer`, or `answer@1` when not the latest
         kwargs = {"node": node.model_dump(mode="json"), "path": path}
-        sig = self.app.signature(stage_task(ref), kwargs=kwargs, queue=stage_queue(ref))
+        sig = self.app.signature(stage_task(ref), kwargs=kwargs, queue=stage_queue(ref),
+                                 kwargsrepr=repr({"path": path, "node": f"<stage {ref}>"}))
         if node.time_limit is not None:  # Celery enforces these in prefork and green pools
             sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + CALL_KILL_GRACE)
         return sig

@@ -20,7 +20,7 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from contracts.specs import PipelineSpec
-from routing.compile import Compiler, bind_input
+from routing.compile import Compiler
 from routing.guard import register_routing_task
 from routing.lazy import plan
 from routing.nodes import KINDS
@@ -69,7 +69,7 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobSt
 
 def job_canvas(compiler: Compiler, spec: PipelineSpec, envelope: Envelope) -> Any:
     """The whole job as canvas, the envelope bound to its first task(s); its last task closes the job."""
-    canvas = bind_input(compiler.pipeline(spec), envelope.model_dump(mode="json"))
+    canvas = compiler.job(spec, envelope)
     canvas.tasks[-1].set(task_id=finish_task_id(envelope.job_id))  # see finish_task_id
     return canvas
 

@@ -83,12 +83,15 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         # (for about STAGECOACH_PUBLISH_RETRY_SECONDS) rather than fail the job on a publish error
         "task_publish_retry": True,
         "task_publish_retry_policy": publish_retry_policy(settings.publish_retry_seconds),
-        "result_extended": True,
+        # Celery's defaults, kept on purpose: a stored result holds the return value alone (extended
+        # results repeated the task's args, a whole envelope, in every write) and no STARTED write
+        # precedes it (job progress lives in the job's status record, workers/jobs.py)
+        "result_extended": False,
+        "task_track_started": False,
         "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog)},
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
-        "task_track_started": True,
         "task_queues": [Queue(stage_queue(name)) for name in catalog.stages] + [Queue(ROUTING_QUEUE)],  # type: ignore[no-untyped-call]
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,

@@ -21,10 +21,23 @@ class JobStore:
     def from_url(cls, url: str, ttl_seconds: int) -> "JobStore":
         return cls(redis.Redis.from_url(url), ttl_seconds)
 
-    def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None) -> None:
-        """With `pipe`, queued on the caller's pipeline (the client's one round trip per job)."""
+    def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None,
+               keep_newer: bool = False) -> None:
+        """With `pipe`, queued on the caller's pipeline (the client's one round trip per job). With
+        `keep_newer`, each field is written only where absent: the job's first stage may have begun
+        already (the client records the status after sending the job)."""
         now = time.time()
-        self._write(job_id, {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now}, pipe)
+        fields = {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now}
+        if not keep_newer:
+            self._write(job_id, fields, pipe)
+            return
+        own = pipe is None
+        pipe = self.client.pipeline() if pipe is None else pipe
+        for name, value in encoded(fields).items():
+            pipe.hsetnx(job_key(job_id), name, value)
+        pipe.expire(job_key(job_id), self.ttl)
+        if own:
+            pipe.execute()
 
     def entered(self, job_id: str, node: str, stage: str | None) -> None:
         self._update(job_id, {"state": "running", "node": node, "stage": stage})

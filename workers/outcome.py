@@ -6,12 +6,16 @@ event, and `pipeline.finish` sends `stagecoach-job-finished` with the job's path
 for per-job traces. Sending is best effort: a monitor event must never fail a stage.
 """
 
+import atexit
 import json
 import logging
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
@@ -32,26 +36,89 @@ def preview(value: Any, limit: int = PREVIEW_CHARS) -> tuple[str, int]:
     return (text if len(text) <= limit else text[:limit] + "..."), len(text.encode())
 
 
-_local = threading.local()
-
-
 def send(task: Task, event: str, fields: dict[str, Any]) -> None:
-    """Best effort, on this thread's own dispatcher (`Task.send_event` builds and closes one per event,
-    which cost a stage more than the publish itself)."""
-    try:
-        _dispatcher(task).send(event, uuid=task.request.id, **fields)
-    except Exception:  # the broker hiccuped: the job goes on, only the monitor misses one event
-        _local.__dict__.pop("dispatcher", None)  # the next event starts on a fresh connection
-        log.warning("could not send %s", event, exc_info=True)
+    """Best effort and off the task's path: the event is handed to this process's sender thread, so a
+    stage's next hop does not wait for the monitor's publish."""
+    request = task.request
+    _sender().put(_Outgoing(task.app, request.hostname, request.id, event, fields))
 
 
-def _dispatcher(task: Task) -> Any:
-    key = (id(task.app), task.request.hostname)
-    if getattr(_local, "key", None) != key or getattr(_local, "dispatcher", None) is None:
-        _local.dispatcher = task.app.events.Dispatcher(task.app.connection_for_write(),
-                                                       hostname=task.request.hostname, enabled=True)
-        _local.key = key
-    return _local.dispatcher
+@dataclass(frozen=True)
+class _Outgoing:
+    app: Any
+    hostname: str | None
+    task_id: str | None
+    event: str
+    fields: dict[str, Any]
+
+
+class EventSender:
+    """One thread per process publishing Stagecoach's events in the order they were sent, on its own
+    dispatcher (Celery's `Task.send_event` builds and closes a dispatcher per event). At exit it gets
+    FLUSH_SECONDS to send what is queued; a broker error drops that one event (the monitor misses it)."""
+
+    FLUSH_SECONDS = 2.0
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[_Outgoing | None] = queue.SimpleQueue()
+        self.pid = os.getpid()
+        self._dispatchers: dict[tuple[int, str | None], Any] = {}
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="stagecoach-events", daemon=True)
+        self._thread.start()
+        atexit.register(self.flush)
+
+    def put(self, item: _Outgoing) -> None:
+        self._idle.clear()
+        self.queue.put(item)
+
+    def flush(self, timeout: float = FLUSH_SECONDS) -> bool:
+        """Wait until everything queued so far was published (True), or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while not (self._idle.is_set() and self.queue.empty()):
+            if time.monotonic() > deadline:
+                return False
+            self._idle.wait(0.01)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is not None:
+                self._publish(item)
+            if self.queue.empty():
+                self._idle.set()
+
+    def _publish(self, item: _Outgoing) -> None:
+        key = (id(item.app), item.hostname)
+        try:
+            if key not in self._dispatchers:
+                self._dispatchers[key] = item.app.events.Dispatcher(item.app.connection_for_write(),
+                                                                    hostname=item.hostname, enabled=True)
+            self._dispatchers[key].send(item.event, uuid=item.task_id, **item.fields)
+        except Exception:  # the broker hiccuped: the job goes on, only the monitor misses one event
+            self._dispatchers.pop(key, None)  # the next event starts on a fresh connection
+            log.warning("could not send %s", item.event, exc_info=True)
+
+
+_senders: dict[int, EventSender] = {}
+_senders_lock = threading.Lock()
+
+
+def _sender() -> EventSender:
+    """This process's sender (a forked pool child starts its own: threads do not survive a fork)."""
+    pid = os.getpid()
+    with _senders_lock:
+        if pid not in _senders:
+            _senders[pid] = EventSender()
+        return _senders[pid]
+
+
+def flush_events(timeout: float = EventSender.FLUSH_SECONDS) -> bool:
+    """Publish what this process queued (for a caller that must know the monitor can see it)."""
+    sender = _senders.get(os.getpid())
+    return sender.flush(timeout) if sender else True
 
 
 @contextmanager

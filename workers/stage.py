@@ -114,6 +114,7 @@ class StageRunner:
         self.cache = cache
         self.time_limit = time_limit
         self._adapter = adapter_for(lm_settings)
+        self._lms: dict[str, dspy.LM] = {}
         self._local = threading.local()
 
     def program(self) -> dspy.Module:
@@ -162,7 +163,7 @@ class StageRunner:
         clipped = self.time_limit is not None and lm_timeout >= self.time_limit
         if clipped:
             chosen = (chosen or LMOverride()).model_copy(update={"timeout": self.time_limit})
-        lm = lm_for(self.lm_settings, chosen)
+        lm = self._lm(chosen)
         try:
             return self._bounded(lambda: self._predict(lm, inputs, counter))
         except StageError:
@@ -171,6 +172,14 @@ class StageRunner:
             if is_timeout(error):
                 raise self._timeout(lm_timeout, clipped, error) from error
             raise _classify(self.spec.name, error) from error
+
+    def _lm(self, chosen: LMOverride | None) -> dspy.LM:
+        """The LM for these overrides, remembered per runner (`lm_for` keys on a dump of the settings)."""
+        key = chosen.model_dump_json() if chosen else ""
+        lm = self._lms.get(key)
+        if lm is None:
+            lm = self._lms[key] = lm_for(self.lm_settings, chosen)
+        return lm
 
     def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> dspy.Prediction:
         # the counter only tells DSPy-cache replays apart; with DSPy's cache off there are none, and a
