@@ -72,34 +72,48 @@ def _bare_run(client: Client, stages: list[str], jobs: int) -> float:
 PARTS = [("in the worker", r"celery/app/trace.py:\d+\(trace_task\)"),
          ("task body", r"celery/app/trace.py:\d+\(__protected_call__\)"),
          ("DSPy call", r"dspy/primitives/module.py:\d+\(__call__\)|dspy/predict/predict.py:\d+\(__call__\)")]
+# what a Stagecoach stage task does beyond the bare task, each part cumulative per call
+OURS = [("claim: begin script (1 round trip)", r"workers/checkpoint.py:\d+\(begin\)"),
+        ("checkpoint: save pipeline (1 round trip)", r"workers/checkpoint.py:\d+\(save\)"),
+        ("stage runner (contracts, deadline thread, DSPy call)", r"workers/stage.py:\d+\(run\)"),
+        ("  of which the DSPy call", r"workers/stage.py:\d+\(_predict\)"),
+        ("envelope and node validation", r"workers/tasks.py:\d+\(inbound\)"),
+        ("monitor event (queued for the sender thread)", r"workers/outcome.py:\d+\(_report\)"),
+        ("closing the job (JobResult, last stage only)", r"workers/finish.py:\d+\(answer\)")]
 
 
 def _comparison(out: Path, stages: list[str]) -> str:
-    """Per stage: ms per task in the Stagecoach stage worker and in the bare one, by part."""
+    """Per stage: ms per task in the Stagecoach stage worker and in the bare one, by part; then the
+    parts only a Stagecoach stage task has."""
     lines = ["", "ms per task, profiled (cProfile slows Python code about 2x; compare the columns):",
              "| stage | part | stagecoach | bare | difference |", "|---|---|---|---|---|"]
     for stage in stages:
-        ours, bare = _parts(out / f"stage-{stage}.prof"), _parts(out / f"bare-{stage}.prof")
+        ours, bare = _parts(out / f"stage-{stage}.prof", PARTS), _parts(out / f"bare-{stage}.prof", PARTS)
         for label, _ in PARTS:
             a, b = ours.get(label), bare.get(label)
             if a is not None and b is not None:
                 lines.append(f"| {stage} | {label} | {a:.2f} | {b:.2f} | {a - b:+.2f} |")
+    lines += ["", "a Stagecoach stage task's own parts, ms per call, profiled:", "| stage | part | ms |",
+              "|---|---|---|"]
+    for stage in stages:
+        for label, value in _parts(out / f"stage-{stage}.prof", OURS).items():
+            lines.append(f"| {stage} | {label} | {value:.2f} |")
     return "\n".join(lines)
 
 
-def _parts(path: Path) -> dict[str, float]:
+def _parts(path: Path, parts: list[tuple[str, str]]) -> dict[str, float]:
+    """ms per call of each part's function (its outermost match) in one process's profile."""
     if not path.exists():
         return {}
     raw = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
     found: dict[str, float] = {}
-    for label, pattern in PARTS:
+    for label, pattern in parts:
         hits = [(nc, ct) for (file, line, func), (_, nc, _, ct, _) in raw.items()
                 if re.search(pattern, f"{file}:{line}({func})")]
         if hits:  # the outermost match: the one with the most cumulative time
             calls, cumulative = max(hits, key=lambda h: h[1])
             found[label] = cumulative * 1000 / max(calls, 1)
-    tasks = found.get("in the worker")
-    return found if tasks is not None else {}
+    return found
 
 
 def _stages(client: Client, pipeline: str) -> list[str]:
