@@ -42,12 +42,12 @@ class Compiler:
             steps[-1].kwargs["finish"] = finish
         else:
             steps.append(self.app.signature(FINISH_TASK, kwargs={"finish": finish}, queue=ROUTING_QUEUE))
-        for step in steps[:-1]:
-            if closes_job(step):
-                # the next task receives the envelope in its message; nothing reads this step's stored
-                # result (the job's is stored under the job id), so Celery's STARTED and SUCCESS writes
-                # (four round trips per task) are skipped. A crash is still stored: stage tasks have
-                # store_errors_even_if_ignored, so the chain's later tasks, the job's too, fail with it.
+        for step in steps:
+            if closes_job(step) or step is steps[-1]:
+                # Celery's own result writes are skipped (a read and a write per task): a step hands
+                # the envelope on in the next task's message, and the closing task stores the JobResult
+                # under the job id itself, in the same script that closes the job. A crash is still
+                # stored (store_errors_even_if_ignored), so the rest of the chain, the job too, fails with it.
                 step.set(ignore_result=True)
         return chain(*steps)
 

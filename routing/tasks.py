@@ -25,7 +25,7 @@ from routing.guard import register_routing_task
 from routing.lazy import plan
 from routing.nodes import KINDS
 from workers.checkpoint import Begin, Checkpoints, Claim, delivery, outage_requeues
-from workers.finish import Finish, answer, close
+from workers.finish import Finish, announce, close
 from workers.jobs import JobStore
 from workers.outcome import job_finished
 from workers.runtime import Runtime
@@ -155,11 +155,12 @@ def finish_task_id(job_id: str) -> str:
 
 def _register_finish(app: Celery, catalog: Catalog, checkpoints: Checkpoints) -> None:
     # `outputs`: what a job compiled before `finish` existed still carries
-    @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    # it stores the JobResult itself when it closes the job; a crash is stored as Celery would
+    @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True, store_errors_even_if_ignored=True)
     def finish_pipeline(self: Task, envelope: dict[str, Any], finish: dict[str, Any] | None = None,
                         outputs: list[str] | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
         ending = Finish.load(finish) or Finish(outputs or [], list(catalog.pipeline(job.pipeline).inputs))
         with outage_requeues(f"pipeline.finish of job {job.job_id}"):
-            close(checkpoints, job)  # or Ignore: a duplicate, or a generation the watchdog replaced
-            return answer(self, job, ending)
+            done = close(self, checkpoints, job, ending)  # or Ignore: a duplicate, or a replaced generation
+            return announce(self, job, ending, done)

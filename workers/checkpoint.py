@@ -40,6 +40,16 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class StoredResult:
+    """A task result as Celery's Redis backend stores it (key, encoded meta, expiry in seconds; 0 for
+    none), for a script that writes it together with other state."""
+
+    key: str
+    value: str | bytes
+    ttl: int
+
+
+@dataclass(frozen=True)
 class Begun:
     """A stage step's start, read in the same round trip as its claim: whether an operator cancelled
     the job, and the step's outputs if an earlier generation completed it."""
@@ -124,16 +134,23 @@ end
 return {'run', deliveries, cancelled, done}
 """
 
-# Close a job once: KEYS finish claim, checkpoint, watch, job status; ARGV generation, ttl, job id,
-# now, then field/value pairs of the job's final status -> 'run' | 'stale' | 'duplicate'
+# Close a job once, its result stored with its final status: KEYS finish claim, checkpoint, watch,
+# job status, result; ARGV generation, ttl, job id, now, result record, result ttl (0: none), then
+# field/value pairs of the job's final status -> 'run' | 'stale' | 'duplicate'
 _CLOSE = """
 local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
 if tonumber(ARGV[1]) < generation then return 'stale' end
 if not redis.call('SET', KEYS[1], 'done', 'NX', 'EX', ARGV[2]) then return 'duplicate' end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[2], 'finished_at', ARGV[4])
-redis.call('HSET', KEYS[4], unpack(ARGV, 5))
+redis.call('HSET', KEYS[4], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
+if tonumber(ARGV[6]) > 0 then
+  redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
+else
+  redis.call('SET', KEYS[5], ARGV[5])
+end
+redis.call('PUBLISH', KEYS[5], ARGV[5])
 return 'run'
 """
 
@@ -251,13 +268,14 @@ class Checkpoints:
         claim = Claim(outcome, key if outcome is Begin.RUN else "", max(int(deliveries) - 1, 0))
         return Begun(claim, bool(cancelled), Done.load(done) if done else None)
 
-    def close(self, job: Envelope, status: dict[str, str], pipe: "redis.client.Pipeline | None" = None) -> bool:
-        """Claim the job's finish and mark it finished (checkpoint, watch index, `status`) in one step;
-        False for a duplicate or a stale generation: another delivery answers for the job. With `pipe`,
-        queued there (the caller reads the outcome with `closed`)."""
+    def close(self, job: Envelope, status: dict[str, str], stored: StoredResult,
+              pipe: "redis.client.Pipeline | None" = None) -> bool:
+        """Claim the job's finish, mark it finished (checkpoint, watch index, `status`) and store its
+        result, in one atomic step; False for a duplicate or a stale generation: another delivery
+        answers for the job. With `pipe`, queued there (the caller reads the outcome with `closed`)."""
         claim = claim_key(job.job_id, f"{job.generation}:finish")
-        keys = [claim, checkpoint_key(job.job_id), WATCH_KEY, job_key(job.job_id)]
-        args: list[Any] = [job.generation, self.ttl, job.job_id, time.time()]
+        keys = [claim, checkpoint_key(job.job_id), WATCH_KEY, job_key(job.job_id), stored.key]
+        args: list[Any] = [job.generation, self.ttl, job.job_id, time.time(), stored.value, stored.ttl]
         for field, value in status.items():
             args += [field, value]
         if pipe is not None:
@@ -277,12 +295,12 @@ class Checkpoints:
     # --- stage checkpoints -------------------------------------------------------------------------
 
     def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None,
-             close: dict[str, str] | None = None, publish: dict[str, Any] | None = None) -> bool:
+             close: tuple[dict[str, str], StoredResult] | None = None, publish: dict[str, Any] | None = None) -> bool:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
         The job's `stages_done` counts the stage in the same atomic step, once however often it ran.
         In the same round trip: the step's `claim` completed, the answer fields it made final published
-        (`publish`, as JobStore.publish), and with `close` (the job's final status) the job closed as
-        `close` does; returns whether it closed (True when not asked to)."""
+        (`publish`, as JobStore.publish), and with `close` (the job's final status and result) the job
+        closed as `close` does; returns whether it closed (True when not asked to)."""
         key = checkpoint_key(job.job_id)
 
         def build(pipe: "redis.client.Pipeline") -> None:
@@ -290,13 +308,13 @@ class Checkpoints:
             pipe.hset(key, mapping={"envelope": job.model_dump_json(), "node": path, "updated_at": time.time()})
             pipe.expire(key, self.ttl)
             pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
-            if claim is not None and claim.key:
-                pipe.set(claim.key, "done", ex=self.ttl)
             if publish:
                 pipe.hset(job_fields_key(job.job_id), mapping={k: json.dumps(v) for k, v in publish.items()})
                 pipe.expire(job_fields_key(job.job_id), self.ttl)
-            if close is not None:
-                self.close(job, close, pipe)
+            if claim is not None and claim.key:
+                pipe.set(claim.key, "done", ex=self.ttl)
+            if close is not None:  # last: every write before it is idempotent if a redelivery repeats it
+                self.close(job, *close, pipe=pipe)
 
         replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
         return closed(replies[-1]) if close is not None else True

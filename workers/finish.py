@@ -1,11 +1,12 @@
 """Closing a job: its JobResult built from the last envelope, the job marked finished once, the monitor told.
 
 Whichever task ends a job closes it. When the pipeline ends with a stage, the compiler hands that
-stage a `finish` argument and the stage closes the job itself (no extra hop); otherwise
-`pipeline.finish` does. Closing is once-only per job generation: a claim taken in the same script
-that writes the final status (workers/checkpoint.py), so a duplicate or stale delivery never
-answers for the job twice. The status is final before the JobResult is stored: whoever reads the
-result finds the job finished too.
+stage a `finish` argument and the stage closes the job itself (no extra hop), in the same round
+trip as its checkpoint; otherwise `pipeline.finish` does. Closing is once-only per job generation:
+one script takes the finish claim and writes the final status and the JobResult together
+(workers/checkpoint.py), so a duplicate or stale delivery never answers for the job twice, and a
+worker killed at any point leaves either an open job (redelivered or re-dispatched) or a closed
+one with its result, never a closed job without one.
 """
 
 import time
@@ -17,7 +18,7 @@ from celery.exceptions import Ignore
 
 from contracts.envelope import Envelope
 from contracts.jobs import JobResult, JobState
-from workers.checkpoint import Checkpoints
+from workers.checkpoint import Checkpoints, StoredResult
 from workers.jobs import finished_fields
 from workers.outcome import job_finished
 
@@ -43,22 +44,52 @@ def final_state(job: Envelope) -> JobState:
     return "failed" if job.failed else "succeeded"
 
 
-def close(checkpoints: Checkpoints, job: Envelope) -> None:
-    """Close the job now (its final status), or raise Ignore: another delivery answers for it."""
-    if not checkpoints.close(job, finished_fields(final_state(job))):
+@dataclass(frozen=True)
+class Closing:
+    """What closing a job writes, in one atomic step (workers/checkpoint.py, `_CLOSE`): its final
+    status and its JobResult, stored as Celery stores a result under the job id (and published to
+    a waiting `AsyncResult.get`). Writing both at once leaves no moment where a crash could have
+    closed the job without its result, or a reader could see the result of a job still running."""
+
+    job: JobResult
+    result: dict[str, Any]  # the JobResult, as JSON
+    status: dict[str, str]  # the job's final status fields, encoded
+    stored: StoredResult
+
+
+def closing(task: Task, job: Envelope, finish: Finish) -> Closing:
+    model = job_result(job, finish.outputs)
+    result = model.model_dump(mode="json")
+    return Closing(model, result, finished_fields(final_state(job)), stored_result(task, job.job_id, result))
+
+
+def stored_result(task: Task, job_id: str, result: dict[str, Any]) -> StoredResult:
+    """The record Celery's result backend would write for a successful task `job_id` returning `result`:
+    the closing task writes it itself, with the job's status, instead of letting Celery store its
+    return value (closing tasks ignore their result; see routing/compile.py)."""
+    backend = task.backend
+    meta = backend._get_result_meta(result=result, state=states.SUCCESS, traceback=None, request=None)
+    meta["task_id"] = job_id
+    key = backend.get_key_for_task(job_id)
+    return StoredResult(key.decode() if isinstance(key, bytes) else str(key), backend.encode(meta),
+                        int(backend.expires or 0))
+
+
+def close(task: Task, checkpoints: Checkpoints, job: Envelope, finish: Finish) -> Closing:
+    """Close the job now, or raise Ignore: another delivery answers for it."""
+    done = closing(task, job, finish)
+    if not checkpoints.close(job, done.status, done.stored):
         raise Ignore()
+    return done
 
 
-def answer(task: Task, job: Envelope, finish: Finish) -> dict[str, Any]:
-    """The JobResult of a closed job, stored under the job id, the monitor told; returned as JSON.
-    A task whose id is the job id (the last task of a chain a client sent) stores it by returning it."""
-    result = job_result(job, finish.outputs)
-    data = result.model_dump(mode="json")
+def announce(task: Task, job: Envelope, finish: Finish, done: Closing) -> dict[str, Any]:
+    """Tell the monitor (and Flower, for a job started by `pipeline.run`) that the closed job ended;
+    returns the JobResult for the task to return."""
     if task.request.id != job.job_id:
-        task.backend.store_result(job.job_id, data, states.SUCCESS)
-        _job_succeeded_event(task, job.job_id, result)
-    job_finished(task, result, job.pick(finish.inputs))
-    return data
+        _job_succeeded_event(task, job.job_id, done.job)
+    job_finished(task, done.job, job.pick(finish.inputs))
+    return done.result
 
 
 def _job_succeeded_event(task: Task, job_id: str, result: JobResult) -> None:

@@ -10,7 +10,9 @@ Each outcome (ok, error kind, retry) is also sent as a Celery event for the moni
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 import redis
@@ -28,9 +30,9 @@ from workers.cache import StageCache
 from workers.checkpoint import Begin, Begun, Checkpoints, Done, delivery, outage_requeues
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.errors import StageError, StageTimeoutError
-from workers.finish import Finish, answer, close, final_state
+from workers.finish import Closing, Finish, announce, close, closing
 from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
-from workers.jobs import JobStore, finished_fields, running_fields
+from workers.jobs import JobStore, running_fields
 from workers.outcome import stage_outcome
 from workers.ratelimit import RateLimiter
 from workers.settings import Settings
@@ -82,15 +84,14 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
             return executor.hand_over(self, job, call, path, finish)
         inputs = job.pick(list(spec.inputs), call.inputs)
         ending = Finish.load(finish)  # the pipeline's last stage closes the job itself (workers/finish.py)
+        closer = partial(closing, self, finish=ending) if ending is not None else None
         with outage_requeues(f"{self.name} of job {job.job_id}"):
             with stage_outcome(self, spec.name, job, path, inputs) as report:
-                step = executor.execute(self, job, call, path, closing=ending is not None)
+                step = executor.execute(self, job, call, path, closer=closer)
                 out = report(step.envelope)
             if ending is None:
                 return out.model_dump(mode="json")
-            if not step.closed:
-                close(executor.checkpoints, out)
-            return answer(self, out, ending)
+            return announce(self, out, ending, step.closed_by(lambda: close(self, executor.checkpoints, out, ending)))
 
 
 def inbound(app: Celery, dead_letters: DeadLetterStore, task: Task, envelope: Any,
@@ -151,8 +152,7 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
             ending = Finish.load(finish)
             if ending is None:
                 return out.model_dump(mode="json")
-            close(fused.checkpoints, out)
-            return answer(self, out, ending)
+            return announce(self, out, ending, close(self, fused.checkpoints, out, ending))
 
 
 class FusedExecutor:
@@ -272,10 +272,11 @@ class StageExecutor:
         return task.replace(target)
 
     def execute(self, task: Task, job: Envelope, call: StageNode, path: str,
-                resume: dict[str, Any] | None = None, closing: bool = False) -> "Step":
+                resume: dict[str, Any] | None = None, closer: "Callable[[Envelope], Closing] | None" = None) -> "Step":
         """Run the stage once per (job, generation, node path, attempt), however often it is delivered;
-        `resume` are the task kwargs a retry is sent with (default: this node). `closing`: this is the
-        job's last step, and a run that completes closes the job in the same round trip as its checkpoint."""
+        `resume` are the task kwargs a retry is sent with (default: this node). `closer`: this is the
+        job's last step, and a run that completes closes the job (what `closer` makes of the final
+        envelope) in the same round trip as its checkpoint."""
         if job.failed:
             return Step(job)  # a fatal error earlier: pass through to the end of the pipeline
         if self.guard is None:
@@ -299,10 +300,11 @@ class StageExecutor:
         if step.done is None:
             checkpoints.complete(begun.claim)
             return step
-        close = finished_fields(final_state(step.envelope)) if closing else None
+        ending = closer(step.envelope) if closer is not None else None
         # counts the stage once, and publishes its final fields, in the same round trip
-        closed = checkpoints.save(step.envelope, path, step.done, begun.claim, close, step.published)
-        return Step(step.envelope, closed=closed if closing else None)
+        closed = checkpoints.save(step.envelope, path, step.done, begun.claim,
+                                  (ending.status, ending.stored) if ending else None, step.published)
+        return Step(step.envelope, closed=closed if ending else None, closing=ending)
 
     def _once(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
               begun: Begun) -> "Step":
@@ -448,6 +450,16 @@ class Step:
     done: Done | None = None
     closed: bool | None = None
     published: dict[str, Any] = field(default_factory=dict)  # answer fields final now (`JobHandle.output`)
+    closing: Closing | None = None  # what closed the job, when saving the step did
+
+    def closed_by(self, close_now: Callable[[], Closing]) -> Closing:
+        """How the job was closed: by this step's save, or now by `close_now` (the step did not save:
+        it failed, was cancelled, replayed or passed through). Ignore when another delivery closed it."""
+        if self.closed is None:
+            return close_now()
+        if not self.closed or self.closing is None:
+            raise Ignore()
+        return self.closing
 
 
 class PairExecutor(StageExecutor):
