@@ -11,4 +11,6 @@ SCENARIOS: dict[str, str] = {
     "fanout": "bench.fanout",          # ensemble of 5, parallel of 3, map over 4 vs one member
     "memory": "bench.memory",          # peak RSS of one stage worker process
     "scaling": "bench.scaling",        # 1/2/4 worker processes on one stage queue
+    "cache": "bench.cache",            # a job answered by the shared stage cache vs the same job cold
+    "fusion": "bench.fusion",          # a three-stage chain fused into one task (or one LM call fewer too) vs unfused
 }

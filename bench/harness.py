@@ -2,8 +2,9 @@
 
 A scenario is a module with `run(bench, scale) -> ScenarioResult` (see `bench.SCENARIOS`). It asks
 `bench.stack(...)` for a test LM at a fixed latency and a fleet of worker subprocesses on the
-harness's private Redis, runs its series interleaved in rounds (so a busy shared machine slows
-every series alike), and reports samples; ratios are computed from medians measured in one run.
+harness's private Redis (the shared stage cache off unless the scenario measures it), runs its
+series interleaved in rounds (so a busy shared machine slows every series alike), and reports
+samples; ratios are computed from medians measured in one run.
 """
 
 import statistics
@@ -24,6 +25,9 @@ from workers.settings import LMSettings
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
 PLUGINS = '["routing.tasks:register", "bench.bare:register"]'
+# A fleet with the shared stage cache on. Sampled calls are not cached (`workers.cache.cacheable`), so
+# its workers are pinned at temperature 0: the default, set here so the scenario never depends on it.
+SHARED_CACHE_ENV = {"STAGECOACH_CACHE_ENABLED": "true", "STAGECOACH_LM_TEMPERATURE": "0"}
 
 
 @dataclass(frozen=True)
@@ -160,16 +164,18 @@ class Bench:
         self.logdir = Path(tempfile.mkdtemp(prefix="stagecoach-bench-"))
 
     @contextmanager
-    def stack(self, latency_ms: float, workers: list[WorkerPlan]) -> Iterator[Stack]:
+    def stack(self, latency_ms: float, workers: list[WorkerPlan], shared_cache: bool = False) -> Iterator[Stack]:
+        """The test LM at `latency_ms` and these workers; the shared stage cache only if `shared_cache`."""
         redis.Redis.from_url(self.redis_url).flushdb()  # our own server: no one else's data
         with test_lm_server("--latency-ms", str(latency_ms)) as lm_url:
-            env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS)
+            cache_env = SHARED_CACHE_ENV if shared_cache else {}
+            env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS, **cache_env)
             fleet = Fleet(env, self.logdir)
             for plan in workers:
                 fleet.start(plan.name, plan.queues, pool=plan.pool, concurrency=plan.concurrency)
             try:
                 fleet.wait_ready()
-                client = client_for(self.redis_url, lm_url, CATALOG)
+                client = client_for(self.redis_url, lm_url, CATALOG, shared_cache=shared_cache)
                 lm = LMSettings(model="openai/test-lm", api_base=lm_url, cache=False)
                 yield Stack(client, lm, fleet, self.redis_url)
             finally:

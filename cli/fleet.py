@@ -21,7 +21,7 @@ from cli import stack
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from workers.factory import create_runtime
-from workers.settings import LMSettings, Settings
+from workers.settings import CacheSettings, LMSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -100,10 +100,12 @@ def local_lm_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
 
 
-def client_for(redis_url: str, lm_url: str, catalog: list[Path], model: str = TEST_LM_MODEL) -> Client:
-    """A client with the same settings the workers of a fleet get."""
+def client_for(redis_url: str, lm_url: str, catalog: list[Path], model: str = TEST_LM_MODEL,
+               shared_cache: bool = False) -> Client:
+    """A client with the same settings the workers of a fleet get (`shared_cache`: whether the fleet's is on)."""
     settings = Settings(broker_url=redis_url, catalog=catalog,
-                        lm=LMSettings(model=model, api_base=lm_url, cache=False))
+                        lm=LMSettings(model=model, api_base=lm_url, cache=False),
+                        cache=CacheSettings(enabled=shared_cache))
     return Client(create_runtime(settings))
 
 

@@ -16,7 +16,7 @@ from bench.report import BEGIN, END
 from cli.fleet import PYTHON, ROOT
 
 
-@pytest.mark.timeout(900)  # six fleets start one after another
+@pytest.mark.timeout(900)  # eight fleets start one after another
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
     results, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
     run = subprocess.run([PYTHON, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(docs)],
