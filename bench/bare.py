@@ -31,7 +31,7 @@ def _register(app: Celery, spec: StageSpec, lm: LMSettings) -> None:
     call = BareCall(spec, lm)
     name = bench_bare_task(spec.name)
 
-    @app.task(name=name, queue=name, acks_late=True)
+    @app.task(name=name, shared=False, queue=name, acks_late=True)
     def bare(state: dict[str, Any]) -> dict[str, Any]:
         return {**state, **call(state)}
 

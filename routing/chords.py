@@ -163,7 +163,7 @@ def rescue_task(body_task: str) -> str:
 def register_fanin(app: Celery, body_task: str, fold: Fold) -> None:
     """The chord body `body_task` folding members with `fold`, and its rescue errback."""
 
-    @app.task(name=body_task, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    @app.task(name=body_task, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def fan_in(self: Task, results: list[Any] | None, node: dict[str, Any], path: str, base: dict[str, Any],
                members: list[list[str]], rescued: str | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(base)
@@ -176,7 +176,7 @@ def register_fanin(app: Celery, body_task: str, fold: Fold) -> None:
             return failed(job, path, error)
 
     # bind=False and three arguments: Celery calls it in place with the failed body's request
-    @app.task(name=rescue_task(body_task), queue=ROUTING_QUEUE)
+    @app.task(name=rescue_task(body_task), shared=False, queue=ROUTING_QUEUE)
     def rescue(request: Any, exc: BaseException, traceback: Any) -> None:
         resend_body(app, body_task, request, exc)
 

@@ -42,6 +42,6 @@ def guarded(handler: RuntimeHandler, task: Task, compiler: Compiler, envelope: d
 def register_routing_task(app: Celery, compiler: Compiler, name: str, handler: RuntimeHandler) -> None:
     """A task `name(envelope, node=..., path=...)` on the routing queue that runs `handler` guarded."""
 
-    @app.task(name=name, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    @app.task(name=name, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
         return guarded(handler, self, compiler, envelope, node, path)

@@ -50,7 +50,7 @@ def register(runtime: Runtime) -> None:
 def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, jobs: JobStore,
                   checkpoints: Checkpoints, max_bytes: int) -> None:
     # *args/**kwargs: any call shape reaches the body, so a wrong one is a failed JobResult, not a TypeError
-    @app.task(name=RUN_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    @app.task(name=RUN_TASK, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def run_pipeline(self: Task, *args: Any, **kwargs: Any) -> Any:
         job_id = self.request.id
         request: Any = None
@@ -156,7 +156,8 @@ def finish_task_id(job_id: str) -> str:
 def _register_finish(app: Celery, catalog: Catalog, checkpoints: Checkpoints) -> None:
     # `outputs`: what a job compiled before `finish` existed still carries
     # it stores the JobResult itself when it closes the job; a crash is stored as Celery would
-    @app.task(name=FINISH_TASK, bind=True, queue=ROUTING_QUEUE, acks_late=True, store_errors_even_if_ignored=True)
+    @app.task(name=FINISH_TASK, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True,
+              store_errors_even_if_ignored=True)
     def finish_pipeline(self: Task, envelope: dict[str, Any], finish: dict[str, Any] | None = None,
                         outputs: list[str] | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)

@@ -68,6 +68,7 @@ def _register(app: Celery, ref: str, executor: "StageExecutor", settings: Settin
 
     @app.task(
         name=stage_task(ref),
+        shared=False,  # this app's task only (a shared task would reach every app a process builds)
         bind=True,
         queue=stage_queue(ref),
         acks_late=True,
@@ -136,6 +137,7 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
 
     @app.task(
         name=FUSED_TASK,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
