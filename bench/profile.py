@@ -75,11 +75,13 @@ PARTS = [("in the worker", r"celery/app/trace.py:\d+\(trace_task\)"),
 # what a Stagecoach stage task does beyond the bare task, each part cumulative per call
 OURS = [("claim: begin script (1 round trip)", r"workers/checkpoint.py:\d+\(begin\)"),
         ("checkpoint: save pipeline (1 round trip)", r"workers/checkpoint.py:\d+\(save\)"),
-        ("stage runner (contracts, deadline thread, DSPy call)", r"workers/stage.py:\d+\(run\)"),
+        # under the profiler's solo pool the call runs on the task's thread: no deadline thread here
+        ("stage runner (contracts, DSPy call)", r"workers/stage.py:\d+\(run\)"),
         ("  of which the DSPy call", r"workers/stage.py:\d+\(_predict\)"),
         ("envelope and node validation", r"workers/tasks.py:\d+\(inbound\)"),
         ("monitor event (queued for the sender thread)", r"workers/outcome.py:\d+\(_report\)"),
-        ("closing the job (JobResult, last stage only)", r"workers/finish.py:\d+\(answer\)")]
+        ("closing the job: JobResult and result record (last stage)", r"workers/finish.py:\d+\(closing\)"),
+        ("closing the job: job-finished event (last stage)", r"workers/finish.py:\d+\(announce\)")]
 
 
 def _comparison(out: Path, stages: list[str]) -> str:
