@@ -23,7 +23,7 @@ from bench.harness import (
     WorkerPlan,
     interleave,
     routing_worker,
-    timed,
+    timed_job,
 )
 from contracts.names import stage_queue
 
@@ -67,8 +67,4 @@ def _inputs(index: int) -> dict[str, Any]:
 
 
 def _job(stack: Stack, pipeline: str, index: int) -> float:
-    def job() -> None:
-        result = stack.client.submit(pipeline, _inputs(index)).get(timeout=60)
-        if not result.ok:
-            raise RuntimeError(f"{pipeline} failed: {result.error}")
-    return timed(job)
+    return timed_job(stack, pipeline, _inputs(index))

@@ -189,6 +189,15 @@ def timed(action: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
+def timed_job(stack: Stack, pipeline: str, inputs: dict[str, Any]) -> float:
+    """Seconds one job takes from the client, submit to result; a failed job stops the benchmark."""
+    def job() -> None:
+        result = stack.client.submit(pipeline, inputs).get(timeout=60)
+        if not result.ok:
+            raise RuntimeError(f"{pipeline} failed: {result.error}")
+    return timed(job)
+
+
 def interleave(rounds: int, series: dict[str, Callable[[int], list[float]]]) -> dict[str, list[list[float]]]:
     """Run every series once per round, in turn, so drift on a shared machine hits all alike."""
     out: dict[str, list[list[float]]] = {name: [] for name in series}

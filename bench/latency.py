@@ -20,6 +20,7 @@ from bench.harness import (
     routing_worker,
     stage_workers,
     timed,
+    timed_job,
 )
 
 SEQUENCES = {"seq2": ("qa", ["key_terms", "answer"]), "seq3": ("bench_seq3", ["key_terms", "answer", "bench_polish"])}
@@ -56,11 +57,7 @@ def _inputs(index: int) -> dict[str, Any]:
 
 
 def _stagecoach(stack: Stack, pipeline: str, index: int) -> float:
-    def job() -> None:
-        result = stack.client.submit(pipeline, _inputs(index)).get(timeout=60)
-        if not result.ok:
-            raise RuntimeError(f"{pipeline} failed: {result.error}")
-    return timed(job)
+    return timed_job(stack, pipeline, _inputs(index))
 
 
 def _bare(stack: Stack, stages: list[str], index: int) -> float:
