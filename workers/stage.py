@@ -102,9 +102,9 @@ CALL_THREADS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="stage-cal
 class StageRunner:
     """Calls one stage's module; one program instance per thread (modules hold call state).
 
-    With a `time_limit` the call runs in a helper thread the caller waits on for at most that long,
-    so the limit holds in every pool (Celery's thread pool enforces none), and the LM's HTTP timeout
-    is clipped to it.
+    With a `time_limit` the LM's HTTP timeout is clipped to it, which bounds a signature stage (one LM
+    call); any other module's call runs in a helper thread the caller waits on for at most that long,
+    so the limit holds in every pool (Celery's thread pool enforces none).
     """
 
     def __init__(self, spec: StageSpec, lm_settings: LMSettings, cache: StageCache | None = None,
@@ -115,6 +115,7 @@ class StageRunner:
         self.time_limit = time_limit
         self._adapter = adapter_for(lm_settings)
         self._lms: dict[str, dspy.LM] = {}
+        self._signature_stage: bool | None = None  # see _lm_bound
         self._local = threading.local()
 
     def program(self) -> dspy.Module:
@@ -191,7 +192,7 @@ class StageRunner:
     def _bounded(self, call: Callable[[], dspy.Prediction]) -> dspy.Prediction:
         """`call()` on a helper thread, waited on for at most the time limit. Not in a prefork child (the
         task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
-        if self.time_limit is None or threading.current_thread() is threading.main_thread():
+        if self.time_limit is None or threading.current_thread() is threading.main_thread() or self._lm_bound():
             return call()
         program = self.program()  # the helper uses this thread's program instance
 
@@ -205,6 +206,19 @@ class StageRunner:
         except FutureTimeout:  # abandoned: it ends when its LM call does (the LM timeout is clipped too)
             del self._local.program  # it may still use that instance; the next call gets a fresh one
             raise StageTimeoutError(self.spec.name, self._limit_text()) from None
+
+    def _lm_bound(self) -> bool:
+        """Whether the LM call is all a call waits on, so its HTTP timeout (clipped to the time limit in
+        `_call`) bounds the stage without a deadline thread: a stage whose module is a DSPy signature,
+        which Stagecoach runs as one Predict or ChainOfThought call through a JSON adapter (no parse
+        fallback: one LM call). A module class or factory may run any code, so it gets the thread."""
+        if self._signature_stage is None:
+            try:
+                target = import_target(self.spec)
+            except ModuleLoadError:
+                target = None
+            self._signature_stage = isinstance(target, type) and issubclass(target, dspy.Signature)
+        return self._signature_stage
 
     def _limit_text(self) -> str:
         return (f"time limit of {self.time_limit:g}s exceeded (the stage's `time_limit`, default "
