@@ -7,15 +7,19 @@ hops: what a hand-written Celery chain making the same DSPy calls would do.
 """
 
 import threading
+import time
 from typing import Any
 
 import dspy
 from celery import Celery, chain
 from celery.canvas import Signature
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
 
 from contracts.catalog import Catalog
 from contracts.names import bench_bare_task
 from contracts.specs import StageSpec
+from routing.client import NOTIFICATION_WAIT
 from workers.lm import adapter_for, lm_for
 from workers.runtime import Runtime
 from workers.settings import LMSettings
@@ -52,6 +56,22 @@ class BareCall:
         with dspy.context(lm=self.lm, adapter=self.adapter):
             prediction = self._local.program(**inputs)
         return {name: prediction[name] for name in self.spec.outputs}
+
+
+def bare_result(result: AsyncResult, timeout: float) -> Any:
+    """A bare chain's result, waited for as the Stagecoach client waits for a job's (routing/client.py:
+    JobHandle.get): on Celery's notification, reading the stored result when none came for a while
+    (Celery's Redis result consumer can miss one under bursts), so both sides wait alike."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return result.get(timeout=min(NOTIFICATION_WAIT, max(deadline - time.monotonic(), 0.0)))
+        except CeleryTimeout:
+            stored = AsyncResult(result.id, app=result.app)
+            if stored.ready():
+                return stored.get()
+            if time.monotonic() >= deadline:
+                raise
 
 
 def bare_chain(app: Celery, stages: list[str], state: dict[str, Any]) -> Signature:

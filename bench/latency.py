@@ -7,7 +7,7 @@ Target: Stagecoach <= 1.15x bare.
 
 from typing import Any
 
-from bench.bare import bare_chain
+from bench.bare import bare_chain, bare_result
 from bench.harness import (
     Bench,
     Ratio,
@@ -61,4 +61,4 @@ def _stagecoach(stack: Stack, pipeline: str, index: int) -> float:
 
 
 def _bare(stack: Stack, stages: list[str], index: int) -> float:
-    return timed(lambda: bare_chain(stack.client.app, stages, _inputs(index)).apply_async().get(timeout=60))
+    return timed(lambda: bare_result(bare_chain(stack.client.app, stages, _inputs(index)).apply_async(), 60))

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bare import bare_chain
+from bench.bare import bare_chain, bare_result
 from bench.harness import CATALOG, PLUGINS
 from cli.fleet import CELERY, PYTHON, ROOT, client_for, private_redis, test_lm_server, wait_until, worker_env
 from contracts.names import ROUTING_QUEUE, bench_bare_task, stage_queue
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def _bare_run(client: Client, stages: list[str], jobs: int) -> float:
     for index in range(5):
-        bare_chain(client.app, stages, {"question": f"warm-up {index}"}).apply_async().get(timeout=60)
+        bare_result(bare_chain(client.app, stages, {"question": f"warm-up {index}"}).apply_async(), 60)
     started = time.perf_counter()
     for index in range(jobs):
-        bare_chain(client.app, stages, {"question": f"What moves barges on the Rhine? ({index})"}).apply_async().get(
-            timeout=60)
+        bare_result(bare_chain(client.app, stages, {"question": f"What moves barges on the Rhine? ({index})"})
+                    .apply_async(), 60)
     return time.perf_counter() - started
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from bench.bare import InProcess, bare_chain, run_in_process
+from bench.bare import InProcess, bare_chain, bare_result, run_in_process
 from bench.harness import (
     Bench,
     Ratio,
@@ -75,7 +75,7 @@ def _stagecoach(stack: Stack, inputs: list[dict[str, Any]]) -> None:
 def _bare(stack: Stack, inputs: list[dict[str, Any]]) -> None:
     results = [bare_chain(stack.client.app, STAGES, item).apply_async() for item in inputs]
     for result in results:
-        result.get(timeout=300)
+        bare_result(result, 300)
 
 
 def _inproc(stack: Stack, program: InProcess, inputs: list[dict[str, Any]]) -> None:

@@ -40,10 +40,17 @@ class JobHandle:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                raw = AsyncResult(self.id, app=self.client.app).get(timeout=left, propagate=True)
+                raw = AsyncResult(self.id, app=self.client.app).get(timeout=_slice(left), propagate=True)
                 break
             except CeleryTimeout:
-                raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
+                # Celery's Redis result consumer can miss the notification of a result (seen under
+                # bursts with results collected as they are freed): read the stored result itself
+                stored = AsyncResult(self.id, app=self.client.app)
+                if stored.ready():
+                    raw = stored.get(propagate=True)
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
             except BROKER_DOWN:  # the result connection broke (Redis restarting): read again
                 if self._stored_failure():
                     raise
@@ -160,6 +167,14 @@ class Client:
         return self.runtime.jobs.status(job_id)
 
 
+
+
+# the longest a wait relies on the result's notification alone before reading the stored result
+NOTIFICATION_WAIT = 5.0
+
+
+def _slice(left: float | None) -> float:
+    return NOTIFICATION_WAIT if left is None else min(left, NOTIFICATION_WAIT)
 
 
 def safe_url(url: str) -> str:
