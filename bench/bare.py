@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 from contracts.catalog import Catalog
 from contracts.names import bench_bare_task
 from contracts.specs import StageSpec
-from routing.client import NOTIFICATION_WAIT
+from routing.client import NOTIFICATION_WAIT, notified_or_stored
 from workers.lm import adapter_for, lm_for
 from workers.runtime import Runtime
 from workers.settings import LMSettings
@@ -60,16 +60,12 @@ class BareCall:
 
 def bare_result(result: AsyncResult, timeout: float) -> Any:
     """A bare chain's result, waited for as the Stagecoach client waits for a job's (routing/client.py:
-    JobHandle.get): on Celery's notification, reading the stored result when none came for a while
-    (Celery's Redis result consumer can miss one under bursts), so both sides wait alike."""
+    JobHandle.get), so both sides wait alike."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return result.get(timeout=min(NOTIFICATION_WAIT, max(deadline - time.monotonic(), 0.0)))
+            return notified_or_stored(result, min(NOTIFICATION_WAIT, max(deadline - time.monotonic(), 0.0)))
         except CeleryTimeout:
-            stored = AsyncResult(result.id, app=result.app)
-            if stored.ready():
-                return stored.get()
             if time.monotonic() >= deadline:
                 raise
 

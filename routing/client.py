@@ -40,15 +40,9 @@ class JobHandle:
         while True:
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                raw = AsyncResult(self.id, app=self.client.app).get(timeout=_slice(left), propagate=True)
+                raw = notified_or_stored(AsyncResult(self.id, app=self.client.app), _slice(left))
                 break
             except CeleryTimeout:
-                # Celery's Redis result consumer can miss the notification of a result (seen under
-                # bursts with results collected as they are freed): read the stored result itself
-                stored = AsyncResult(self.id, app=self.client.app)
-                if stored.ready():
-                    raw = stored.get(propagate=True)
-                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeoutError(f"job {self.id} not finished after {timeout}s", self.id) from None
             except BROKER_DOWN:  # the result connection broke (Redis restarting): read again
@@ -97,9 +91,9 @@ class JobHandle:
 
 
 class Client:
-    """Starts jobs itself: it compiles the job's canvas and sends it, with the job's queued status and
-    start checkpoint written in one round trip before, so a job costs no `pipeline.run` hop (that task
-    stays for clients in other languages, which send a plain JSON request by name)."""
+    """Starts jobs itself: it compiles the job's canvas and sends it, then writes the job's queued status
+    and start checkpoint in one round trip, so a job costs no `pipeline.run` hop (that task stays for
+    clients in other languages, which send a plain JSON request by name)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -136,7 +130,7 @@ class Client:
 
         def record() -> None:
             pipe = self.runtime.jobs.client.pipeline(transaction=False)
-            self.runtime.jobs.queued(job_id, envelope.pipeline, pipe, keep_newer=True)
+            self.runtime.jobs.queued(job_id, envelope.pipeline, pipe)
             self.checkpoints.started(job_id, envelope.pipeline, request, pipe)
             self.checkpoints.claimed_start(envelope, pipe)
             pipe.execute()
@@ -175,6 +169,18 @@ NOTIFICATION_WAIT = 5.0
 
 def _slice(left: float | None) -> float:
     return NOTIFICATION_WAIT if left is None else min(left, NOTIFICATION_WAIT)
+
+
+def notified_or_stored(result: AsyncResult, wait: float) -> Any:
+    """The result once Celery notifies it, waiting at most `wait`; then the stored result if it is
+    there (Celery's Redis result consumer can miss a notification under bursts), else CeleryTimeout."""
+    try:
+        return result.get(timeout=wait, propagate=True)
+    except CeleryTimeout:
+        stored = AsyncResult(result.id, app=result.app)
+        if stored.ready():
+            return stored.get(propagate=True)
+        raise
 
 
 def safe_url(url: str) -> str:

@@ -38,12 +38,12 @@ class Compiler:
         finish = Finish(spec.outputs, list(spec.inputs)).dump()
         body = self.node(spec.root, "")
         steps = list(body.tasks) if isinstance(body, _chain) else [body]
-        if closes_job(steps[-1]):
+        if is_stage_step(steps[-1]):
             steps[-1].kwargs["finish"] = finish
         else:
             steps.append(self.app.signature(FINISH_TASK, kwargs={"finish": finish}, queue=ROUTING_QUEUE))
         for step in steps:
-            if closes_job(step) or step is steps[-1]:
+            if is_stage_step(step) or step is steps[-1]:
                 # Celery's own result writes are skipped (a read and a write per task): a step hands
                 # the envelope on in the next task's message, and the closing task stores the JobResult
                 # under the job id itself, in the same script that closes the job. A crash is still
@@ -86,9 +86,9 @@ class Compiler:
         return sig
 
 
-def closes_job(sig: Signature) -> bool:
-    """Whether a canvas's last task can close the job itself: one stage task (or a fused run of them);
-    a fan-out or a routing task hands its outcome on, so `pipeline.finish` follows it."""
+def is_stage_step(sig: Signature) -> bool:
+    """Whether a chain step is one stage task (or a fused run of them): as the last step it closes the job
+    itself; a fan-out or a routing task hands its outcome on, so `pipeline.finish` follows it."""
     return type(sig) is Signature and str(sig.task).startswith(STAGE_PREFIX)
 
 

@@ -319,10 +319,6 @@ class Checkpoints:
         replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
         return closed(replies[-1]) if close is not None else True
 
-    def done(self, job_id: str, path: str) -> Done | None:
-        raw = self.client.hget(checkpoint_key(job_id), f"done:{path}")
-        return Done.load(raw) if raw else None
-
     def envelope(self, job_id: str) -> Envelope | None:
         raw = self.client.hget(checkpoint_key(job_id), "envelope")
         return Envelope.model_validate_json(raw) if raw else None

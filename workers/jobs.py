@@ -21,16 +21,12 @@ class JobStore:
     def from_url(cls, url: str, ttl_seconds: int) -> "JobStore":
         return cls(redis.Redis.from_url(url), ttl_seconds)
 
-    def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None,
-               keep_newer: bool = False) -> None:
-        """With `pipe`, queued on the caller's pipeline (the client's one round trip per job). With
-        `keep_newer`, each field is written only where absent: the job's first stage may have begun
-        already (the client records the status after sending the job)."""
+    def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None) -> None:
+        """Each field written only where absent: the client records the status after sending the job,
+        whose first stage may have begun already. With `pipe`, queued on the caller's pipeline (the
+        client's one round trip per job)."""
         now = time.time()
         fields = {"state": "queued", "pipeline": pipeline, "submitted_at": now, "updated_at": now}
-        if not keep_newer:
-            self._write(job_id, fields, pipe)
-            return
         own = pipe is None
         pipe = self.client.pipeline() if pipe is None else pipe
         for name, value in encoded(fields).items():
@@ -73,15 +69,13 @@ class JobStore:
     def _update(self, job_id: str, fields: dict[str, Any]) -> None:
         self._write(job_id, {**fields, "updated_at": time.time()})
 
-    def _write(self, job_id: str, fields: dict[str, Any], pipe: "redis.client.Pipeline | None" = None) -> None:
+    def _write(self, job_id: str, fields: dict[str, Any]) -> None:
         key = job_key(job_id)
-        own = pipe is None
-        pipe = self.client.pipeline() if pipe is None else pipe
         mapping: dict[Any, Any] = encoded(fields)
+        pipe = self.client.pipeline()
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl)
-        if own:
-            pipe.execute()
+        pipe.execute()
 
 
 def running_fields(node: str, stage: str | None) -> dict[str, str]:

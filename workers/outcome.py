@@ -115,12 +115,6 @@ def _sender() -> EventSender:
         return _senders[pid]
 
 
-def flush_events(timeout: float = EventSender.FLUSH_SECONDS) -> bool:
-    """Publish what this process queued (for a caller that must know the monitor can see it)."""
-    sender = _senders.get(os.getpid())
-    return sender.flush(timeout) if sender else True
-
-
 @contextmanager
 def stage_outcome(task: Task, stage: str, job: Envelope, path: str,
                   inputs: dict[str, Any]) -> Iterator[Callable[[Envelope], Envelope]]:

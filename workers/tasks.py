@@ -150,7 +150,7 @@ def _register_fused(app: Celery, fused: "FusedExecutor", settings: Settings) -> 
                   finish: dict[str, Any] | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
         with outage_requeues(f"{self.name} of job {job.job_id}"):
-            out = fused.execute(self, job, steps, finish)
+            out = fused.execute(self, job, steps)
             ending = Finish.load(finish)
             if ending is None:
                 return out.model_dump(mode="json")
@@ -172,12 +172,12 @@ class FusedExecutor:
         self._lock = threading.Lock()
         self.checkpoints = next(iter(executors.values())).checkpoints
 
-    def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]],
-                finish: dict[str, Any] | None = None) -> Envelope:
+    def execute(self, task: Task, job: Envelope, steps: list[dict[str, Any]]) -> Envelope:
         index = 0
         while index < len(steps):
-            # a retry resumes at this step: the stages before it are in the envelope already
-            resume = {"steps": steps[index:], "finish": finish}
+            # a retry resumes at this step: the stages before it are in the envelope already (a
+            # `finish` argument rides along: StageExecutor._retry keeps it)
+            resume = {"steps": steps[index:]}
             calls = [(StageNode.model_validate(s["node"]), s["path"]) for s in steps[index:index + 2]]
             executors = [self._executor(call) for call, _ in calls]
             if executors[0] is None:
