@@ -10,16 +10,19 @@ import json
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from celery import Celery
+from celery.result import AsyncResult
 
 from cli.compose import render as render_compose
 from contracts.catalog import load_catalog
 from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
+from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
 from routing.client import Client
 from tests.services import ROOT, Fleet, client_for, worker_env
@@ -141,13 +144,15 @@ def test_a_job_compiled_before_an_upgrade_finishes_on_its_version(app: Celery) -
 
 
 def test_a_version_no_worker_knows_is_a_clear_job_error(app: Celery) -> None:
-    envelope = Envelope(job_id="gone", pipeline="vpipe", pipeline_version="0", state={"summary": "Owls."})
+    job_id = f"gone-{uuid.uuid4().hex[:8]}"
+    envelope = Envelope(job_id=job_id, pipeline="vpipe", pipeline_version="0", state={"summary": "Owls."})
     node = {"kind": "stage", "stage": "vprobe", "version": "0"}
-    raw = app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
-                        kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe")).get(timeout=90)
-    done = Envelope.model_validate(raw)
-    assert done.failure is not None
-    assert "unknown version '0' of stage 'vprobe'; known versions: 1, 2" in done.failure.message
+    app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
+                  kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe"))
+    # a fatal error at the job's top level ends the job there: its JobResult is under the job id
+    done = JobResult.model_validate(AsyncResult(job_id, app=app).get(timeout=90))
+    assert done.state == "failed" and done.error is not None
+    assert "unknown version '0' of stage 'vprobe'; known versions: 1, 2" in done.error.message
 
 
 def test_cache_entries_are_kept_per_version(app: Celery, private_redis: str) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.usage_tracker import track_usage
 
 from contracts.envelope import Usage
 from contracts.errors import ContractError
@@ -138,10 +139,9 @@ class StageRunner:
 
     def _fresh(self, inputs: dict[str, Any], override: LMOverride | None, started: float) -> StageRun:
         counter = LMCallCounter()
-        prediction = self._call(inputs, override, counter)
+        prediction, usage = self._call(inputs, override, counter)
         seconds = time.time() - started
         outputs = self._check(f"stage '{self.spec.name}' outputs", self.spec.outputs, self._fields(prediction))
-        usage = usage_of(prediction)
         replayed = counter.calls > 0 and usage.calls == 0  # every LM call answered by DSPy's own cache
         return StageRun(outputs, usage, started, seconds, cached=replayed, cache="dspy" if replayed else None)
 
@@ -158,7 +158,8 @@ class StageRunner:
         except ContractError as error:
             raise StageContractError(self.spec.name, str(error), [p.field for p in error.problems]) from None
 
-    def _call(self, inputs: dict[str, Any], override: LMOverride | None, counter: LMCallCounter) -> dspy.Prediction:
+    def _call(self, inputs: dict[str, Any], override: LMOverride | None,
+              counter: LMCallCounter) -> tuple[dspy.Prediction, Usage]:
         chosen = _merge(self.spec.lm, override)
         lm_timeout = (chosen.timeout if chosen and chosen.timeout else None) or self.lm_settings.timeout
         clipped = self.time_limit is not None and lm_timeout >= self.time_limit
@@ -182,21 +183,24 @@ class StageRunner:
             lm = self._lms[key] = lm_for(self.lm_settings, chosen)
         return lm
 
-    def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> dspy.Prediction:
+    def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> tuple[dspy.Prediction, Usage]:
         # the counter only tells DSPy-cache replays apart; with DSPy's cache off there are none, and a
-        # callback makes every DSPy call dearer
+        # callback makes every DSPy call dearer. Our own usage tracker keeps one entry per LM call
+        # (the prediction's `get_lm_usage()` only has totals per model).
         callbacks = [counter] if self.lm_settings.cache else []
-        with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks):
-            return self.program()(**inputs)
+        with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks), \
+                track_usage() as tracker:
+            prediction = self.program()(**inputs)
+        return prediction, usage_of(dict(tracker.usage_data))
 
-    def _bounded(self, call: Callable[[], dspy.Prediction]) -> dspy.Prediction:
+    def _bounded(self, call: Callable[[], tuple[dspy.Prediction, Usage]]) -> tuple[dspy.Prediction, Usage]:
         """`call()` on a helper thread, waited on for at most the time limit. Not in a prefork child (the
         task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
         if self.time_limit is None or threading.current_thread() is threading.main_thread() or self._lm_bound():
             return call()
         program = self.program()  # the helper uses this thread's program instance
 
-        def work() -> dspy.Prediction:
+        def work() -> tuple[dspy.Prediction, Usage]:
             self._local.program = program
             return call()
 
