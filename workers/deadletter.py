@@ -16,6 +16,7 @@ from contracts.deadletters import DeadLetter
 from contracts.envelope import ErrorRecord
 from contracts.names import DEAD_LETTER_KEY, RUN_TASK
 from workers.errors import PoisonMessageError
+from workers.events import task_failed_event
 from workers.ledger import Closer, Ledger
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def fail_waiters(ledger: Ledger, letter: DeadLetter, hostname: str | None) -> No
     if letter.task_id and letter.task_id != job_id and not AsyncResult(letter.task_id, app=ledger.app).ready():
         error = PoisonMessageError(f"message dead-lettered: {letter.reason}")
         ledger.app.backend.mark_as_failure(letter.task_id, error)
+        task_failed_event(ledger.app, hostname, letter.task_id, repr(error), {"name": letter.task})
 
 
 def poisoned_record(reason: str) -> ErrorRecord:

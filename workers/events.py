@@ -117,8 +117,15 @@ def end_task_event(app: Celery, hostname: str | None, task_id: str, result: JobR
     elif result.ending == "cancelled":
         event, fields = "task-revoked", {**fields, "terminated": False, "expired": False, "signum": None}
     else:
-        event, fields = "task-failed", {**fields, "exception": failure_text(result), "traceback": ""}
+        return task_failed_event(app, hostname, task_id, failure_text(result), extra)
     sender().put(Outgoing(app, hostname, task_id, event, fields))
+
+
+def task_failed_event(app: Celery, hostname: str | None, task_id: str, exception: str,
+                      extra: dict[str, Any] | None = None) -> None:
+    """`task-failed` for a task whose failure Celery itself does not report (it ended with Ignore)."""
+    fields = {LEDGER_FIELD: True, **(extra or {}), "exception": exception, "traceback": ""}
+    sender().put(Outgoing(app, hostname, task_id, "task-failed", fields))
 
 
 def failure_text(result: JobResult) -> str:

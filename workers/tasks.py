@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.exceptions import Reject
+from celery.exceptions import Ignore
 from pydantic import ValidationError
 
 from contracts.deadletters import DeadLetter
@@ -83,8 +83,9 @@ def _register(app: Celery, ref: str, executor: StageExecutor, limits: Limits, le
 
 def inbound(app: Celery, ledger: Ledger, dead_letters: DeadLetterStore, task: Task, envelope: Any,
             node: Any) -> tuple[Envelope, StageNode]:
-    """The envelope and node of a stage message; an invalid one is dead-lettered, its job failed,
-    and the message rejected (the rest of its chain cannot run without an envelope)."""
+    """The envelope and node of a stage message; an invalid one is dead-lettered, its job ended (the rest of
+    its chain cannot run without an envelope) and the message dropped: Ignore acknowledges it without an
+    event of Celery's, so Flower shows the FAILURE the ledger sent, naming why."""
     try:
         return Envelope.model_validate(envelope), StageNode.model_validate(node)
     except ValidationError as error:
@@ -96,7 +97,7 @@ def inbound(app: Celery, ledger: Ledger, dead_letters: DeadLetterStore, task: Ta
                                str((request.delivery_info or {}).get("routing_key") or ""), MAX_RAW_BYTES,
                                {k: v for k, v in named.items() if isinstance(v, str)}, source="task")
         quarantine(ledger, dead_letters, letter, task.request.hostname)
-        raise Reject(letter.reason, requeue=False) from None
+        raise Ignore() from None
 
 
 def _register_fused(app: Celery, fused: FusedExecutor, settings: Settings, ledger: Ledger) -> None:
