@@ -57,7 +57,7 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, ledger: Led
         except StagecoachError as error:
             ledger.fail(job_id, rejected_record(error), Closer.of(self), pipeline=pipeline_named(request), inputs={})
             raise Ignore() from None  # the ledger stored the failed JobResult and told Flower
-        with outage_requeues(f"pipeline.run of job {job_id}"):
+        with outage_requeues(f"{RUN_TASK} of job {job_id}"):
             claim = ledger.start(envelope, request, pinned, "run", *delivery(self))
             if claim.begin is not Begin.RUN:
                 raise Ignore()  # a duplicate `pipeline.run` of a started job starts nothing
@@ -91,11 +91,11 @@ def request_of(args: tuple[Any, ...], kwargs: dict[str, Any], max_bytes: int) ->
         request = kwargs
     else:
         got = f"{len(args)} positional argument(s)" + (f" and kwargs {sorted(kwargs)}" if kwargs else "")
-        raise ContractError("pipeline.run request", [FieldProblem(
+        raise ContractError(f"{RUN_TASK} request", [FieldProblem(
             "<request>", f"expected one request {{pipeline, inputs}} as args=[REQUEST] or as kwargs; got {got}")])
     size = len(json.dumps(request, default=str))
     if size > max_bytes:
-        raise ContractError("pipeline.run request", [FieldProblem(
+        raise ContractError(f"{RUN_TASK} request", [FieldProblem(
             "inputs", f"request of {size} bytes exceeds STAGECOACH_MAX_REQUEST_BYTES ({max_bytes})")])
     return request
 
@@ -108,7 +108,7 @@ def start_envelope(catalog: Catalog, request: Any, job_id: str,
     try:
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
-        raise ContractError("pipeline.run request", problems_of(error)) from None
+        raise ContractError(f"{RUN_TASK} request", problems_of(error)) from None
     version = pinned.version if pinned is not None else parsed.version
     name = parsed.pipeline.partition("@")[0] if pinned is not None else parsed.pipeline
     spec = pinned if pinned is not None else pin_versions(catalog, catalog.pipeline(name, version))
@@ -148,5 +148,5 @@ def _register_finish(app: Celery, catalog: Catalog, ledger: Ledger) -> None:
                         outputs: list[str] | None = None) -> dict[str, Any]:
         job = Envelope.model_validate(envelope)
         ending = Finish.load(finish) or Finish(outputs or [], list(catalog.pipeline(job.pipeline).inputs))
-        with outage_requeues(f"pipeline.finish of job {job.job_id}"):
+        with outage_requeues(f"{FINISH_TASK} of job {job.job_id}"):
             return ledger.hand_on(self, job, ending)  # or Ignore: a duplicate, or a replaced generation
