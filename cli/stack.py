@@ -26,13 +26,12 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 
+from cli.workercmd import WorkerCommand, routing_worker, stage_worker
 from contracts.catalog import Catalog, load_catalog
-from contracts.names import ROUTING_QUEUE, service_name, stage_queue
 from workers.settings import Settings
 
 BIN = Path(sys.executable).parent
 CELERY = str(BIN / "celery")
-DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
 STOP_SECONDS = 20.0
 
 
@@ -251,25 +250,20 @@ def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
     return {name: settings.workers.get(name, 1) for name in catalog.stages}
 
 
-def worker_name(stage: str, index: int) -> str:
-    """`stage-<name>` for the first worker of a queue, `stage-<name>-2`, `-3`... for the others."""
-    return f"stage-{service_name(stage)}" if index == 1 else f"stage-{service_name(stage)}-{index}"
-
-
 def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,
              services: list[Service]) -> None:
     for name, count in worker_counts(catalog, settings).items():
         for index in range(1, count + 1):
-            services.append(_worker(worker_name(name, index), [stage_queue(name)], settings, env, logdir))
-    services.append(_worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], settings, env, logdir))
+            command = stage_worker(name, index, pool=settings.pool, concurrency=settings.concurrency, program=CELERY)
+            services.append(_worker(command, logdir, env))
+    routing = routing_worker(pool=settings.pool, concurrency=settings.concurrency, program=CELERY)
+    services.append(_worker(routing, logdir, env))
 
 
-def _worker(name: str, queues: list[str], settings: Settings, env: dict[str, str], logdir: Path) -> Service:
-    cmd = [CELERY, "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", f"{name}@%h",
-           "--pool", settings.pool, "--concurrency", str(settings.concurrency), "--loglevel", "INFO",
-           "--without-gossip", "--without-mingle"]
-    log = logdir / f"{name}.log"
-    return _spawn(name, "worker", ",".join(queues), cmd, logdir, env, lambda: " ready." in _read(log))
+def _worker(command: WorkerCommand, logdir: Path, env: dict[str, str]) -> Service:
+    log = logdir / f"{command.name}.log"
+    return _spawn(command.name, "worker", ",".join(command.queues), command.argv(), logdir, env,
+                  lambda: " ready." in _read(log))
 
 
 def _watchdog(env: dict[str, str], logdir: Path, services: list[Service]) -> None:
