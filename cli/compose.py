@@ -15,14 +15,22 @@ from typing import Any
 import yaml
 
 from cli import settings_doc
-from cli.workercmd import WorkerCommand, routing_worker, stage_worker
+from cli.deployment import (
+    DATA_DIR,
+    FLOWER_COMMAND,
+    FLOWER_PORT,
+    HOTPOTQA_FILE,
+    LM_COMMAND,
+    LM_PORT,
+    MONITOR_COMMAND,
+    MONITOR_PORT,
+    WATCHDOG_COMMAND,
+    worker_services,
+)
+from cli.workercmd import WorkerCommand
 from contracts.catalog import Catalog
-from contracts.names import service_name
-from workers.settings import LOCAL_MODEL
+from workers.settings import LOCAL_MODEL, Settings
 
-MONITOR_PORT = 8095
-FLOWER_PORT = 5555
-LM_PORT = 8090
 REQUIRED = ":?set it in .env (cp .env.example .env)"
 
 # Settings whose value inside the compose network differs from the one on a single machine.
@@ -43,14 +51,13 @@ HEAD = """\
 """
 
 
-def render(catalog: Catalog) -> str:
+def render(catalog: Catalog, settings: Settings | None = None) -> str:
     parts = [HEAD, "\n", _block({"x-stagecoach": base()}).replace("x-stagecoach:", "x-stagecoach: &stagecoach", 1),
              "\nservices:\n", _service("redis", redis(), shared=False), _service("rabbitmq", rabbitmq(), shared=False),
              _service("lm", lm()), _service("flower", flower()), _service("monitor", monitor()),
-             _service("watchdog", watchdog()),
-             _service("routing", worker(routing_worker()))]
-    for ref in sorted(catalog.stages):
-        parts.append(_service(f"worker-{service_name(ref)}", worker(stage_worker(ref))))  # answer@1: worker-answer-v1
+             _service("watchdog", watchdog())]
+    for service in worker_services(catalog, settings or Settings()):  # answer@1: worker-answer-v1
+        parts.append(_service(service.name, worker(service.command)))
     parts.append("\n" + _block({"volumes": {"redis-data": {}, "rabbitmq-data": {}}}))
     return "".join(parts)
 
@@ -65,6 +72,8 @@ def base() -> dict[str, Any]:
         "restart": "unless-stopped",
         "env_file": ".env",
         "environment": stagecoach_env(),
+        # data that stages read (the HotPotQA corpus): a folder of the host, read-only (docs/deploy.md)
+        "volumes": [f"{_var('STAGECOACH_DATA_DIR', ':-./data')}:{DATA_DIR}:ro"],
         "depends_on": {"redis": {"condition": "service_healthy"}},
     }
 
@@ -78,6 +87,7 @@ def stagecoach_env(**extra: str) -> dict[str, str]:
         "STAGECOACH_LM_MODEL": _var("STAGECOACH_LM_MODEL", f":-{LOCAL_MODEL}"),
         # `-` not `:-`: an empty STAGECOACH_LM_API_BASE means the provider's own endpoint
         "STAGECOACH_LM_API_BASE": _var("STAGECOACH_LM_API_BASE", f"-{COMPOSE_VALUES['STAGECOACH_LM_API_BASE']}"),
+        "STAGECOACH_HOTPOTQA_PATH": _var("STAGECOACH_HOTPOTQA_PATH", f":-{DATA_DIR}/{HOTPOTQA_FILE}"),
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         **extra,
     }
@@ -123,7 +133,7 @@ def rabbitmq() -> dict[str, Any]:
 
 def lm() -> dict[str, Any]:
     return {
-        "command": f"python -m workers.local_lm --host 0.0.0.0 --port {LM_PORT}",
+        "command": LM_COMMAND,
         "healthcheck": _health(http_check(f"http://127.0.0.1:{LM_PORT}/v1/models"), start_period="120s"),
     }
 
@@ -132,7 +142,7 @@ def flower() -> dict[str, Any]:
     """Basic auth from the environment; /healthcheck answers without it. Published on this host only unless
     STAGECOACH_FLOWER_PUBLISH_ADDRESS opens it (its login then travels in clear HTTP: put TLS in front)."""
     return {
-        "command": f"celery -A workers.app flower --port={FLOWER_PORT}",
+        "command": FLOWER_COMMAND,
         "environment": stagecoach_env(FLOWER_BASIC_AUTH=_var("STAGECOACH_FLOWER_BASIC_AUTH", REQUIRED)),
         "ports": [f"{_var('STAGECOACH_FLOWER_PUBLISH_ADDRESS', ':-127.0.0.1')}:{FLOWER_PORT}:{FLOWER_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{FLOWER_PORT}/healthcheck")),
@@ -143,7 +153,7 @@ def monitor() -> dict[str, Any]:
     """`stagecoach monitor` (issue 10): Celery events from the broker, its store in the Redis result backend,
     HTTP on STAGECOACH_MONITOR_PORT."""
     return {
-        "command": "stagecoach monitor",
+        "command": MONITOR_COMMAND,
         "environment": stagecoach_env(STAGECOACH_MONITOR_HOST=COMPOSE_VALUES["STAGECOACH_MONITOR_HOST"],
                                       STAGECOACH_MONITOR_PORT=str(MONITOR_PORT)),
         # job inputs and outputs (traces) with no login yet: this host only (the HTTP API's tokens come first)
@@ -154,7 +164,7 @@ def monitor() -> dict[str, Any]:
 
 def watchdog() -> dict[str, Any]:
     """`stagecoach watchdog` (issue 9): re-dispatches jobs whose messages were lost, from their checkpoints."""
-    return {"command": "stagecoach watchdog",  # healthy when a sweep (idempotent) runs against Redis
+    return {"command": WATCHDOG_COMMAND,  # healthy when a sweep (idempotent) runs against Redis
             "healthcheck": _health(["CMD", "stagecoach", "watchdog", "--once"], interval="60s")}
 
 
@@ -212,6 +222,10 @@ STAGECOACH_FLOWER_BASIC_AUTH=
 # COMPOSE_PROFILES=rabbitmq
 # STAGECOACH_BROKER_URL=amqp://stagecoach@rabbitmq:5672//
 # STAGECOACH_RABBITMQ_PASSWORD=
+
+# Data that stages read, mounted read-only at /data in every Stagecoach container: the HotPotQA corpus
+# (STAGECOACH_HOTPOTQA_PATH, default /data/hotpotqa_dev_hard_200.jsonl) for multihop_hotpotqa
+# STAGECOACH_DATA_DIR=./data
 
 # Flower (basic auth above) and the monitor (no login yet: job inputs and outputs) are published on
 # 127.0.0.1 only. Flower on every interface of this host (its login travels in clear HTTP: add TLS):

@@ -232,7 +232,8 @@ def compose_file(
     if env_example:
         print(render_env(), end="")
         return
-    print(render_compose(load_catalog(_settings().catalog)), end="")
+    settings = _settings()
+    print(render_compose(load_catalog(settings.catalog), settings), end="")
 
 
 @app.command("schema")

@@ -75,7 +75,8 @@ def queues_of(service: dict[str, Any]) -> list[str]:
 
 def test_committed_files_are_the_generated_ones() -> None:
     catalog = load_catalog([ROOT / "pipelines"])
-    assert (ROOT / "docker-compose.yml").read_text() == render(catalog), "run: stagecoach compose > docker-compose.yml"
+    assert (ROOT / "docker-compose.yml").read_text() == render(catalog, Settings()), \
+        "run: stagecoach compose > docker-compose.yml"
     assert (ROOT / ".env.example").read_text() == env_example(), \
         "run: stagecoach compose --env-example > .env.example"
 
