@@ -6,7 +6,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 LITELLM_LOCAL_MODEL_COST_MAP=True
 # libgomp: llama.cpp's OpenMP runtime (xllamacpp wheel)
 RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 && rm -rf /var/lib/apt/lists/*
-RUN useradd --create-home stagecoach
+RUN useradd --create-home --uid 10001 stagecoach
 WORKDIR /app
 
 COPY . .
