@@ -70,6 +70,9 @@ def _settings(**overrides: Any) -> Any:
 def up(
     workers: Annotated[str | None, typer.Option(help="worker processes per stage queue: retrieve=3,synthesize=2 "
                                                      "(default STAGECOACH_WORKERS, else 1 each)")] = None,
+    autoscale: Annotated[str | None, typer.Option(
+        help="Celery's pool autoscaling for these stages' workers, MIN..MAX processes: key_terms=1..8 (a prefork "
+             "pool; default STAGECOACH_AUTOSCALE)")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Run the local stack in the foreground: Redis (if none is reachable), the local LM server
@@ -78,12 +81,15 @@ def up(
     Ctrl-C stops all of it."""
     from cli.inputs import InputError
     from cli.stack import StackError, worker_counts
-    from cli.up import parse_worker_counts
+    from cli.up import parse_autoscale_option, parse_worker_counts
     from cli.up import up as run_up
     from contracts.catalog import load_catalog
 
     try:
-        settings = _settings(**({"workers": parse_worker_counts(workers)} if workers is not None else {}))
+        overrides: dict[str, Any] = {"workers": parse_worker_counts(workers)} if workers is not None else {}
+        if autoscale is not None:
+            overrides["autoscale"] = parse_autoscale_option(autoscale)
+        settings = _settings(**overrides)
         worker_counts(load_catalog(settings.catalog), settings)  # an unknown stage: bad input, nothing started
     except (InputError, StackError, StagecoachError) as error:
         fail(str(error), EXIT_INPUT)

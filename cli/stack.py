@@ -26,7 +26,7 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 
-from cli.workercmd import WorkerCommand, routing_worker, stage_worker
+from cli.workercmd import Autoscale, WorkerCommand, routing_worker, stage_worker
 from contracts.catalog import Catalog, load_catalog
 from workers.settings import Settings
 
@@ -243,18 +243,29 @@ def _local_lm(settings: Settings, logdir: Path, services: list[Service]) -> tupl
 
 def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
     """Worker processes per stage queue: 1 each unless `Settings.workers` says more."""
-    unknown = sorted(set(settings.workers) - set(catalog.stages))
-    if unknown:
-        known = ", ".join(sorted(catalog.stages))
-        raise StackError(f"workers: unknown stage(s) {', '.join(unknown)}; known stages: {known}")
+    for what, stages in (("workers", settings.workers), ("autoscale", settings.autoscale)):
+        unknown = sorted(set(stages) - set(catalog.stages))
+        if unknown:
+            known = ", ".join(sorted(catalog.stages))
+            raise StackError(f"{what}: unknown stage(s) {', '.join(unknown)}; known stages: {known}")
     return {name: settings.workers.get(name, 1) for name in catalog.stages}
+
+
+def stage_pool(name: str, settings: Settings) -> tuple[str, Autoscale | None]:
+    """The pool of a stage's worker: the setting's, or prefork growing and shrinking within the stage's
+    autoscale range (Celery's autoscaler resizes process pools only: its threads pool cannot grow or shrink)."""
+    if name not in settings.autoscale:
+        return settings.pool, None
+    return "prefork", Autoscale(*settings.autoscale[name])
 
 
 def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,
              services: list[Service]) -> None:
     for name, count in worker_counts(catalog, settings).items():
         for index in range(1, count + 1):
-            command = stage_worker(name, index, pool=settings.pool, concurrency=settings.concurrency, program=CELERY)
+            pool, autoscale = stage_pool(name, settings)
+            command = stage_worker(name, index, pool=pool, concurrency=settings.concurrency, autoscale=autoscale,
+                                   program=CELERY)
             services.append(_worker(command, logdir, env))
     routing = routing_worker(pool=settings.pool, concurrency=settings.concurrency, program=CELERY)
     services.append(_worker(routing, logdir, env))
