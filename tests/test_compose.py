@@ -296,3 +296,14 @@ def test_env_is_never_committed() -> None:
         return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
 
     assert ignored(".env") and not ignored(".env.example")
+
+
+def test_the_image_has_what_the_services_use() -> None:
+    """Graphviz's `dot` draws the monitor's /api/graph (it 404'd in compose without it); the data folder stages
+    read is a mount point; the user is numeric so Kubernetes can check runAsNonRoot."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = re.search(r"apt-get install[^\n]*", dockerfile)
+    assert installs is not None and "graphviz" in installs.group(0).split()
+    assert "RUN mkdir -p /data" in dockerfile and re.search(r"^USER 10001$", dockerfile, re.M)
+    compose_text = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose_text["x-stagecoach"]["volumes"] == ["${STAGECOACH_DATA_DIR:-./data}:/data:ro"]
