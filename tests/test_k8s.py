@@ -273,3 +273,8 @@ def test_every_worker_mounts_the_data_volume_and_knows_the_corpus_path() -> None
         assert container["volumeMounts"] == [{"name": "data", "mountPath": "/data", "readOnly": True}]
         volumes = doc["spec"]["template"]["spec"]["volumes"]
         assert volumes[0]["persistentVolumeClaim"]["claimName"] == "stagecoach-data"
+
+
+def test_a_broker_url_it_cannot_scale_on_is_refused_naming_the_option() -> None:
+    with pytest.raises(ValueError, match=r"--broker-url: expected redis://, rediss:// or amqp://"):
+        generated(K8sOptions(broker_url="sentinel://s1:26379"))
