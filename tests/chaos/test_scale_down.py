@@ -43,7 +43,7 @@ def deployment_env(stage: str, settings: Settings) -> dict[str, str]:
 
 
 @contextmanager
-def burst_fleet(redis_url: str, lm_url: str, **env: str) -> Iterator[tuple[Fleet, Worker, Path]]:
+def burst_fleet(redis_url: str, lm_url: str, pool: str = "threads", **env: str) -> Iterator[tuple[Fleet, Worker, Path]]:
     """Routing, answer, and two key_terms workers: `victim` (stopped by the test) and one that stays."""
     logdir = Path(tempfile.mkdtemp(prefix="stagecoach-scale-down-"))
     base = worker_env(redis_url, lm_url, catalog_paths(), **env)
@@ -54,7 +54,7 @@ def burst_fleet(redis_url: str, lm_url: str, **env: str) -> Iterator[tuple[Fleet
     fleet.start("answer", [stage_queue("answer")], concurrency=4)
     fleet.start("key_terms-stays", [stage_queue("key_terms")], concurrency=2)
     fleet.env = {**base, **deployment_env("key_terms", settings)}
-    victim = fleet.start("key_terms-victim", [stage_queue("key_terms")], concurrency=2)
+    victim = fleet.start("key_terms-victim", [stage_queue("key_terms")], pool=pool, concurrency=2)
     fleet.env = base
     try:
         fleet.wait_ready()
@@ -68,8 +68,10 @@ def started_tasks(worker: Worker) -> int:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_mid_burst_finishes_what_the_worker_holds_and_loses_nothing() -> None:
-    with private_redis() as url, start_test_lm("--latency-ms", "400") as lm, burst_fleet(url, lm) as (_, victim, _):
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_sigterm_mid_burst_finishes_what_the_worker_holds_and_loses_nothing(pool: str) -> None:
+    with private_redis() as url, start_test_lm("--latency-ms", "400") as lm, \
+            burst_fleet(url, lm, pool) as (_, victim, _):
         client = client_for(url, lm, catalog_paths())
         handles: list[JobHandle] = []
         submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, JOBS, "Term", 0.05)))
@@ -83,7 +85,7 @@ def test_sigterm_mid_burst_finishes_what_the_worker_holds_and_loses_nothing() ->
         results = [h.get(timeout=120) for h in handles]  # a lost message would wait 690 s: a timeout here
         check_once(client, results, "Term")
         by_victim = sum(1 for r in results for t in r.timings if t.worker.startswith("key_terms-victim@"))
-        figures("sigterm", jobs=len(results), victim_stages=by_victim, stop_seconds=round(stop_seconds, 1),
+        figures(f"sigterm_{pool}", jobs=len(results), victim_stages=by_victim, stop_seconds=round(stop_seconds, 1),
                 exit_code=code)
         assert code == 0 and by_victim >= 1  # it worked, then stopped cleanly within the grace
 
