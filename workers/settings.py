@@ -114,6 +114,9 @@ class Settings(BaseSettings):
                                    description="a bigger broker message is dead-lettered, not run")
     max_request_bytes: int = Field(1024 * 1024, gt=0,
                                    description="a job request (inputs as JSON) above this is refused")
+    max_envelope_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="a stage message (the job's envelope) above this is dead-lettered, not "
+                                           "run: the request limit plus what stages add on the way")
     dead_letter_max: int = Field(1000, gt=0, description="dead letters kept in Redis (oldest dropped)")
     events_per_job: int = Field(1000, gt=0, description="events kept on a job's own event stream (about; oldest go)")
     events_maxlen: int = Field(100_000, ge=0, description="events kept on the fleet's event stream the monitor "
