@@ -22,6 +22,7 @@ from celery import Task
 from celery.exceptions import Retry
 
 from contracts.envelope import Envelope
+from contracts.errors import encodable
 from contracts.jobs import JobResult
 from contracts.names import JOB_FINISHED_EVENT, STAGE_OUTCOME_EVENT
 
@@ -32,7 +33,7 @@ TRAIL_CHARS = 20_000
 
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> tuple[str, int]:
     """JSON text of a value cut to `limit` characters, and its full size in bytes."""
-    text = json.dumps(value, default=str, ensure_ascii=False)
+    text = encodable(json.dumps(value, default=str, ensure_ascii=False))  # a lone surrogate as \ud800
     return (text if len(text) <= limit else text[:limit] + "..."), len(text.encode())
 
 
