@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from contracts.catalog import Catalog, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
-from contracts.errors import ContractError, FieldProblem, StagecoachError
+from contracts.errors import ContractError, FieldProblem, StagecoachError, encodable
 from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
@@ -137,7 +137,7 @@ def rejected(job_id: str, request: Any, error: StagecoachError, jobs: JobStore) 
     jobs.finished(job_id, "failed")
     return JobResult(
         job_id=job_id,
-        pipeline=str(pipeline or ""),
+        pipeline=encodable(str(pipeline or "")),  # a lone surrogate in the name, escaped: the result must store
         pipeline_version="",
         state="failed",
         error=record,
