@@ -18,7 +18,7 @@ from celery import Celery
 from contracts.errors import ContractError, SpecError, UnknownPipelineError
 from contracts.fields import FieldSpec, unencodable, validate
 from contracts.jobs import JobRequest
-from contracts.names import ROUTING_QUEUE, RUN_TASK
+from contracts.names import ROUTING_QUEUE, RUN_TASK, checkpoint_key
 from routing.client import Client
 from tests.services import Fleet, worker_env
 from workers.outcome import preview
@@ -91,6 +91,7 @@ def test_pipeline_run_request_from_the_issue_fails_naming_the_field(app: Celery,
     assert result["error"]["fields"] == ["question"]
     assert f"field 'question': {SURROGATE_PROBLEM}" in result["error"]["message"]
     assert client.status(sent.id).state == "failed"
+    assert not client.runtime.jobs.client.exists(checkpoint_key(sent.id))  # never started: nothing to re-dispatch
     assert client.submit("qa", {"question": "Still serving?"}).get(timeout=60).ok
     assert all(worker.proc.poll() is None for worker in fleet.workers)
 
