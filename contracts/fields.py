@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import to_json
 
 from contracts.errors import ContractError, FieldProblem, SpecError, encodable
 
@@ -105,6 +106,16 @@ def unencodable(data: Any) -> list[tuple[Location, str]]:
     return found
 
 
+def utf8_json(data: Any) -> bool:
+    """Whether data serialises to UTF-8 JSON as it is: the common case, told apart by pydantic-core's
+    serialiser (Rust) at a fraction of a walk's cost; only the rest is walked by `unencodable`."""
+    try:
+        to_json(data)
+    except (ValueError, RecursionError):  # a lone surrogate, an object it does not know, too deep
+        return False
+    return True
+
+
 def _surrogate(text: str) -> str | None:
     """What is wrong with text UTF-8 cannot encode, naming the first bad code point and its index."""
     if text.isascii():
@@ -158,12 +169,14 @@ def _describe(item: Any) -> str:
 def validate(where: str, fields: Fields, data: dict[str, Any]) -> dict[str, Any]:
     """Validate data against a contract; return it coerced to plain JSON, or raise ContractError."""
     model = build_model(_model_name(where), fields)
-    problems = unencodable_problems(data)
+    plain = utf8_json(data)
+    problems = [] if plain else unencodable_problems(data)
     try:
         clean = model.model_validate(data).model_dump(mode="json")
     except ValidationError as error:
         raise ContractError(where, problems + problems_of(error, skip=problems)) from None
-    problems = problems or unencodable_problems(clean)  # the coerced data: strings inside objects too
+    if not plain:
+        problems = problems or unencodable_problems(clean)  # the coerced data: text inside objects too
     if problems:
         raise ContractError(where, problems)
     return clean
