@@ -39,10 +39,11 @@ def _up(url: str) -> bool:
 
 
 @contextmanager
-def monitor_service(redis_url: str, lm_url: str, logdir: Path) -> Iterator[str]:
-    """`stagecoach monitor` on a free port; yields its base URL once it receives events."""
+def monitor_service(redis_url: str, lm_url: str, logdir: Path, **settings: str) -> Iterator[str]:
+    """`stagecoach monitor` on a free port (`settings`: more environment, e.g. STAGECOACH_MONITOR_TRACES);
+    yields its base URL once it receives events."""
     port = free_port()
-    env = {**worker_env(redis_url, lm_url), "STAGECOACH_MONITOR_PORT": str(port)}
+    env = {**worker_env(redis_url, lm_url), **settings, "STAGECOACH_MONITOR_PORT": str(port)}
     log = (logdir / "monitor.log").open("wb")
     proc = subprocess.Popen([STAGECOACH, "monitor"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
