@@ -98,11 +98,13 @@ class Closing:
 
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
-                 stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0) -> None:
+                 stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
+                 max_deliveries: int = 4) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
         self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
         self.lease_seconds = lease_seconds
+        self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
 
     @classmethod
@@ -110,7 +112,7 @@ class Ledger:
         client = redis.Redis.from_url(settings.backend_url)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
         return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
-                   settings.lease_seconds)
+                   settings.lease_seconds, settings.max_deliveries)
 
     @property
     def stall(self) -> float:
