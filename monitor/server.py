@@ -26,6 +26,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from contracts.catalog import Catalog, load_catalog
+from contracts.connections import is_sentinel
 from contracts.errors import StagecoachError
 from contracts.names import ROUTING_QUEUE, stage_queue
 from contracts.schema import pipeline_schemas
@@ -49,7 +50,7 @@ class Monitor:
         self.consumer = consumer
         self.store = store
         self.catalog = catalog
-        self.depths = depth_reader(settings.broker_url)
+        self.depths = depth_reader(settings.broker_url, settings.sentinel)
         self.collector = ReportCollector(store.report, self.queue_depths)
 
     def queue_depths(self) -> dict[str, int]:
@@ -170,6 +171,8 @@ def serve(settings: MonitorSettings, stop: threading.Event) -> None:
     """Run the consumer and the HTTP server until `stop` is set."""
     store = Store.connect(settings)
     app = Celery("stagecoach-monitor", broker=settings.broker_url)
+    if is_sentinel(settings.broker_url):  # kombu's sentinel transport: the master's name, the sentinels' options
+        app.conf.broker_transport_options = settings.sentinel.transport_options()
     consumer = Consumer(app, store)
     handler = type("BoundHandler", (Handler,), {"monitor": Monitor(settings, store, load(settings), consumer)})
     server = ThreadingHTTPServer((settings.host, settings.port), handler)

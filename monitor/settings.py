@@ -5,6 +5,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.connections import SentinelSettings
+
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "pipelines"
 
 
@@ -25,6 +27,8 @@ class MonitorSettings(BaseSettings):
     trace_events: int = Field(2000, ge=10, description="events kept per job trace (its latest)")
     traces: int = Field(1000, ge=1, description="job traces kept: the latest jobs; an older job's trace is deleted")
     trace_ttl: int = Field(7 * 24 * 3600, ge=1, description="seconds a job trace is kept after its last event")
+    sentinel: SentinelSettings = Field(default_factory=lambda: SentinelSettings(),
+                                       description="Redis Sentinel (STAGECOACH_SENTINEL_*), as the workers'")
 
     @property
     def store(self) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from contracts.connections import redis_client
 from contracts.names import monitor_key
 from monitor.report import Counts, ErrorExample, ErrorGroup, Figures, Point, Report, Series
 from monitor.settings import MonitorSettings
@@ -69,7 +70,7 @@ class Store:
 
     @classmethod
     def connect(cls, settings: MonitorSettings) -> "Store":
-        return cls(redis.Redis.from_url(settings.store, decode_responses=True), settings)
+        return cls(redis_client(settings.store, settings.sentinel, decode_responses=True), settings)
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -9,13 +9,14 @@ import logging
 import re
 import time
 from typing import Any
-from urllib.parse import urlparse
 
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from contracts.catalog import Catalog
+from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_client, scheme_of
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
 from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, stage_queue
@@ -29,6 +30,8 @@ from workers.onerror import cancelled_record
 
 log = logging.getLogger(__name__)
 _ROOT_ID = re.compile(r'"root_id": ?"([^"]+)"')
+# errors that say the store is away for now, not that the job is bad: the job stays watched
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
 
 
@@ -37,8 +40,10 @@ class RecoveryError(PipelineError):
 
 
 class Recovery:
-    def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8) -> None:
+    def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8,
+                 sentinel: SentinelSettings | None = None) -> None:
         self.app = app
+        self.sentinel = sentinel  # how to reach a sentinel:// broker's sentinels (default: the environment's)
         self.catalog = catalog
         self.compiler = Compiler(app, catalog, KINDS)
         self.ledger = ledger
@@ -95,9 +100,9 @@ class Recovery:
     def queued_jobs(self) -> set[str]:
         """Jobs with a message waiting in a routing or stage queue (by the root id in its headers).
         Reads every queued message: the cost of telling a backlog from a lost message."""
-        if urlparse(str(self.app.conf.broker_url)).scheme not in ("redis", "rediss"):
+        if scheme_of(str(self.app.conf.broker_url)) not in ("redis", "rediss", SENTINEL_SCHEME):
             return set()  # RabbitMQ hands a dead consumer's messages back at once: no backlog scan
-        broker = redis.Redis.from_url(str(self.app.conf.broker_url))
+        broker = redis_client(str(self.app.conf.broker_url), self.sentinel)
         queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
         found: set[str] = set()
         for queue in queues:
@@ -153,6 +158,8 @@ def _act(recovery: Recovery, job_id: str) -> str:
         recovery.ledger.fail(job_id, ErrorRecord(node="", kind="pipeline", error_type="RecoveryError",
                                                  message=str(error)), recovery.closer)
         return f"ended: {error}"
+    except OUTAGES:  # Redis or the broker away (a restart, a Sentinel failover): the next sweep tries again
+        raise
     except Exception as error:
         log.exception("cannot re-dispatch job %s", job_id)
         checkpoints.unwatch(job_id)

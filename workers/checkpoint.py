@@ -22,6 +22,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
+from contracts.connections import SentinelSettings, redis_client
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
@@ -253,8 +254,9 @@ class Checkpoints:
         self._close = client.register_script(_CLOSE)
 
     @classmethod
-    def from_url(cls, url: str, ttl: int, stall_seconds: float) -> "Checkpoints":
-        return cls(redis.Redis.from_url(url), ttl, stall_seconds)
+    def from_url(cls, url: str, ttl: int, stall_seconds: float,
+                 sentinel: SentinelSettings | None = None) -> "Checkpoints":
+        return cls(redis_client(url, sentinel), ttl, stall_seconds)
 
     # --- the job ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
+from contracts.connections import is_sentinel
 from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
 from contracts.specs import Limits
 from workers.ledger import Ledger
@@ -115,7 +116,7 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         # precedes it (job progress lives in the job's status record, workers/jobs.py)
         "result_extended": False,
         "task_track_started": False,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog)},
+        **redis_connection_config(settings, visibility_timeout(settings, catalog)),
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
@@ -125,6 +126,22 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_consumer": "workers.consumer:PoisonProofConsumer",  # screens every message (poison-proof)
     }
+
+
+def redis_connection_config(settings: Settings, visibility: int) -> dict[str, Any]:
+    """The broker's transport options, and with Redis Sentinel (sentinel:// URLs) what kombu's sentinel transport
+    and Celery's sentinel result backend need: the master's name and how to reach the sentinels
+    (contracts/connections.py; the same settings every Stagecoach Redis client uses)."""
+    config: dict[str, Any] = {"broker_transport_options": {"visibility_timeout": visibility}}
+    if is_sentinel(settings.broker_url):
+        config["broker_transport_options"].update(settings.sentinel.transport_options())
+        if settings.sentinel.tls:
+            config["broker_use_ssl"] = settings.sentinel.certificate_options()
+    if is_sentinel(settings.backend_url):
+        config["result_backend_transport_options"] = settings.sentinel.transport_options()
+        if settings.sentinel.tls:
+            config["redis_backend_use_ssl"] = settings.sentinel.certificate_options()
+    return config
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
