@@ -138,6 +138,7 @@ def test_a_sentinel_client_follows_a_failover(sentinels: SentinelSet) -> None:
     client.execute_command("WAIT", 1, 5000)  # the replica has it: this test is about the client, not lost writes
     old = sentinels.kill_master()
     new = sentinels.wait_failover(old)
+    assert new.client(MASTER_PASSWORD).script_exists(script.sha) == [False]  # NOSCRIPT is what the ledger meets
 
     def written() -> bool:
         try:
