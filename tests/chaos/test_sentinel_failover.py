@@ -103,7 +103,6 @@ def failover_figures(burst: list[Submitted], results: list[JobResult], started: 
             last_job_finished_after_kill=round(max(ends) - killed_at, 1),
             jobs_finished_before_kill=len(before), median_job_seconds_before_kill=round(median, 2),
             jobs_in_flight_at_kill=len(in_flight),
-            in_flight_jobs_redispatched=sum(1 for r in in_flight if any(t.from_checkpoint for t in r.timings)),
             submissions_held_by_the_failover=len(waited), longest_submission_wait=round(max(waited, default=0.0), 1),
             jobs_delayed_over_2x_median=sum(1 for t in took if t > 2 * median),
             slowest_job_seconds=round(max(took), 1),
