@@ -19,11 +19,12 @@ from cli.fleet import process
 from cli.stack import redis_binary
 from contracts.catalog import load_catalog
 from contracts.connections import SentinelSettings, SentinelURL, redis_client
-from contracts.names import DEAD_LETTER_KEY, stage_queue
+from contracts.names import DEAD_LETTER_KEY, MONITOR_KEY_PREFIX, stage_queue
 from routing.client import Client
+from tests.monitor_services import get_json, monitor_service
 from tests.reliability_kit import catalog_paths, letters, qa_fleet, wait_for
 from tests.sentinel_kit import SentinelSet, sentinel_set
-from tests.services import ROOT, Fleet, client_for
+from tests.services import ROOT, Fleet, client_for, wait_until
 from tests.test_reliability_tls import TlsRedis, server  # noqa: F401  (the TLS fixture, module-scoped)
 from workers.factory import celery_config
 from workers.settings import Settings
@@ -194,6 +195,20 @@ def test_a_poison_message_is_screened_on_a_sentinel_broker(sentinel_stack: tuple
     assert all(worker.proc.poll() is None for worker in fleet.workers)
     assert screening_named(client)
     assert client.submit("qa", {"question": "Still serving?"}).get(timeout=120).ok
+
+
+def test_the_monitor_reads_events_and_keeps_its_store_through_the_sentinels(
+        sentinel_stack: tuple[SentinelSet, Fleet, Client], lm_url: str, tmp_path: Path) -> None:
+    sentinels, _, client = sentinel_stack
+    env = {"STAGECOACH_SENTINEL_PASSWORD": SENTINEL_PASSWORD}
+    with monitor_service(sentinels.url, lm_url, tmp_path, **env) as monitor:
+        result = client.submit("qa", {"question": "Watched through the sentinels?"}).get(timeout=120)
+        assert result.ok
+        wait_until(lambda: any(p["name"] == "qa" and p["runs"] >= 1
+                               for p in get_json(f"{monitor}/api/stats")["pipelines"]), 60, "the qa job counted")
+        assert get_json(f"{monitor}/api/queues")[stage_queue("answer")] == 0  # depths read from the master
+    master = sentinels.master().client(MASTER_PASSWORD)
+    assert master.keys(f"{MONITOR_KEY_PREFIX}*")  # the store lives on the master the sentinels name
 
 
 def screening_named(client: Client) -> bool:
