@@ -25,10 +25,12 @@ class Node:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
+    ca: Path | None = None  # TLS only: the CA that signed the node's certificate
 
     def client(self, password: str | None = None) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_cert_reqs": "required"} if self.ca else {}
         return redis.Redis(host="127.0.0.1", port=self.port, password=password, socket_timeout=2,
-                           socket_connect_timeout=2, decode_responses=True)
+                           socket_connect_timeout=2, decode_responses=True, **tls)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -38,7 +40,8 @@ class Node:
 class SentinelSet:
     """`replicas` replicas of one master watched by `sentinels` sentinels (quorum: a majority). A master that
     stops answering for `down_after_ms` is failed over. `password`: the master's and replicas' requirepass;
-    `sentinel_password`: the sentinels' own requirepass."""
+    `sentinel_password`: the sentinels' own requirepass. `tls`: a folder with ca.pem, server.pem and server.key
+    (tests/test_reliability_tls.py: make_certificates): every node then listens on TLS only, replication too."""
 
     replicas: int = 1
     sentinels: int = 3
@@ -46,6 +49,7 @@ class SentinelSet:
     failover_timeout_ms: int = 3000
     password: str | None = None
     sentinel_password: str | None = None
+    tls: Path | None = None
     folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stagecoach-sentinel-")))
     data: list[Node] = field(default_factory=list)  # the master first, then the replicas
     watchers: list[Node] = field(default_factory=list)
@@ -116,7 +120,9 @@ class SentinelSet:
         folder = self.folder / name
         folder.mkdir()
         auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
-        cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        tls = [arg for line in self._tls_lines() for arg in (f"--{line.split()[0]}", line.split()[1])]
+        listen = ["--port", "0", "--tls-port", str(port), *tls] if self.tls else ["--port", str(port)]
+        cmd = [redis_binary(), *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", str(folder), *auth, *extra]
         node = self._spawn(name, port, cmd)
         self.data.append(node)
@@ -127,7 +133,8 @@ class SentinelSet:
         port = free_port()
         name = f"sentinel-{number}"
         quorum = self.sentinels // 2 + 1
-        lines = [f"port {port}", "bind 127.0.0.1", f"dir {self.folder}",
+        listen = ["port 0", f"tls-port {port}", *self._tls_lines()] if self.tls else [f"port {port}"]
+        lines = [*listen, "bind 127.0.0.1", f"dir {self.folder}",
                  f"sentinel monitor {MASTER} 127.0.0.1 {master_port} {quorum}",
                  f"sentinel down-after-milliseconds {MASTER} {self.down_after_ms}",
                  f"sentinel failover-timeout {MASTER} {self.failover_timeout_ms}",
@@ -142,10 +149,17 @@ class SentinelSet:
         self.watchers.append(node)
         wait_for(lambda: self._answers(node, self.sentinel_password), 20, f"{name} on port {port}")
 
+    def _tls_lines(self) -> list[str]:
+        """The TLS directives of every node (config-file form): its certificate, and TLS between the nodes."""
+        if self.tls is None:
+            return []
+        return [f"tls-cert-file {self.tls / 'server.pem'}", f"tls-key-file {self.tls / 'server.key'}",
+                f"tls-ca-cert-file {self.tls / 'ca.pem'}", "tls-auth-clients no", "tls-replication yes"]
+
     def _spawn(self, name: str, port: int, cmd: list[str]) -> Node:
         log = (self.folder / f"{name}.log").open("wb")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        return Node(name, port, proc)
+        return Node(name, port, proc, self.tls / "ca.pem" if self.tls else None)
 
     def _answers(self, node: Node, password: str | None) -> bool:
         if not node.alive():

@@ -25,7 +25,7 @@ from tests.monitor_services import get_json, monitor_service
 from tests.reliability_kit import catalog_paths, letters, qa_fleet, wait_for
 from tests.sentinel_kit import SentinelSet, sentinel_set
 from tests.services import ROOT, Fleet, client_for, wait_until
-from tests.test_reliability_tls import TlsRedis, server  # noqa: F401  (the TLS fixture, module-scoped)
+from tests.test_reliability_tls import TlsRedis, make_certificates, server  # noqa: F401  (the TLS fixture)
 from workers.factory import celery_config
 from workers.settings import Settings
 
@@ -209,6 +209,24 @@ def test_the_monitor_reads_events_and_keeps_its_store_through_the_sentinels(
         assert get_json(f"{monitor}/api/queues")[stage_queue("answer")] == 0  # depths read from the master
     master = sentinels.master().client(MASTER_PASSWORD)
     assert master.keys(f"{MONITOR_KEY_PREFIX}*")  # the store lives on the master the sentinels name
+
+
+def test_jobs_run_over_sentinel_with_tls_everywhere(lm_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    """Master, replica and sentinel on TLS ports only (STAGECOACH_SENTINEL_TLS): the factory, kombu's sentinel
+    transport (broker_use_ssl) and Celery's sentinel backend (redis_backend_use_ssl) all verify against the CA."""
+    make_certificates(tmp_path)
+    env = {"STAGECOACH_SENTINEL_TLS": "true", "STAGECOACH_SENTINEL_TLS_CA_CERTS": str(tmp_path / "ca.pem")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with sentinel_set(replicas=1, sentinels=1, password=MASTER_PASSWORD, tls=tmp_path) as tls:
+        client = redis_client(tls.url)
+        works(client)
+        assert type(client.connection_pool.get_connection()).__name__ == "SentinelManagedSSLConnection"
+        with qa_fleet(tls.url, lm_url, stages=(), shared=("key_terms", "answer"), **env) as fleet:
+            result = client_for(tls.url, lm_url, catalog_paths()).submit("qa", {"question": "Sealed?"}).get(timeout=120)
+            assert result.ok and result.answer["answer"] == "answer of <Sealed?>"
+            assert "insecure" not in "".join(w.log_text() for w in fleet.workers)
 
 
 def screening_named(client: Client) -> bool:
