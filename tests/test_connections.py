@@ -6,6 +6,7 @@ client any other way. The slow failover of a whole fleet is tests/chaos/test_sen
 
 import re
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,11 +25,12 @@ from routing.client import Client
 from tests.monitor_services import get_json, monitor_service
 from tests.reliability_kit import catalog_paths, letters, qa_fleet, wait_for
 from tests.sentinel_kit import SentinelSet, sentinel_set
-from tests.services import ROOT, Fleet, client_for, wait_until
+from tests.services import ROOT, Fleet, client_for, wait_until, worker_env
 from tests.test_reliability_tls import TlsRedis, make_certificates, server  # noqa: F401  (the TLS fixture)
 from workers.factory import celery_config
 from workers.settings import Settings
 
+STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 MASTER_PASSWORD = "master-" + uuid.uuid4().hex[:8]
 SENTINEL_PASSWORD = "sentinel-" + uuid.uuid4().hex[:8]
 SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('GET', KEYS[1])"
@@ -265,3 +267,14 @@ def test_the_grep_would_catch_a_client_opened_by_hand(tmp_path: Path) -> None:
 def test_the_monitor_package_uses_the_factory_from_contracts() -> None:
     text = subprocess.run(["grep", "-rn", "redis_client", str(ROOT / "monitor")], capture_output=True, text=True).stdout
     assert "from contracts.connections import" in text
+
+
+def test_up_says_it_does_not_start_sentinel(tmp_path: Path) -> None:
+    """`stagecoach up` starts a private Redis when the configured one is down, but never in place of sentinels."""
+    env = {**worker_env("sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2", "http://127.0.0.1:1/v1", catalog_paths()),
+           "HOME": str(tmp_path)}
+    done = subprocess.run([STAGECOACH, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr
+    assert "through the sentinels of sentinel://127.0.0.1:1/0;sentinel://127.0.0.1:2 (master 'mymaster'" in \
+        done.stderr.replace("\n", "")
+    assert "starts a plain Redis, not Sentinel" in done.stderr.replace("\n", "")
