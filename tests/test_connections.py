@@ -121,8 +121,10 @@ def test_settings_take_sentinel_urls_and_give_celery_the_masters_name(monkeypatc
         assert options["master_name"] == "cache-master"
         assert options["sentinel_kwargs"]["password"] == "s3cret"
     assert config["worker_disable_prefetch"] is True
-    with pytest.raises(ValueError, match=r"STAGECOACH_BROKER_URL: every part of a sentinel URL"):
+    with pytest.raises(ValueError, match=r"STAGECOACH_BROKER_URL: sentinel URL .*got redis://r:6379"):
         Settings(broker_url="sentinel://s1:26379;redis://r:6379")
+    with pytest.raises(ValueError, match=r"STAGECOACH_RESULT_BACKEND: sentinel URL .*database number"):
+        Settings(result_backend="sentinel://s1:26379/first")
     with pytest.raises(ValueError, match=r"redis://, rediss:// or sentinel://"):
         Settings(broker_url="amqp://guest@rabbit//", result_backend="unix:///run/redis.sock")
 

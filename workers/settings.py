@@ -8,7 +8,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redact, scheme_of
+from contracts.connections import SENTINEL_SCHEME, SentinelSettings, SentinelURL, scheme_of
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = PROJECT_ROOT / "pipelines"
@@ -188,12 +188,14 @@ def _scheme(url: str) -> str:
 
 
 def _check_sentinel_url(name: str, url: str) -> None:
-    """Every part of a sentinel:// URL is a sentinel:// (kombu and Celery read the first part's scheme only)."""
+    """A sentinel:// URL parses (every part a sentinel with a host, a database number), named by its setting:
+    kombu and Celery read the first part's scheme only and would fail later, less clearly."""
     if _scheme(url) != SENTINEL_SCHEME:
         return
-    others = [part for part in url.split(";") if part.strip() and urlsplit(part.strip()).scheme != SENTINEL_SCHEME]
-    if others:
-        raise ValueError(f"{name}: every part of a sentinel URL is sentinel://host:port, got {redact(others[0])!r}")
+    try:
+        SentinelURL.parse(url)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _with_password(url: str, password: SecretStr | None, schemes: tuple[str, ...]) -> str:
