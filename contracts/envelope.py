@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.candidates import StageCandidate, TraceStep
+
 # message: a broker message no worker could run (dead-lettered); cancelled: an operator stopped the job
 ErrorKind = Literal["contract", "stage", "lm", "timeout", "pipeline", "routing", "message", "cancelled"]
 
@@ -120,6 +122,9 @@ class Envelope(BaseModel):
     publish: list[str] = Field(default_factory=list, description="fields final once written: published early")
     failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
     generation: int = Field(0, description="dispatch of this job: 0 first, +1 per watchdog re-dispatch or resume")
+    candidates: dict[str, StageCandidate] = Field(
+        default_factory=dict, description="optimisation: per stage name, the candidate this job runs (JobRequest)")
+    traces: list[TraceStep] = Field(default_factory=list, description="predictor calls of the candidate stages")
 
     @property
     def failed(self) -> bool:
@@ -138,10 +143,13 @@ class Envelope(BaseModel):
         usage: Usage | None = None,
         rename: dict[str, str] | None = None,
         cached_usage: Usage | None = None,
+        trace: list[TraceStep] | None = None,
     ) -> "Envelope":
         rename = rename or {}
         state = {**self.state, **{rename.get(k, k): v for k, v in outputs.items()}}
         update: dict[str, Any] = {"state": state, "outputs": {**self.outputs, node_path: outputs}}
+        if trace:
+            update["traces"] = [*self.traces, *(step.model_copy(update={"node": node_path}) for step in trace)]
         if timing is not None:
             update["timings"] = [*self.timings, timing]
         if usage is not None and timing is not None:
@@ -169,13 +177,14 @@ class Envelope(BaseModel):
             "usage": _merge_usage(self.usage, member.usage),
             "cached_usage": _merge_usage(self.cached_usage, member.cached_usage),
             "skipped": [*self.skipped, *member.skipped],
+            "traces": [*self.traces, *member.traces],
         })
 
     def lean(self, state: dict[str, Any] | None = None) -> "Envelope":
         """A fan-out member's start: this job's state (plus `state`), nothing it did so far."""
         return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
                                        "timings": [], "trail": [], "usage": {},
-                                       "cached_usage": {}, "skipped": []})
+                                       "cached_usage": {}, "skipped": [], "traces": []})
 
 
 def _add(usages: dict[str, Usage], stage: str, usage: Usage) -> dict[str, Usage]:

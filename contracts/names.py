@@ -27,6 +27,7 @@ CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
 WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
+CANDIDATE_KEY_PREFIX = KEY_PREFIX + "candidate:"  # optimisation: candidate stage states by sha256
 
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
 CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
@@ -110,6 +111,11 @@ def checkpoint_key(job_id: str) -> str:
 def claim_key(job_id: str, what: str) -> str:
     """SET NX key that makes one (job, node path, attempt) happen once, whoever delivers it."""
     return f"{CLAIM_KEY_PREFIX}{job_id}:{what}"
+
+
+def candidate_key(digest: str) -> str:
+    """A candidate stage state (JSON) stored once by its sha256 (contracts/candidates.py)."""
+    return CANDIDATE_KEY_PREFIX + digest
 
 
 def cancel_key(job_id: str) -> str:

@@ -20,6 +20,7 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, routing_task
 from contracts.specs import PipelineSpec
+from contracts.traffic import routed_version
 from routing.compile import Compiler
 from routing.guard import register_routing_task
 from routing.lazy import plan
@@ -118,12 +119,14 @@ def start_envelope(catalog: Catalog, request: Any, job_id: str) -> tuple[Envelop
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
         raise ContractError("pipeline.run request", problems_of(error)) from None
+    parsed.version = routed_version(catalog, parsed.pipeline, parsed.version, job_id)  # a traffic split, if any
     spec = pin_versions(catalog, catalog.pipeline(parsed.pipeline, parsed.version))
     inputs = catalog.validate_inputs(parsed.pipeline, parsed.inputs, parsed.version)
     wanted = catalog.wanted_outputs(parsed.pipeline, parsed.outputs, parsed.version)
     lazy = plan(catalog, spec.model_copy(update={"outputs": wanted}), wanted)
     envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs,
-                        trail=lazy.skipped, skipped=[d.node for d in lazy.skipped], publish=lazy.publish)
+                        trail=lazy.skipped, skipped=[d.node for d in lazy.skipped], publish=lazy.publish,
+                        candidates=parsed.candidates or {})
     return envelope, lazy.spec
 
 

@@ -116,6 +116,7 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
         usage=job.usage,
         cached_usage=job.cached_usage,
         skipped=job.skipped,
+        traces=job.traces,
         submitted_at=job.submitted_at,
         finished_at=time.time(),
     )

@@ -27,6 +27,7 @@ from contracts.fields import problems_of, validate
 from contracts.names import FUSED_TASK, split_ref, stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers.cache import StageCache
+from workers.candidates import CandidateStore
 from workers.checkpoint import Begin, Begun, Checkpoints, Done, delivery, outage_requeues
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.errors import StageError, StageTimeoutError
@@ -51,7 +52,8 @@ def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Se
     guard = Guard(Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds),
                   RateLimiter(redis.Redis.from_url(settings.backend_url)))
     # each runner holds its stage's time limit in every pool; all of them are there for on_error fallbacks
-    runners = {ref: StageRunner(spec, settings.lm, cache, spec.time_limit or settings.stage_time_limit)
+    candidates = CandidateStore.from_url(settings.backend_url, settings.result_expires)  # optimisation jobs
+    runners = {ref: StageRunner(spec, settings.lm, cache, spec.time_limit or settings.stage_time_limit, candidates)
                for ref, spec in stages.items()}
     executors: dict[str, StageExecutor] = {}
     for ref, spec in stages.items():
@@ -182,7 +184,7 @@ class FusedExecutor:
             executors = [self._executor(call) for call, _ in calls]
             if executors[0] is None:
                 return job.with_error(self._unknown(*calls[0]), fatal=calls[0][0].critical)
-            pair = self._pair(calls, executors)
+            pair = self._pair(calls, executors, job)
             if pair is not None:
                 job = self._run_pair(task, job, pair, calls, resume)
                 index += 2
@@ -208,9 +210,11 @@ class FusedExecutor:
             step = pair.execute(task, job, merged_call(pair.spec, node_a, node_b), path_a, resume)
             return report_b(report_a(step.envelope))
 
-    def _pair(self, calls: list[tuple[StageNode, str]],
-              executors: list["StageExecutor | None"]) -> "PairExecutor | None":
+    def _pair(self, calls: list[tuple[StageNode, str]], executors: list["StageExecutor | None"],
+              job: Envelope) -> "PairExecutor | None":
         if len(calls) < 2 or executors[1] is None or executors[0] is None:
+            return None
+        if job.candidates:  # an optimiser's candidate runs each stage's own program: no merged call
             return None
         a, b = executors[0].spec, executors[1].spec
         if not mergeable(a, calls[0][0], b, calls[1][0]):
@@ -316,7 +320,7 @@ class StageExecutor:
         done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})
-            return Step(job.with_output(path, done.outputs, timing, done.usage, call.outputs))
+            return Step(job.with_output(path, done.outputs, timing, done.usage, call.outputs, trace=done.trace))
         return self._run(task, job, call, path, resume, begun.claim.redeliveries, entered=True)
 
     def _run(self, task: Task, job: Envelope, call: StageNode, path: str, resume: dict[str, Any] | None,
@@ -326,7 +330,8 @@ class StageExecutor:
             self.jobs.entered(job.job_id, path, self.spec.name)
         throttled = self._wait_turn()
         try:
-            run = self.runner.run(job.pick(list(self.spec.inputs), call.inputs), call.lm)
+            run = self.runner.run(job.pick(list(self.spec.inputs), call.inputs), call.lm,
+                                  job.candidates.get(self.spec.name))
         except SoftTimeLimitExceeded:
             return Step(self._failed(job, call, path, StageTimeoutError(self.spec.name, "time limit exceeded"), task))
         except StageError as error:
@@ -340,13 +345,13 @@ class StageExecutor:
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
         self._spent(run.usage)
         out, final = self._done(task, job, call, path, run, timing)
-        return Step(out, Done(run.outputs, timing, run.usage), published=final)
+        return Step(out, Done(run.outputs, timing, run.usage, run.trace), published=final)
 
     def _done(self, task: Task, job: Envelope, call: StageNode, path: str, run: StageRun,
               timing: StageTiming | None = None) -> tuple[Envelope, dict[str, Any]]:
         """Fold a successful run into the envelope; also the answer fields that are final now, to publish."""
         done = job.with_output(path, run.outputs, timing or self._timing(task, path, run, self.spec), run.usage,
-                               call.outputs, run.cached_usage)
+                               call.outputs, run.cached_usage, run.trace)
         return done, self._final_fields(job, done, {call.outputs.get(name, name) for name in run.outputs})
 
     def _wait_turn(self) -> float:
