@@ -10,6 +10,7 @@ from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from contracts.candidates import StageCandidate
 from contracts.envelope import Envelope
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
@@ -103,15 +104,17 @@ class Client:
         self.checkpoints = Checkpoints(runtime.jobs.client, settings.result_expires, settings.watchdog_stall_seconds)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
+               version: str | None = None, outputs: list[str] | None = None,
+               candidates: dict[str, StageCandidate] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
-        some declared outputs: stages that feed only the others are skipped."""
+        some declared outputs: stages that feed only the others are skipped. `candidates`: an optimiser's
+        candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
+        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
