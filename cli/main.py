@@ -4,6 +4,8 @@ Exit codes: 0 done, 1 a job failed, 2 bad input (unknown pipeline, bad field, ba
 3 not finished in time / unknown job, 4 services unreachable or the stack failed.
 """
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -192,23 +194,35 @@ def pipelines(as_json: JsonFlag = False) -> None:
 @app.command("eval")
 def eval_(
     pipeline: str,
-    data: Annotated[Path, typer.Option(help="questions, JSON lines: HotPotQA records or {id, question, answer, "
-                                             "supporting_titles}")],
+    data: Annotated[Path | None, typer.Option(help="questions, JSON lines: HotPotQA records or {id, question, "
+                                                   "answer, supporting_titles}")] = None,
+    devset: Annotated[Path | None, typer.Option(help="the same as --data")] = None,
+    versions: Annotated[str | None, typer.Option(help="compare versions in one run, e.g. 1,2")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
     concurrency: Annotated[int, typer.Option(help="jobs in flight at once")] = 8,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each job")] = 600.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Score a QA pipeline on a question file through the running workers: exact match, token F1,
-    supporting-title recall, latency p50/p95 per stage and per job, token usage."""
-    from cli.evaluate import data_path, evaluate, report_view
+    supporting-title recall, latency p50/p95 per stage and per job, token usage; with --versions, each
+    version side by side."""
+    from cli.evaluate import answer_field_of, data_path, evaluate, evaluate_versions, report_view, versions_view
     from monitor.evaluation import load_examples
 
+    source = data or devset
+    if source is None:
+        fail("give the questions with --data FILE (or --devset FILE)", EXIT_INPUT)
     client = _client()
     try:
-        examples = load_examples(data_path(data), limit)
-        client.runtime.catalog.pipeline(pipeline)
-        report = evaluate(client, pipeline, examples, concurrency, timeout, show_progress=not as_json)
+        examples = load_examples(data_path(source), limit)
+        if versions:
+            chosen = [v.strip() for v in versions.split(",") if v.strip()]
+            reports = evaluate_versions(client, pipeline, chosen, examples, concurrency, timeout,
+                                        show_progress=not as_json)
+            _print_versions(reports, as_json, versions_view)
+            return
+        fields = answer_field_of(client, pipeline)
+        report = evaluate(client, pipeline, examples, concurrency, timeout, fields, show_progress=not as_json)
     except (StagecoachError, ValueError) as error:
         fail(str(error), EXIT_INPUT)
     if as_json:
@@ -216,6 +230,15 @@ def eval_(
     else:
         render.out.print(report_view(report))
     if report.succeeded == 0 and report.questions:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _print_versions(reports: dict[str, Any], as_json: bool, view: Any) -> None:
+    if as_json:
+        render.print_json({version: report.model_dump(mode="json") for version, report in reports.items()})
+    else:
+        render.out.print(view(reports))
+    if all(report.succeeded == 0 and report.questions for report in reports.values()):
         raise typer.Exit(EXIT_FAILED)
 
 
@@ -283,8 +306,9 @@ def optimize_(
                                        progress.evaluation)
         except ValueError as error:
             fail(str(error), EXIT_INPUT)
-        try:
-            outcome = run_optimisation(client, program, scorer, train, dev, options, progress.trial)
+        try:  # DSPy's optimisers print (and tqdm draws) to stdout: keep stdout for the result
+            with contextlib.redirect_stdout(sys.stderr):
+                outcome = run_optimisation(client, program, scorer, train, dev, options, progress.trial)
         except KeyboardInterrupt:
             program._fleet.stop()
             progress.__exit__(None, None, None)
@@ -294,7 +318,8 @@ def optimize_(
     registered = None
     if register_version:
         folder = out or catalog_folder(client.runtime.settings.catalog)
-        registered = register(catalog, client.runtime.settings.catalog, spec, dict(program.stage_modules()), folder,
+        registered = register(catalog, client.runtime.settings.catalog, spec, dict(outcome.program.stage_modules()),
+                              folder,
                               traffic)
     if as_json:
         render.print_json(_optimize_json(outcome, registered))

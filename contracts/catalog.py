@@ -32,6 +32,7 @@ from contracts.structure import load_structure
 MAX_DEPTH = 8
 M = TypeVar("M", bound=BaseModel)
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+STATES_FOLDER = "states"  # saved stage states (DSPy JSON) under a catalog folder are not specs
 
 
 class Catalog(BaseModel):
@@ -227,7 +228,8 @@ def _spec_files(paths: Iterable[Path | str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES
+                                and STATES_FOLDER not in p.relative_to(path).parts[:-1]))
         elif path.is_file():
             files.append(path)
         else:

@@ -166,6 +166,13 @@ class Consumer:
                                message=str(event.get("message") or ""), at=at)
         self.store.error_example(stage, kind, example)
 
+    def _version_figures(self, name: str, at: float, failed: bool, seconds: float) -> None:
+        """The same job counted again per pipeline version (`qa@2`): versions served side by side."""
+        self.store.count("version", name, runs=1, failed=int(failed), succeeded=int(not failed))
+        if not failed:
+            self.store.sample("samples", "version", name, seconds)
+        self.store.tick("version", name, at, failed, None if failed else seconds)
+
     def on_job_finished(self, event: Event) -> None:
         pipeline, at = str(event["pipeline"]), float(event.get("timestamp") or time.time())
         failed = event.get("state") != "succeeded"
@@ -180,6 +187,8 @@ class Consumer:
             self.store.count("pipeline", pipeline, runs=1, succeeded=1)
             self.store.sample("samples", "pipeline", pipeline, seconds)
         self.store.tick("pipeline", pipeline, at, failed, None if failed else seconds)
+        if event.get("version"):
+            self._version_figures(f"{pipeline}@{event['version']}", at, failed, seconds)
         wait = self.store.task(str(event["job_id"])).get("wait")
         if wait is not None:
             self.store.sample("waits", "pipeline", pipeline, float(wait))

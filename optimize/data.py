@@ -9,6 +9,8 @@ script does; `MODULE:FN` names any DSPy metric `fn(example, prediction, trace=No
 
 import importlib
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,8 @@ def make_metric(name: str, field: str, gold: str) -> Metric:
     module_name, sep, attr = name.partition(":")
     if not sep:
         raise DataError(f"--metric '{name}': use exact, f1 or an import path module:function")
+    if os.getcwd() not in sys.path:  # as `python -m` would: a metric module of the project run from
+        sys.path.append(os.getcwd())
     try:
         metric: Metric = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:

@@ -11,7 +11,15 @@ from typing import Any
 import dspy
 import yaml
 
-from contracts.catalog import Catalog, check_catalog, iter_nodes, load_catalog, pin_versions, versions_of
+from contracts.catalog import (
+    STATES_FOLDER,
+    Catalog,
+    check_catalog,
+    iter_nodes,
+    load_catalog,
+    pin_versions,
+    versions_of,
+)
 from contracts.specs import PipelineSpec, StageNode, StageSpec
 
 
@@ -35,7 +43,7 @@ def register(catalog: Catalog, catalog_paths: list[Path], base: PipelineSpec, st
              out_dir: Path, share: int = 0) -> Registered:
     """Write `<out_dir>/<pipeline>-v<N>.yaml` and its state files; check the catalog loads with it."""
     version = next_version(versions_of(catalog.pipelines, base.name))
-    folder = out_dir / f"{base.name}-v{version}"
+    folder = out_dir / STATES_FOLDER / f"{base.name}-v{version}"  # not read as specs (contracts/catalog.py)
     folder.mkdir(parents=True, exist_ok=True)
     pinned = pin_versions(catalog, base)
     new_stages: list[dict[str, Any]] = []
@@ -45,7 +53,7 @@ def register(catalog: Catalog, catalog_paths: list[Path], base: PipelineSpec, st
         current = _stage_of(catalog, pinned, name)
         stage_versions[name] = next_version(versions_of(catalog.stages, name))
         states[name] = _save_state(module, folder / f"{name}.json")
-        new_stages.append(_stage_entry(current, stage_versions[name], f"{folder.name}/{name}.json"))
+        new_stages.append(_stage_entry(current, stage_versions[name], f"{STATES_FOLDER}/{folder.name}/{name}.json"))
     root = _repin(pinned.root.model_dump(mode="json", exclude_none=True), stage_versions)
     spec = {**base.model_dump(mode="json", exclude_none=True), "version": version, "root": root,
             "description": f"{base.description} (optimised from version {base.version})".strip(),

@@ -176,7 +176,8 @@ def job_finished(task: Task, result: JobResult, inputs: dict[str, Any]) -> None:
     trail = [d.model_dump(mode="json") for d in result.trail]
     finished = result.finished_at or time.time()
     send(task, JOB_FINISHED_EVENT, {
-        "job_id": result.job_id, "pipeline": result.pipeline, "state": result.state,
+        "job_id": result.job_id, "pipeline": result.pipeline, "version": result.pipeline_version,
+        "state": result.state,
         "seconds": finished - (result.submitted_at or finished), "submitted_at": result.submitted_at,
         "kind": error.kind if error else None, "message": error.message[:500] if error else None,
         "error_node": error.node if error else None,
