@@ -313,7 +313,7 @@ def optimize_(
             program._fleet.stop()
             progress.__exit__(None, None, None)
             render.err.print(f"stopped: {program._fleet.jobs} evaluations finished and journalled in {journal_path}; "
-                             f"run the same command with --resume to continue from them")
+                             f"run the same command with --resume to continue from them", soft_wrap=True)
             raise typer.Exit(130) from None
     registered = None
     if register_version:
