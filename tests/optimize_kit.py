@@ -40,6 +40,11 @@ def vary_metric(example: dspy.Example, prediction: Any, trace: Any = None) -> bo
     return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 2 == 0
 
 
+def always(example: dspy.Example, prediction: Any, trace: Any = None) -> bool:
+    """Every trace passes: BootstrapFewShot keeps the first ones."""
+    return True
+
+
 class QA(dspy.Module):
     """The `qa` pipeline (pipelines/qa.yaml) as plain DSPy: the same two signatures, composed in-process."""
 

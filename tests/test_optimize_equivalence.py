@@ -12,15 +12,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import dspy
 import pytest
 
 from cli.fleet import client_for
 from contracts.names import ROUTING_QUEUE, stage_queue
-from optimize.optimizers import OptimizerOptions
+from examples.multihop import build_multi_hop_qa_pipeline
+from monitor.evaluation import load_examples
+from optimize.journal import Journal
+from optimize.optimizers import OptimizerOptions, compile_program
+from optimize.run import client_lm_context, fleet_program
 from routing.client import Client
 from tests import services
-from tests.optimize_kit import examples, in_process, on_fleet, programs_state
+from tests.optimize_kit import always, examples, in_process, on_fleet, programs_state
 from tests.services import ROOT, Fleet, worker_env
+from workers.lm import adapter_for, lm_for
+from workers.settings import LMSettings
 
 CATALOG = [ROOT / "pipelines"]
 
@@ -76,3 +83,41 @@ def test_gepa_on_the_fleet_equals_in_process(qa_client: Client, vary_lm: str) ->
     assert programs_state(fleet) == expected
     # the reflection LM read the rebuilt traces and proposed an instruction that won (this seed's outcome)
     assert expected["answer"]["instructions"].startswith("new_instruction of <")
+
+
+@pytest.fixture(scope="module")
+def multihop_client(private_redis: str, lm_url: str, hotpotqa: Path) -> Iterator[Client]:
+    env = worker_env(private_redis, lm_url, catalog=CATALOG, STAGECOACH_HOTPOTQA_PATH=str(hotpotqa))
+    fleet = Fleet(env, Path(tempfile.mkdtemp(prefix="stagecoach-optimize-multihop-")))
+    fleet.start("multihop-stages", [stage_queue(s) for s in ("decompose", "retrieve_hotpotqa", "synthesize")],
+                concurrency=4)
+    fleet.start("multihop-routing", [ROUTING_QUEUE], concurrency=2)
+    try:
+        fleet.wait_ready()
+        yield client_for(private_redis, lm_url, CATALOG)
+    finally:
+        fleet.stop()
+
+
+def test_bootstrap_of_multihop_with_its_map_fan_out_equals_in_process(multihop_client: Client, lm_url: str,
+                                                                      hotpotqa: Path) -> None:
+    """The multi-hop pipeline (chain-of-thought modules, retrieval fanned out by a map node): every hop's
+    trace comes back, in hop order, so BootstrapFewShot picks the same demo
+    among a predictor's several traces of one example (it samples with a hash of them)."""
+    options = OptimizerOptions(optimizer="bootstrap", max_bootstrapped_demos=2, max_labeled_demos=0)
+    train = [dspy.Example(question=e.question, answer=e.answer).with_inputs("question")
+             for e in load_examples(hotpotqa, limit=3)]
+    settings = LMSettings(model="openai/test-lm", api_base=lm_url, cache=False)
+    with dspy.context(lm=lm_for(settings), adapter=adapter_for(settings)):
+        local = compile_program(build_multi_hop_qa_pipeline(str(hotpotqa), format="hotpotqa"), always, train, None,
+                                options)
+    program, _ = fleet_program(multihop_client, "multihop_hotpotqa", None, Journal(None, False))
+    with client_lm_context(multihop_client):
+        fleet = compile_program(program, always, train, None, options)
+    pairs = list(zip(fleet.named_predictors(), local.named_predictors(), strict=True))
+    assert [name for (name, _), _ in pairs] == ["decompose.decompose.predict", "retrieve_hotpotqa.extract.predict",
+                                                "synthesize.synthesize.predict"]
+    for (_, remote), (_, here) in pairs:
+        assert remote.signature.instructions == here.signature.instructions
+        assert [dict(d) for d in remote.demos] == [dict(d) for d in here.demos]
+        assert len(remote.demos) == 2 and all(d.get("augmented") for d in remote.demos)

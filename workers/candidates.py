@@ -41,14 +41,13 @@ class CandidateStore:
         return cls(redis.Redis.from_url(url), ttl)
 
     def put(self, state: dict[str, Any]) -> str:
-        """Store a state (once: later puts only refresh its expiry); returns its digest."""
+        """Store a state (once per process); returns its digest."""
         digest = state_digest(state)
         with self._lock:
             known = digest in self._memo
-        if not known:
-            self.client.set(candidate_key(digest), canonical(state), ex=self.ttl, nx=True)
+        if not known:  # once per process: it lives as long as job results do
+            self.client.set(candidate_key(digest), canonical(state), ex=self.ttl)
             self._remember(digest, state)
-        self.client.expire(candidate_key(digest), self.ttl)
         return digest
 
     def get(self, digest: str, stage: str) -> dict[str, Any]:
