@@ -1,5 +1,5 @@
 """Optimisation on the fleet changes nothing but where evaluations run: DSPy's own BootstrapFewShot,
-MIPROv2 and GEPA produce the same program (demo for demo, instruction for instruction) from the proxy
+MIPROv2, GEPA and SIMBA produce the same program (demo for demo, instruction for instruction) from the proxy
 of the `qa` pipeline, whose every evaluation is a job on real workers, as from the same pipeline written
 as an ordinary in-process DSPy program, with the same data, seed and deterministic LM.
 
@@ -83,6 +83,17 @@ def test_gepa_on_the_fleet_equals_in_process(qa_client: Client, vary_lm: str) ->
     assert programs_state(fleet) == expected
     # the reflection LM read the rebuilt traces and proposed an instruction that won (this seed's outcome)
     assert expected["answer"]["instructions"].startswith("new_instruction of <")
+
+
+def test_simba_on_the_fleet_equals_in_process(qa_client: Client, vary_lm: str) -> None:
+    """SIMBA sets its sampled LMs on the predictors (`set_lm`: temperature, rollout id), which travel per job."""
+    options = OptimizerOptions(optimizer="simba", threads=4, trials=3, candidates=3, seed=4, max_bootstrapped_demos=2)
+    train = examples(8)
+    local = in_process(vary_lm, options, train, None)
+    fleet = on_fleet(qa_client, options, train, None)
+    expected = programs_state(local)
+    assert programs_state(fleet) == expected
+    assert expected["answer"]["demos"], "SIMBA appended a demo from a trajectory"
 
 
 @pytest.fixture(scope="module")
