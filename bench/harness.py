@@ -24,7 +24,7 @@ from routing.client import Client
 from workers.settings import LMSettings
 
 CATALOG = [ROOT / "pipelines", ROOT / "bench" / "pipelines"]
-PLUGINS = '["routing.tasks:register", "bench.bare:register"]'
+PLUGINS = '["bench.bare:register"]'  # the routing tasks come from workers.app, the composition root
 # A fleet with the shared stage cache on. Sampled calls are not cached (`workers.cache.cacheable`), so
 # its workers are pinned at temperature 0: the default, set here so the scenario never depends on it.
 SHARED_CACHE_ENV = {"STAGECOACH_CACHE_ENABLED": "true", "STAGECOACH_LM_TEMPERATURE": "0"}

@@ -15,6 +15,8 @@ from typing import Any
 from celery import Celery
 
 from cli.fleet import private_redis
+from contracts.events import StageOutcome
+from contracts.names import STAGE_OUTCOME_EVENT, stage_task
 from monitor.consumer import Consumer
 from monitor.settings import MonitorSettings
 from monitor.store import Store
@@ -23,15 +25,16 @@ from monitor.store import Store
 def call_events(i: int, now: float) -> list[dict[str, Any]]:
     uuid, job = f"task-{i}", f"job-{i // 3}"
     common = {"uuid": uuid, "root_id": job}
+    outcome = StageOutcome(stage="answer", pipeline="qa", job_id=job, node="answer", at=now + 0.1,
+                           outcome="ok" if i % 10 else "error", kind="lm", message="boom",
+                           seconds=0.1 + (i % 7) / 100, prompt_tokens=100, completion_tokens=20, input_bytes=80,
+                           output_bytes=60, inputs="{}", outputs="{}")
     return [
-        {"type": "task-sent", "name": "stage.answer", "timestamp": now, **common},
-        {"type": "task-received", "name": "stage.answer", "timestamp": now + 0.001, "hostname": "w@h", **common},
-        {"type": "task-started", "timestamp": now + 0.002, "hostname": "w@h", **common},
-        {"type": "stagecoach-stage-outcome", "timestamp": now + 0.1, "stage": "answer", "pipeline": "qa",
-         "job_id": job, "node": "answer", "outcome": "ok" if i % 10 else "error", "kind": "lm",
-         "message": "boom", "seconds": 0.1 + (i % 7) / 100, "attempts": 1, "prompt_tokens": 100,
-         "completion_tokens": 20, "input_bytes": 80, "output_bytes": 60, "inputs": "{}", "outputs": "{}",
+        {"type": "task-sent", "name": stage_task("answer"), "timestamp": now, **common},
+        {"type": "task-received", "name": stage_task("answer"), "timestamp": now + 0.001, "hostname": "w@h",
          **common},
+        {"type": "task-started", "timestamp": now + 0.002, "hostname": "w@h", **common},
+        {"type": STAGE_OUTCOME_EVENT, "timestamp": now + 0.1, **outcome.fields(), **common},
         {"type": "task-succeeded", "timestamp": now + 0.101, "runtime": 0.1, "hostname": "w@h", **common},
     ]
 

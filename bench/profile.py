@@ -73,15 +73,15 @@ PARTS = [("in the worker", r"celery/app/trace.py:\d+\(trace_task\)"),
          ("task body", r"celery/app/trace.py:\d+\(__protected_call__\)"),
          ("DSPy call", r"dspy/primitives/module.py:\d+\(__call__\)|dspy/predict/predict.py:\d+\(__call__\)")]
 # what a Stagecoach stage task does beyond the bare task, each part cumulative per call
-OURS = [("claim: begin script (1 round trip)", r"workers/checkpoint.py:\d+\(begin\)"),
-        ("checkpoint: save pipeline (1 round trip)", r"workers/checkpoint.py:\d+\(save\)"),
+OURS = [("claim: begin script (1 round trip)", r"workers/ledger.py:\d+\(begin\)"),
+        ("checkpoint: save pipeline (1 round trip)", r"workers/ledger.py:\d+\(save\)"),
         # under the profiler's solo pool the call runs on the task's thread: no deadline thread here
         ("stage runner (contracts, DSPy call)", r"workers/stage.py:\d+\(run\)"),
         ("  of which the DSPy call", r"workers/stage.py:\d+\(_predict\)"),
         ("envelope and node validation", r"workers/tasks.py:\d+\(inbound\)"),
         ("monitor event (queued for the sender thread)", r"workers/outcome.py:\d+\(_report\)"),
-        ("closing the job: JobResult and result record (last stage)", r"workers/finish.py:\d+\(closing\)"),
-        ("closing the job: job-finished event (last stage)", r"workers/finish.py:\d+\(announce\)")]
+        ("closing the job: JobResult and result record (last stage)", r"workers/ledger.py:\d+\(closing\)"),
+        ("closing the job: job-finished event (last stage)", r"workers/ledger.py:\d+\(announce\)")]
 
 
 def _comparison(out: Path, stages: list[str]) -> str:

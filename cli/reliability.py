@@ -10,11 +10,13 @@ import redis
 
 from cli import render
 from contracts.deadletters import DeadLetter
+from contracts.names import RUN_TASK
 from workers.deadletter import DeadLetterStore, describe
 from workers.settings import Settings
 
 if TYPE_CHECKING:
     from routing.recovery import Recovery
+    from workers.ledger import Ledger
 
 
 class ReplayError(ValueError):
@@ -51,6 +53,9 @@ def replay(settings: Settings, letter_id: str, queue: str | None) -> DeadLetter:
         raise ReplayError(f"dead letter {letter.id} names no queue; pass --queue")
     if not settings.broker_is_redis:
         raise ReplayError("replay pushes onto Redis queues; this broker is not Redis")
+    job_id = (letter.task_id if letter.task == RUN_TASK else None) or letter.root_id
+    if job_id:  # the job its dead-lettering ended is open again, so the replayed run can end it
+        _ledger(settings).reopen(job_id)
     redis.Redis.from_url(settings.broker_url).lpush(target, refreshed(letter.raw))
     letters.remove(letter.id)
     return letter
@@ -68,14 +73,18 @@ def refreshed(raw: bytes) -> bytes:
     return raw
 
 
+def _ledger(settings: Settings) -> "Ledger":
+    from workers.factory import create_runtime
+
+    return create_runtime(settings).ledger
+
+
 def recovery(settings: Settings) -> "Recovery":
     from routing.recovery import Recovery
-    from workers.checkpoint import Checkpoints
     from workers.factory import create_runtime
 
     runtime = create_runtime(settings)
-    checkpoints = Checkpoints.from_url(settings.backend_url, settings.result_expires, settings.watchdog_stall_seconds)
-    return Recovery(runtime.app, runtime.catalog, checkpoints, runtime.jobs)
+    return Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches)
 
 
 def watch(settings: Settings, interval: float, once: bool) -> None:

@@ -55,7 +55,7 @@ def effective() -> list[tuple[str, str, str]]:
     settings = Settings()
     seconds = visibility_timeout(settings, load_catalog(settings.catalog))
     source = ("STAGECOACH_VISIBILITY_TIMEOUT" if settings.visibility_timeout is not None
-              else "longest stage limit + 30 s hard-limit grace + 60 s")
+              else "longest stage hard limit (its limit + a tenth, 2-30 s) + 60 s")
     return [("effective visibility timeout", f"{seconds} s", source)]
 
 

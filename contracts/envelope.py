@@ -122,6 +122,9 @@ class Envelope(BaseModel):
     publish: list[str] = Field(default_factory=list, description="fields final once written: published early")
     failure: ErrorRecord | None = Field(None, description="the error that stopped the job, if any")
     generation: int = Field(0, description="dispatch of this job: 0 first, +1 per watchdog re-dispatch or resume")
+    member_of: str | None = Field(
+        None, description="node path of the fan-out this envelope is a member of; None at the job's top level, "
+                          "where a fatal error ends the job at once (a member's error is its fan-in's to judge)")
     candidates: dict[str, StageCandidate] = Field(
         default_factory=dict, description="optimisation: per stage name, the candidate this job runs (JobRequest)")
     traces: list[TraceStep] = Field(default_factory=list, description="predictor calls of the candidate stages")
@@ -180,11 +183,12 @@ class Envelope(BaseModel):
             "traces": [*self.traces, *member.traces],
         })
 
-    def lean(self, state: dict[str, Any] | None = None) -> "Envelope":
-        """A fan-out member's start: this job's state (plus `state`), nothing it did so far."""
+    def lean(self, member_of: str, state: dict[str, Any] | None = None) -> "Envelope":
+        """The start of a member of fan-out `member_of`: this job's state (plus `state`), nothing it did so far."""
         return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
                                        "timings": [], "trail": [], "usage": {},
-                                       "cached_usage": {}, "skipped": [], "traces": []})
+                                       "cached_usage": {}, "skipped": [], "member_of": member_of,
+                                       "traces": []})
 
 
 def _add(usages: dict[str, Usage], stage: str, usage: Usage) -> dict[str, Usage]:

@@ -8,6 +8,8 @@ from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
 
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
+# how a job ended: every ending goes through the one close path (workers/ledger.py)
+Ending = Literal["succeeded", "failed", "cancelled", "rejected", "dead-lettered", "timed-out"]
 
 
 class JobRequest(BaseModel):
@@ -79,6 +81,17 @@ class JobResult(BaseModel):
     @property
     def ok(self) -> bool:
         return self.state == "succeeded"
+
+    @property
+    def ending(self) -> Ending:
+        """Which of the six endings this is, from the error that ended the job."""
+        error = self.error
+        if self.ok or error is None:
+            return "succeeded" if self.ok else "failed"
+        by_kind: dict[str, Ending] = {"cancelled": "cancelled", "message": "dead-lettered", "timeout": "timed-out"}
+        if error.kind == "contract" and not error.node:  # the request itself: the job never started
+            return "rejected"
+        return by_kind.get(error.kind, "failed")
 
     @property
     def seconds(self) -> float | None:

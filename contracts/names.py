@@ -9,13 +9,20 @@ pinned to an older one. `@` is a plain character to Celery task names and Redis 
 
 STAGE_PREFIX = "stage."
 ROUTING_QUEUE = "pipeline.routing"
+DEFAULT_QUEUE = "celery"  # Celery's default: where clients that name no queue send (the routing worker consumes it)
 VERSION_SEPARATOR = "@"
 
 # adjacent fusible stages of a sequence, run in turn by one task on the first stage's queue
 FUSED_TASK = "stage.fused"
+MAX_FUSED_STEPS = 8  # the compiler fuses at most this many stages into one task
 
 RUN_TASK = "pipeline.run"
 FINISH_TASK = "pipeline.finish"
+LOOP_NEXT_TASK = "pipeline.loop.next"  # a loop's check after each iteration
+MAP_GATHER_TASK = "pipeline.map.gather"  # the chord body of a map
+FANIN_TASK = "pipeline.fanin"  # the chord body of a parallel group or an ensemble
+RESCUE_SUFFIX = ".rescue"  # a chord body's errback: `<body>.rescue`
+FINISH_ID_SUFFIX = "-finish"  # the task that closes a job started by `pipeline.run`: `<job id>-finish`
 
 KEY_PREFIX = "stagecoach:"
 JOB_KEY_PREFIX = KEY_PREFIX + "job:"
@@ -68,6 +75,17 @@ def routing_task(kind: str) -> str:
     return f"pipeline.{kind}"
 
 
+def rescue_task(body_task: str) -> str:
+    """The errback of a chord body: resends the body when a member raised (routing/chords.py)."""
+    return body_task + RESCUE_SUFFIX
+
+
+def finish_task_id(job_id: str) -> str:
+    """Task id of the task that closes a job started by `pipeline.run`: the run task has the job id, so
+    Flower shows `pipeline.run` under the job id and the closing task beside it."""
+    return job_id + FINISH_ID_SUFFIX
+
+
 def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
@@ -111,6 +129,16 @@ def checkpoint_key(job_id: str) -> str:
 def claim_key(job_id: str, what: str) -> str:
     """SET NX key that makes one (job, node path, attempt) happen once, whoever delivers it."""
     return f"{CLAIM_KEY_PREFIX}{job_id}:{what}"
+
+
+def deliveries_key(claim: str) -> str:
+    """Counter of the broker's deliveries of one claimed step (redeliveries show in its timing)."""
+    return claim + ":deliveries"
+
+
+def closed_key(job_id: str) -> str:
+    """The generation that closed the job: a job closes once per generation (a resume opens the next)."""
+    return JOB_KEY_PREFIX + job_id + ":closed"
 
 
 def candidate_key(digest: str) -> str:

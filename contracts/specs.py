@@ -141,6 +141,30 @@ class StageSpec(Model):
         return self.model_copy(update={"state": str(path), "state_digest": digest})
 
 
+# Between a call's soft time limit (raised in the call, recorded as a timeout error) and the hard kill of
+# its process: a tenth of the soft limit, at least KILL_GRACE_MIN and at most KILL_GRACE_MAX seconds.
+KILL_GRACE_MIN = 2.0
+KILL_GRACE_MAX = 30.0
+
+
+class Limits(Model):
+    """A call's time bounds: `soft` is where it is stopped and recorded as a timeout, `hard` where its
+    process is killed (prefork and green pools; the thread pool enforces neither, see workers/stage.py)."""
+
+    soft: float
+    hard: float
+
+    @classmethod
+    def of(cls, soft: float) -> "Limits":
+        grace = min(max(soft / 10, KILL_GRACE_MIN), KILL_GRACE_MAX)
+        return cls(soft=soft, hard=soft + grace)
+
+    @classmethod
+    def stage(cls, spec: "StageSpec", default: float) -> "Limits":
+        """A stage's effective limits: its own `time_limit`, else the workers' default."""
+        return cls.of(spec.time_limit or default)
+
+
 class NodeBase(Model):
     id: str | None = Field(None, description="name of this node in outputs and traces")
 

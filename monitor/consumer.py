@@ -14,7 +14,10 @@ from typing import Any
 
 from celery import Celery
 from celery.events.receiver import EventReceiver
+from pydantic import ValidationError
 
+from contracts.events import EVENT_MODELS, LEDGER_FIELD, JobFinished, StageOutcome
+from contracts.fields import problems_of
 from contracts.names import JOB_FINISHED_EVENT, RUN_TASK, STAGE_OUTCOME_EVENT, STAGE_PREFIX
 from monitor.report import PAIR, ErrorExample
 from monitor.store import Store
@@ -34,14 +37,15 @@ class Consumer:
         self.receiver: EventReceiver | None = None
         self.stopped = threading.Event()
         self.seen = 0  # events received since start (the health check shows the stream is live)
+        self.malformed = 0  # Stagecoach events that did not match their model (logged, skipped)
         self.live = threading.Event()  # subscribed to the event stream: events from now on are counted
         self.handlers: dict[str, Callable[[Event], None]] = {
             "task-sent": self.on_sent,
             "task-received": self.on_received,
             "task-started": self.on_started,
             "task-failed": self.on_failed,
-            STAGE_OUTCOME_EVENT: self.on_stage_outcome,
-            JOB_FINISHED_EVENT: self.on_job_finished,
+            STAGE_OUTCOME_EVENT: self.on_own_event,
+            JOB_FINISHED_EVENT: self.on_own_event,
         }
 
     def run(self) -> None:
@@ -106,7 +110,10 @@ class Consumer:
             self.store.remember_task(event["uuid"], {"wait": wait})
 
     def on_failed(self, event: Event) -> None:
-        """A stage task that raised (a crash, a hard time limit): a failure of kind `exception`."""
+        """A stage task that raised (a crash, a hard time limit): a failure of kind `exception`. Not the
+        events the job ledger sends to end a failed job's tasks in Flower: their stage is counted already."""
+        if event.get(LEDGER_FIELD):
+            return
         task = self.store.task(event["uuid"])
         name = str(task.get("name") or "")
         if not name.startswith(STAGE_PREFIX):
@@ -127,43 +134,55 @@ class Consumer:
         entry.setdefault("name", task.get("name"))
         self.store.trace_event(str(job_id), {"type": event["type"], "timestamp": event.get("timestamp"), **entry})
 
-    # --- Stagecoach's own events ------------------------------------------------------------------
+    # --- Stagecoach's own events (typed: contracts/events.py) ---------------------------------------
 
-    def on_stage_outcome(self, event: Event) -> None:
-        stage, pipeline = str(event["stage"]), str(event.get("pipeline") or "")
-        outcome, at = event.get("outcome"), float(event.get("timestamp") or time.time())
-        shared = {"prompt_tokens": event.get("prompt_tokens") or 0,
-                  "completion_tokens": event.get("completion_tokens") or 0,
-                  "cache_hits": 1 if event.get("cached") else 0}
-        if outcome == "retry":
+    def on_own_event(self, event: Event) -> None:
+        """A Stagecoach event, validated against its model: a malformed one is counted and logged."""
+        try:
+            parsed = EVENT_MODELS[event["type"]].model_validate(event)
+        except ValidationError as error:
+            self.malformed += 1
+            log.warning("malformed %s event skipped (%d so far): %s", event.get("type"), self.malformed,
+                        "; ".join(str(p) for p in problems_of(error))[:500])
+            return
+        if isinstance(parsed, StageOutcome):
+            self.on_stage_outcome(parsed, event)
+        else:
+            self.on_job_finished(parsed, event)
+
+    def on_stage_outcome(self, event: StageOutcome, raw: Event) -> None:
+        stage, pipeline, at = event.stage, event.pipeline, float(raw.get("timestamp") or event.at)
+        shared = {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+                  "cache_hits": 1 if event.cached else 0}
+        if event.outcome == "retry":
             self.store.count("stage", stage, retries=1)
             self.store.count("pipeline", pipeline, retries=1)
-        elif outcome == "skipped":
+        elif event.outcome == "skipped":
             self.store.count("stage", stage, skipped=1)
-        elif outcome == "ok":
-            self._stage_ok(stage, pipeline, event, at, shared)
+        elif event.outcome == "ok":
+            self._stage_ok(event, at, shared)
         else:
-            self._stage_error(stage, pipeline, event, at, shared)
-        self.store.trace_event(str(event["job_id"]), {**event, "type": "stage-outcome"})
+            self._stage_error(event, at, shared)
+        self.store.trace_event(event.job_id, {**raw, "type": "stage-outcome"})
 
-    def _stage_ok(self, stage: str, pipeline: str, event: Event, at: float, shared: dict[str, Any]) -> None:
-        seconds = float(event.get("seconds") or 0.0)
-        sizes = {"input_bytes": event.get("input_bytes") or 0, "output_bytes": event.get("output_bytes") or 0}
+    def _stage_ok(self, event: StageOutcome, at: float, shared: dict[str, Any]) -> None:
+        stage, pipeline, seconds = event.stage, event.pipeline, event.seconds or 0.0
+        sizes = {"input_bytes": event.input_bytes, "output_bytes": event.output_bytes}
         self.store.count("stage", stage, runs=1, succeeded=1, **shared, **sizes)
         self.store.count("pair", stage + PAIR + pipeline, runs=1, succeeded=1)
         self.store.count("pipeline", pipeline, **shared, **sizes)
         self.store.sample("samples", "stage", stage, seconds)
         self.store.tick("stage", stage, at, False, seconds)
 
-    def _stage_error(self, stage: str, pipeline: str, event: Event, at: float, shared: dict[str, Any]) -> None:
-        kind = str(event.get("kind") or "stage")
-        self.store.count("stage", stage, runs=1, failed=1, input_bytes=event.get("input_bytes") or 0,
-                         **shared, **{f"fail:{kind}": 1})
+    def _stage_error(self, event: StageOutcome, at: float, shared: dict[str, Any]) -> None:
+        stage, pipeline, kind = event.stage, event.pipeline, event.kind or "stage"
+        self.store.count("stage", stage, runs=1, failed=1, input_bytes=event.input_bytes, **shared,
+                         **{f"fail:{kind}": 1})
         self.store.count("pipeline", pipeline, **shared)
         self.store.count("pair", stage + PAIR + pipeline, runs=1, failed=1, **{f"fail:{kind}": 1})
         self.store.tick("stage", stage, at, True, None)
-        example = ErrorExample(job_id=str(event["job_id"]), node=str(event.get("node") or ""), pipeline=pipeline,
-                               message=str(event.get("message") or ""), at=at)
+        example = ErrorExample(job_id=event.job_id, node=event.node, pipeline=pipeline, message=event.message or "",
+                               at=at)
         self.store.error_example(stage, kind, example)
 
     def _version_figures(self, name: str, at: float, failed: bool, seconds: float) -> None:
@@ -173,23 +192,22 @@ class Consumer:
             self.store.sample("samples", "version", name, seconds)
         self.store.tick("version", name, at, failed, None if failed else seconds)
 
-    def on_job_finished(self, event: Event) -> None:
-        pipeline, at = str(event["pipeline"]), float(event.get("timestamp") or time.time())
-        failed = event.get("state") != "succeeded"
-        seconds = float(event.get("seconds") or 0.0)
+    def on_job_finished(self, event: JobFinished, raw: Event) -> None:
+        pipeline, at = event.pipeline, float(raw.get("timestamp") or event.at)
+        failed = event.state != "succeeded"
         if failed:
-            kind = str(event.get("kind") or "pipeline")
+            kind = event.kind or "pipeline"
             self.store.count("pipeline", pipeline, runs=1, failed=1, **{f"fail:{kind}": 1})
-            example = ErrorExample(job_id=str(event["job_id"]), node=str(event.get("error_node") or ""),
-                                   pipeline=pipeline, message=str(event.get("message") or ""), at=at)
+            example = ErrorExample(job_id=event.job_id, node=event.error_node or "", pipeline=pipeline,
+                                   message=event.message or "", at=at)
             self.store.error_example(f"pipeline:{pipeline}", kind, example)
         else:
             self.store.count("pipeline", pipeline, runs=1, succeeded=1)
-            self.store.sample("samples", "pipeline", pipeline, seconds)
-        self.store.tick("pipeline", pipeline, at, failed, None if failed else seconds)
-        if event.get("version"):
-            self._version_figures(f"{pipeline}@{event['version']}", at, failed, seconds)
-        wait = self.store.task(str(event["job_id"])).get("wait")
+            self.store.sample("samples", "pipeline", pipeline, event.seconds)
+        self.store.tick("pipeline", pipeline, at, failed, None if failed else event.seconds)
+        if event.version:
+            self._version_figures(f"{pipeline}@{event.version}", at, failed, event.seconds)
+        wait = self.store.task(event.job_id).get("wait")
         if wait is not None:
             self.store.sample("waits", "pipeline", pipeline, float(wait))
-        self.store.trace_event(str(event["job_id"]), {**event, "type": "job-finished"})
+        self.store.trace_event(event.job_id, {**raw, "type": "job-finished"})

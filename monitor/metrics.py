@@ -6,15 +6,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from monitor.report import PAIR, Figures, Report
+from monitor.report import PAIR, Counts, Figures, Report
 from monitor.stats import Summary
 
 QUANTILES = (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99"))
-COUNTED = (("runs", "runs"), ("succeeded", "successful runs"), ("failed", "failed runs (errors are values too)"),
-           ("retries", "retried attempts"), ("skipped", "tasks passed through after an earlier fatal error"),
-           ("cache_hits", "runs answered from the cache"),
-           ("prompt_tokens", "prompt tokens"), ("completion_tokens", "completion tokens"),
-           ("input_bytes", "bytes of inputs (JSON)"), ("output_bytes", "bytes of outputs (JSON)"))
+# one counter family per counter of the report's model (its `failures` by kind has a family of its own)
+COUNTED = tuple((name, field.description or name) for name, field in Counts.model_fields.items()
+                if field.annotation is int)
 
 
 class ReportCollector(Collector):

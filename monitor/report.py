@@ -8,17 +8,17 @@ from monitor.stats import Summary
 class Counts(BaseModel):
     """Counters of one stage or one pipeline since the store began."""
 
-    runs: int = 0
-    succeeded: int = 0
-    failed: int = 0
+    runs: int = Field(0, description="runs")
+    succeeded: int = Field(0, description="successful runs")
+    failed: int = Field(0, description="failed runs (errors are values too)")
     failures: dict[str, int] = Field(default_factory=dict, description="failed runs by error kind")
-    retries: int = 0
+    retries: int = Field(0, description="retried attempts")
     skipped: int = Field(0, description="stage tasks that passed a job through after an earlier fatal error")
-    cache_hits: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    input_bytes: int = 0
-    output_bytes: int = 0
+    cache_hits: int = Field(0, description="runs answered from the cache")
+    prompt_tokens: int = Field(0, description="prompt tokens")
+    completion_tokens: int = Field(0, description="completion tokens")
+    input_bytes: int = Field(0, description="bytes of inputs (JSON)")
+    output_bytes: int = Field(0, description="bytes of outputs (JSON)")
 
 
 class Figures(Counts):

@@ -107,7 +107,8 @@ class Handler(BaseHTTPRequestHandler):
             live = monitor.consumer.live.is_set()
             self.send(200 if live else 503, "text/plain", b"ok" if live else b"connecting to the event stream")
         elif path == "/api/health":
-            self.json({"events": monitor.consumer.seen, "live": monitor.consumer.live.is_set()})
+            self.json({"events": monitor.consumer.seen, "malformed": monitor.consumer.malformed,
+                       "live": monitor.consumer.live.is_set()})
         elif path == "/metrics":
             self.send(200, "text/plain; version=0.0.4; charset=utf-8", exposition(monitor.collector))
         elif path == "/api/stats":

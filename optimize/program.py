@@ -93,7 +93,7 @@ class FleetRunner:
         with self._lock:
             flying = list(self._flying)
         for job_id in flying:
-            self.client.checkpoints.cancel(job_id)
+            self.client.ledger.checkpoints.cancel(job_id)  # as `stagecoach cancel` does
 
     def _run(self, key: str, inputs: dict[str, Any], candidates: dict[str, StageCandidate]) -> Evaluation:
         handle = self.client.submit(self.pipeline, inputs, candidates=candidates)

@@ -28,11 +28,12 @@ from celery.result import AsyncResult
 
 from contracts.catalog import Catalog
 from contracts.envelope import Envelope, ErrorRecord
-from contracts.names import ROUTING_QUEUE
+from contracts.names import ROUTING_QUEUE, rescue_task
 from contracts.specs import AnyNode, LMOverride, StageNode, SubPipelineNode, map_children
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
-from routing.guard import failed
+from routing.guard import failed, handed_on
+from routing.kinds import Routing
 
 
 @dataclass(frozen=True)
@@ -156,24 +157,22 @@ def fold_results(fold: Fold, node: dict[str, Any], path: str, base: Envelope, me
     return fold(node, path, base, outcomes)
 
 
-def rescue_task(body_task: str) -> str:
-    return f"{body_task}.rescue"
-
-
-def register_fanin(app: Celery, body_task: str, fold: Fold) -> None:
+def register_fanin(routing: Routing, body_task: str, fold: Fold) -> None:
     """The chord body `body_task` folding members with `fold`, and its rescue errback."""
+    app = routing.app
 
     @app.task(name=body_task, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def fan_in(self: Task, results: list[Any] | None, node: dict[str, Any], path: str, base: dict[str, Any],
-               members: list[list[str]], rescued: str | None = None) -> dict[str, Any]:
+               members: list[list[str]], rescued: str | None = None) -> Any:
         job = Envelope.model_validate(base)
         try:
             found = results if results is not None else read_results(self.app, [m[2] for m in members])
-            return fold_results(fold, node, path, job, members, found).model_dump(mode="json")
+            folded = fold_results(fold, node, path, job, members, found).model_dump(mode="json")
         except (Ignore, Retry):
             raise
         except Exception as error:
-            return failed(job, path, error)
+            folded = failed(job, path, error)
+        return handed_on(routing, self, folded)
 
     # bind=False and three arguments: Celery calls it in place with the failed body's request
     @app.task(name=rescue_task(body_task), shared=False, queue=ROUTING_QUEUE)

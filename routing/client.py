@@ -1,5 +1,6 @@
 """The Python client: submit jobs by pipeline name, follow their status, read their results."""
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -11,15 +12,18 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from contracts.candidates import StageCandidate
-from contracts.envelope import Envelope
+from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
+from contracts.specs import PipelineSpec
 from routing.compile import Compiler
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
 from routing.nodes import KINDS
 from routing.tasks import start_envelope
-from workers.checkpoint import BROKER_DOWN, Checkpoints
+from workers.checkpoint import BROKER_DOWN, Begin, Claim
+from workers.events import local_hostname
 from workers.jobs import MISSING
+from workers.ledger import Closer
 from workers.runtime import Runtime
 
 
@@ -92,16 +96,15 @@ class JobHandle:
 
 
 class Client:
-    """Starts jobs itself: it compiles the job's canvas and sends it, then writes the job's queued status
-    and start checkpoint in one round trip, so a job costs no `pipeline.run` hop (that task stays for
-    clients in other languages, which send a plain JSON request by name)."""
+    """Starts jobs itself, through the job ledger as `pipeline.run` does (record, then send): it compiles
+    the job's canvas and sends it, so a job costs no `pipeline.run` hop (that task stays for clients in
+    other languages, which send a plain JSON request by name)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.app = runtime.app
+        self.ledger = runtime.ledger
         self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
-        settings = runtime.settings
-        self.checkpoints = Checkpoints(runtime.jobs.client, settings.result_expires, settings.watchdog_stall_seconds)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
                version: str | None = None, outputs: list[str] | None = None,
@@ -117,27 +120,27 @@ class Client:
         request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
-        envelope, spec = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
+        envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
         canvas = self.compiler.job(spec, envelope)
-        self._start(envelope, payload, canvas)
+        self._start(envelope, payload, pinned, canvas)
         return JobHandle(self, job_id)
 
-    def _start(self, envelope: Envelope, request: dict[str, Any], canvas: Signature) -> None:
-        """What `pipeline.run` would do, from here: send the job's chain (its last task answers under the
-        job id), then record the job's status and start checkpoint (the watchdog and `resume` start
-        again from it) in one round trip. That round trip overlaps the first stage instead of delaying
-        it; the status is written field by field only where absent, so a stage that already began (or
-        finished the job) is never set back to queued."""
+    def _start(self, envelope: Envelope, request: dict[str, Any], pinned: PipelineSpec, canvas: Signature) -> None:
+        """Record the job in the ledger (request, pinned versions, queued status, watch deadline), then send
+        its chain, whose last task answers under the job id. A job id that was started already is refused."""
         job_id = envelope.job_id
-        self._with_retries(lambda: canvas.apply_async(task_id=job_id, root_id=job_id))
-
-        def record() -> None:
-            pipe = self.runtime.jobs.client.pipeline(transaction=False)
-            self.runtime.jobs.queued(job_id, envelope.pipeline, pipe)
-            self.checkpoints.started(job_id, envelope.pipeline, request, pipe)
-            self.checkpoints.claimed_start(envelope, pipe)
-            pipe.execute()
-        self._with_retries(record)
+        claims: list[Claim] = []
+        self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
+                                                                   final=True)))
+        if claims[-1].begin is not Begin.RUN:
+            raise ContractError("job request", [FieldProblem("job_id", f"job {job_id} was started already")])
+        try:
+            self._with_retries(lambda: canvas.apply_async(task_id=job_id, root_id=job_id))
+        except BrokerUnavailableError as error:  # recorded but never sent: end it, so nobody waits on it
+            record = ErrorRecord(node="", kind="message", error_type=type(error).__name__, message=str(error))
+            with contextlib.suppress(*BROKER_DOWN):
+                self.ledger.fail(job_id, record, Closer(local_hostname("client")), envelope.pipeline, {})
+            raise
 
     def _with_retries(self, publish: Callable[[], None]) -> None:
         """Retry while the broker is unreachable (a Redis restart), for at most STAGECOACH_PUBLISH_RETRY_SECONDS."""

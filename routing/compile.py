@@ -17,13 +17,10 @@ from celery.canvas import Signature, _chain, chord, group
 from contracts.catalog import Catalog
 from contracts.envelope import Envelope
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, STAGE_PREFIX, routing_task, stage_queue, stage_task
-from contracts.specs import AnyNode, PipelineSpec, StageNode
+from contracts.specs import AnyNode, Limits, PipelineSpec, StageNode
 from routing.errors import RoutingError
 from routing.kinds import NodeKind
-from workers.finish import Finish
-
-# seconds between a stage call's soft time limit (recorded as a timeout error) and its hard kill
-CALL_KILL_GRACE = 2.0
+from workers.ledger import Finish
 
 
 class Compiler:
@@ -33,7 +30,7 @@ class Compiler:
         self.kinds = kinds
 
     def pipeline(self, spec: PipelineSpec) -> _chain:
-        """The whole job as a chain whose last task closes it (workers/finish.py): the last stage when the
+        """The whole job as a chain whose last task closes it (workers/ledger.py): the last stage when the
         pipeline ends with one (no extra hop), otherwise `pipeline.finish`, which builds the JobResult."""
         finish = Finish(spec.outputs, list(spec.inputs)).dump()
         body = self.node(spec.root, "")
@@ -82,7 +79,8 @@ class Compiler:
         sig = self.app.signature(stage_task(ref), kwargs=kwargs, queue=stage_queue(ref),
                                  kwargsrepr=repr({"path": path, "node": f"<stage {ref}>"}))
         if node.time_limit is not None:  # Celery enforces these in prefork and green pools
-            sig.set(soft_time_limit=node.time_limit, time_limit=node.time_limit + CALL_KILL_GRACE)
+            limits = Limits.of(node.time_limit)
+            sig.set(soft_time_limit=limits.soft, time_limit=limits.hard)
         return sig
 
 

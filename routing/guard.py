@@ -1,19 +1,19 @@
 """Routing tasks run their decisions guarded: a decision that cannot be made is a value.
 
-Like a stage error, the envelope gets an ErrorRecord of kind "routing" and its `failure` set, so
-the rest of the chain passes it through to `pipeline.finish` and the job ends as failed instead of
-hanging.
+Like a stage error, the envelope gets an ErrorRecord of kind "routing" and its `failure` set; the
+job ledger then ends the job as failed (at the job's top level; inside a fan-out member the fan-in
+judges), instead of leaving it hanging.
 """
 
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.exceptions import Ignore, Retry
 
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.names import ROUTING_QUEUE
 from routing.compile import Compiler
-from routing.kinds import RuntimeHandler
+from routing.kinds import Routing, RuntimeHandler
 
 
 def routing_record(path: str, error: BaseException) -> ErrorRecord:
@@ -39,9 +39,17 @@ def guarded(handler: RuntimeHandler, task: Task, compiler: Compiler, envelope: d
         return failed(job, path, error)
 
 
-def register_routing_task(app: Celery, compiler: Compiler, name: str, handler: RuntimeHandler) -> None:
+def handed_on(routing: Routing, task: Task, out: Any) -> Any:
+    """A routing task's envelope handed on; a job a decision left failed (outside a fan-out member) is
+    closed by the ledger here instead of passed along."""
+    if isinstance(out, dict) and out.get("failure") and not out.get("member_of"):
+        return routing.ledger.hand_on(task, Envelope.model_validate(out), None)
+    return out
+
+
+def register_routing_task(routing: Routing, name: str, handler: RuntimeHandler) -> None:
     """A task `name(envelope, node=..., path=...)` on the routing queue that runs `handler` guarded."""
 
-    @app.task(name=name, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
+    @routing.app.task(name=name, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
-        return guarded(handler, self, compiler, envelope, node, path)
+        return handed_on(routing, self, guarded(handler, self, routing.compiler, envelope, node, path))

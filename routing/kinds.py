@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
     from contracts.envelope import Envelope
     from routing.compile import Compiler
+    from workers.ledger import Ledger
 
 # compile(compiler, node, prefix): the canvas of a node whose shape is known before the job starts
 NodeCompiler = Callable[["Compiler", Any, str], "Signature"]
@@ -22,8 +23,20 @@ NodeCompiler = Callable[["Compiler", Any, str], "Signature"]
 # `task.replace(canvas)` or the envelope as a dict
 RuntimeHandler = Callable[["Task", "Compiler", "Envelope", dict[str, Any], str], Any]
 
-# register(app, compiler): an extra routing task of the kind (a chord body, a loop check)
-TaskRegistrar = Callable[["Celery", "Compiler"], None]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a routing task is registered with: the app, the compiler of the canvases it continues with,
+    and the job ledger that ends the job when a decision leaves it over."""
+
+    app: "Celery"
+    compiler: "Compiler"
+    ledger: "Ledger"
+
+
+# register(routing): an extra routing task of the kind (a chord body, a loop check)
+TaskRegistrar = Callable[[Routing], None]
 
 
 @dataclass(frozen=True)

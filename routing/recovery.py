@@ -17,18 +17,18 @@ from celery.result import AsyncResult
 
 from contracts.catalog import Catalog
 from contracts.envelope import ErrorRecord
-from contracts.jobs import JobResult
-from contracts.names import ROUTING_QUEUE, stage_queue
+from contracts.errors import StagecoachError
+from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, stage_queue
 from routing.compile import Compiler
 from routing.errors import PipelineError
 from routing.nodes import KINDS
 from routing.tasks import job_canvas, start_envelope
-from workers.checkpoint import Checkpoints
-from workers.jobs import JobStore
+from workers.events import local_hostname
+from workers.ledger import Closer, Ledger
+from workers.onerror import cancelled_record
 
 log = logging.getLogger(__name__)
 _ROOT_ID = re.compile(r'"root_id": ?"([^"]+)"')
-DEFAULT_QUEUE = "celery"  # where clients that name no queue send (the routing worker consumes it)
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
 
 
@@ -37,19 +37,26 @@ class RecoveryError(PipelineError):
 
 
 class Recovery:
-    def __init__(self, app: Celery, catalog: Catalog, checkpoints: Checkpoints, jobs: JobStore) -> None:
+    def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8) -> None:
         self.app = app
         self.catalog = catalog
         self.compiler = Compiler(app, catalog, KINDS)
-        self.checkpoints = checkpoints
-        self.jobs = jobs
+        self.ledger = ledger
+        self.checkpoints = ledger.checkpoints
+        self.max_redispatches = max_redispatches
+        self.closer = Closer(local_hostname("watchdog"))
 
     def redispatch(self, job_id: str) -> int:
-        """Start the job again from its request under a new generation; returns the generation."""
-        request = self.checkpoints.request(job_id)
+        """Start the job again from its request under a new generation, on the versions it started with;
+        returns the generation."""
+        request = self.ledger.request(job_id)
         if request is None:
             raise RecoveryError(f"job {job_id} has no checkpoint (never started, or expired)", job_id)
-        first, pipeline = start_envelope(self.catalog, request, job_id)  # same version, outputs and plan
+        try:
+            first, pipeline, _ = start_envelope(self.catalog, request, job_id, self.ledger.spec(job_id))
+        except StagecoachError as error:
+            raise RecoveryError(f"job {job_id} cannot run again on the versions it started with: {error}",
+                                job_id) from None
         generation = self.checkpoints.next_generation(job_id)
         envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
@@ -62,15 +69,16 @@ class Recovery:
         state = self.result_state(job_id)
         if state == "succeeded":
             raise RecoveryError(f"job {job_id} succeeded; nothing to resume", job_id)
+        if self.ledger.request(job_id) is None:
+            raise RecoveryError(f"job {job_id} has no checkpoint (never started, or expired)", job_id)
         self.checkpoints.uncancel(job_id)
-        AsyncResult(job_id, app=self.app).forget()
-        self.checkpoints.reopen(job_id)
-        self.jobs.entered(job_id, "", None)
+        self.ledger.reopen(job_id)
+        self.ledger.jobs.entered(job_id, "", None)
         return self.redispatch(job_id)
 
     def cancel(self, job_id: str) -> None:
-        """Stop the job's remaining stages: the next one to start ends the job as failed (cancelled)."""
-        if self.checkpoints.request(job_id) is None:
+        """Stop the job's remaining stages: the next one to start ends the job as cancelled."""
+        if self.ledger.request(job_id) is None:
             raise RecoveryError(f"no job {job_id} to cancel (never started, or expired)", job_id)
         if self.result_state(job_id) is not None:
             raise RecoveryError(f"job {job_id} already finished", job_id)
@@ -99,15 +107,15 @@ class Recovery:
         return found
 
     def finish_cancelled(self, job_id: str) -> None:
-        """A cancelled job that no stage will pick up again: its failed result, now."""
-        record = ErrorRecord(node="", kind="cancelled", error_type="JobCancelledError",
-                             message="job cancelled by an operator (`stagecoach cancel`)")
-        pipeline = str((self.checkpoints.request(job_id) or {}).get("pipeline") or "")
-        result = JobResult(job_id=job_id, pipeline=pipeline, pipeline_version="", state="failed", error=record,
-                           errors=[record], finished_at=time.time())
-        self.app.backend.store_result(job_id, result.model_dump(mode="json"), "SUCCESS")
-        self.jobs.finished(job_id, "failed")
-        self.checkpoints.finished(job_id)
+        """A cancelled job that no stage will pick up again: it ends now, as cancelled."""
+        self.ledger.fail(job_id, cancelled_record("", None), self.closer)
+
+    def give_up(self, job_id: str, generation: int) -> None:
+        """A job re-dispatched `max_redispatches` times without finishing: it ends as timed out."""
+        record = ErrorRecord(node="", kind="timeout", error_type="JobStalledError", message=(
+            f"the job made no progress after {generation} re-dispatches by the watchdog "
+            f"(STAGECOACH_WATCHDOG_MAX_REDISPATCHES={self.max_redispatches}); see the workers' logs"))
+        self.ledger.fail(job_id, record, self.closer)
 
 
 def sweep(recovery: Recovery) -> list[tuple[str, str]]:
@@ -119,22 +127,35 @@ def sweep(recovery: Recovery) -> list[tuple[str, str]]:
     queued = recovery.queued_jobs() if stalled else set()
     for job_id in stalled:
         if checkpoints.is_finished(job_id) or recovery.result_state(job_id) is not None:
-            checkpoints.finished(job_id)
+            checkpoints.unwatch(job_id)
             continue
         if job_id in queued:
             checkpoints.push_deadline(job_id, time.time() + checkpoints.stall)
             continue
+        actions.append((job_id, _act(recovery, job_id)))
+    return actions
+
+
+def _act(recovery: Recovery, job_id: str) -> str:
+    """End or re-dispatch one stalled job; never raises (one bad job must not stop the watchdog)."""
+    checkpoints = recovery.checkpoints
+    try:
         if checkpoints.cancelled(job_id):
             recovery.finish_cancelled(job_id)
-            actions.append((job_id, "finished as cancelled"))
-            continue
-        try:
-            generation = recovery.redispatch(job_id)
-        except Exception as error:  # one bad job must not stop the watchdog
-            log.exception("cannot re-dispatch job %s", job_id)
-            checkpoints.finished(job_id)
-            actions.append((job_id, f"dropped: {error}"))
-            continue
-        log.warning("job %s made no progress past its deadline: re-dispatched (generation %d)", job_id, generation)
-        actions.append((job_id, f"re-dispatched (generation {generation})"))
-    return actions
+            return "finished as cancelled"
+        done = checkpoints.generation(job_id)
+        if done >= recovery.max_redispatches:
+            recovery.give_up(job_id, done)
+            return f"ended as timed out after {done} re-dispatches"
+        generation = recovery.redispatch(job_id)
+    except RecoveryError as error:  # e.g. its versions are gone: it ends, saying why
+        log.warning("cannot re-dispatch job %s: %s", job_id, error)
+        recovery.ledger.fail(job_id, ErrorRecord(node="", kind="pipeline", error_type="RecoveryError",
+                                                 message=str(error)), recovery.closer)
+        return f"ended: {error}"
+    except Exception as error:
+        log.exception("cannot re-dispatch job %s", job_id)
+        checkpoints.unwatch(job_id)
+        return f"dropped: {error}"
+    log.warning("job %s made no progress past its deadline: re-dispatched (generation %d)", job_id, generation)
+    return f"re-dispatched (generation {generation})"

@@ -122,7 +122,7 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
         assert by_stage[stage]["retries"] == want["retries"], (stage, by_stage[stage], dict(want))
     assert sum(by_stage["key_terms"]["failures"].values()) == 4, by_stage["key_terms"]["failures"]
     assert by_stage["key_terms"]["retries"] >= 1 and by_stage["answer"]["retries"] >= 1
-    assert by_stage["answer"]["skipped"] == 4  # the failed jobs passed through `answer`
+    assert by_stage["answer"]["skipped"] == 0  # a failed job ends at the stage that failed: `answer` never sees it
     qa = next(p for p in stats["pipelines"] if p["name"] == "qa")
     assert (qa["runs"], qa["succeeded"], qa["failed"]) == (11, 7, 4)
     assert by_stage["answer"]["prompt_tokens"] > 0 and by_stage["answer"]["input_bytes"] > 0
@@ -190,8 +190,13 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
     # job's last stage runs under the job id (it closes the job and answers there)
     assert per_name["pipeline.run"] == 0 and per_name["pipeline.finish"] == 0, per_name
     last = {t["uuid"]: t for t in mine if t["uuid"] in job_ids}
-    assert set(last) == job_ids and {t["name"] for t in last.values()} == {"stage.answer"}
+    assert set(last) == {r.job_id for r in burst if r.ok} and {t["name"] for t in last.values()} == {"stage.answer"}
     assert {t["state"] for t in last.values()} == {"SUCCESS"}
+    # a failed job ends where it failed: that stage's task reads FAILURE, with the job's error as its exception
+    failed = [t for t in mine if t["state"] == "FAILURE"]
+    assert sorted(t["root_id"] for t in failed) == sorted(r.job_id for r in burst if not r.ok)
+    assert {t["name"] for t in failed} == {"stage.key_terms"}
+    assert all(t["exception"].startswith("JobFailed(") and "key_terms" in t["exception"] for t in failed), failed
     # one job, start to finish, by searching its id (docs/monitor.md: reading a job in Flower)
     job = burst[0].job_id
     found = ms.get_json(f"{flower_url}/api/tasks?search={job}")

@@ -10,7 +10,8 @@ import redis
 from celery import Celery
 
 from contracts.catalog import Catalog
-from contracts.names import monitor_key
+from contracts.events import StageOutcome
+from contracts.names import STAGE_OUTCOME_EVENT, monitor_key
 from monitor.consumer import Consumer
 from monitor.graph import build, mermaid, render
 from monitor.settings import MonitorSettings
@@ -30,10 +31,13 @@ def consumer(private_redis: str) -> Iterator[Consumer]:
 
 
 def outcome(i: int, outcome: str = "ok", **extra: object) -> dict[str, object]:
-    return {"type": "stagecoach-stage-outcome", "uuid": f"t{i}", "timestamp": 1000.0 + i, "stage": "answer",
-            "pipeline": "qa", "job_id": f"job{i}", "node": "answer", "outcome": outcome, "seconds": i / 10,
-            "attempts": 1, "prompt_tokens": 3, "completion_tokens": 2, "input_bytes": 10, "output_bytes": 5,
-            **extra}
+    """A stage-outcome event as the receiver hands it over: the typed model's fields plus Celery's."""
+    fields = {"stage": "answer", "pipeline": "qa", "job_id": f"job{i}", "node": "answer", "outcome": outcome,
+              "seconds": i / 10, "at": 1000.0 + i, "prompt_tokens": 3, "completion_tokens": 2, "input_bytes": 10,
+              "output_bytes": 5, **extra}
+    celery = {key: fields.pop(key) for key in ("uuid",) if key in fields}
+    event = StageOutcome.model_validate(fields).fields()
+    return {"type": STAGE_OUTCOME_EVENT, "uuid": f"t{i}", "timestamp": 1000.0 + i, **event, **celery}
 
 
 def test_counts_are_exact_and_lists_are_capped(consumer: Consumer) -> None:
@@ -56,9 +60,11 @@ def test_counts_are_exact_and_lists_are_capped(consumer: Consumer) -> None:
 
 
 def test_a_bad_event_is_skipped_and_the_next_counted(consumer: Consumer) -> None:
-    consumer.handle({"type": "stagecoach-stage-outcome", "uuid": "x"})  # no stage: logged, skipped
+    consumer.handle({"type": STAGE_OUTCOME_EVENT, "uuid": "x"})  # no stage: logged, counted, skipped
+    consumer.handle({**outcome(2), "outcome": "exploded"})  # not an outcome the model knows
     consumer.handle(outcome(1))
     assert consumer.store.report().stages[0].runs == 1
+    assert consumer.malformed == 2
 
 
 def test_queue_wait_from_sent_and_started(consumer: Consumer) -> None:

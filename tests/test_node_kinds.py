@@ -6,9 +6,9 @@ from celery import Celery
 
 from contracts.builder import Map, Pipeline, Sequential, Stage, SubPipeline, add
 from contracts.catalog import iter_nodes, load_catalog
-from contracts.specs import CHILD_FIELDS, NODE_MODELS, ParallelNode, StageNode, children
+from contracts.specs import CHILD_FIELDS, NODE_MODELS, Limits, ParallelNode, StageNode, children
 from routing.chords import limited
-from routing.compile import CALL_KILL_GRACE, Compiler
+from routing.compile import Compiler
 from routing.nodes import KINDS
 from tests.services import ROOT
 
@@ -58,7 +58,7 @@ def test_limited_keeps_a_bound_the_spec_set() -> None:
 def test_a_stage_time_limit_becomes_celery_soft_and_hard_limits() -> None:
     compiler = Compiler(Celery("compile-only", set_as_current=False), SHIPPED, KINDS)
     sig = compiler.stage(StageNode(stage="answer", time_limit=3.0), "")
-    assert (sig.options["soft_time_limit"], sig.options["time_limit"]) == (3.0, 3.0 + CALL_KILL_GRACE)
+    assert (sig.options["soft_time_limit"], sig.options["time_limit"]) == (3.0, Limits.of(3.0).hard)
 
 
 def test_add_inserts_a_stage_into_an_existing_pipeline() -> None:

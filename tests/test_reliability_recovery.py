@@ -83,9 +83,10 @@ def test_a_job_dispatched_twice_runs_each_stage_once(client: Client, own_lm: str
     catalog = client.runtime.catalog
     job_id = "twice-" + str(time.time_ns())
     envelope = {"job_id": job_id, "pipeline": "qa", "pipeline_version": "1", "state": {"question": "Twice?"}}
-    from workers.checkpoint import Checkpoints
-    Checkpoints.from_url(app.conf.result_backend, 3600, STALL).started(job_id, "qa", {
-        "pipeline": "qa", "inputs": {"question": "Twice?"}})
+    from routing.tasks import start_envelope
+    request = {"pipeline": "qa", "inputs": {"question": "Twice?"}}
+    first, _, pinned = start_envelope(catalog, request, job_id)
+    client.ledger.start(first, request, pinned, "client", "test", final=True)  # recorded, as a client would
     before = lm_calls(own_lm)
     for _ in range(2):
         bind_input(Compiler(app, catalog, KINDS).pipeline(catalog.pipeline("qa")), envelope).apply_async(task_id=job_id)
@@ -170,7 +171,7 @@ def test_settings_show_the_effective_visibility_timeout(env: dict[str, str]) -> 
     shown = cli({**env, "STAGECOACH_STAGE_TIME_LIMIT": "100"}, "settings")
     assert shown.returncode == 0, shown.stderr
     text = " ".join(shown.stdout.split())
-    assert "effective visibility timeout" in text and "190" in text  # 100 + 30 hard-limit grace + 60
+    assert "effective visibility timeout" in text and "170" in text  # 100 + 10 hard-limit grace + 60
 
 
 def test_stage_time_limit_holds_in_the_thread_pool(client: Client, stack: tuple[str, Fleet]) -> None:

@@ -18,13 +18,14 @@ from kombu.connection import Connection
 
 from cli.fleet import process
 from cli.stack import redis_binary
+from contracts.envelope import Envelope
 from monitor.settings import MonitorSettings
 from monitor.store import Store
 from routing.client import Client
 from tests.reliability_kit import catalog_paths, qa_fleet, wait_for
 from tests.services import Fleet, client_for, free_port
 from workers.cache import StageCache
-from workers.checkpoint import Checkpoints
+from workers.checkpoint import Begin, Checkpoints, Start
 from workers.jobs import JobStore
 from workers.settings import CacheSettings
 from workers.transport import screening_transport
@@ -143,7 +144,9 @@ def test_the_projects_own_redis_clients_speak_tls(server: TlsRedis) -> None:
     jobs.queued(job_id, "qa")
     assert jobs.status(job_id).state == "queued"
     checkpoints = Checkpoints.from_url(server.url, 60, 30.0)
-    checkpoints.started(job_id, "qa", {"question": "q"})
+    job = Envelope(job_id=job_id, pipeline="qa", pipeline_version="1")
+    start = Start({"question": "q"}, {"name": "qa"}, "client")
+    assert checkpoints.start(job, start, {"state": '"queued"'}, "client", False, final=True).begin is Begin.RUN
     assert checkpoints.request(job_id) == {"question": "q"}
     assert StageCache.from_url(server.url, CacheSettings()).report() is not None
     store = Store.connect(MonitorSettings(broker_url=server.url))

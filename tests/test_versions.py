@@ -10,18 +10,24 @@ import json
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
+from celery.result import AsyncResult
 
 from cli.compose import render as render_compose
 from contracts.catalog import load_catalog
 from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
+from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
 from routing.client import Client
+from routing.recovery import Recovery, RecoveryError
+from routing.tasks import start_envelope
 from tests.services import ROOT, Fleet, client_for, worker_env
 from workers.cache import StageCache
 from workers.settings import CacheSettings
@@ -141,13 +147,15 @@ def test_a_job_compiled_before_an_upgrade_finishes_on_its_version(app: Celery) -
 
 
 def test_a_version_no_worker_knows_is_a_clear_job_error(app: Celery) -> None:
-    envelope = Envelope(job_id="gone", pipeline="vpipe", pipeline_version="0", state={"summary": "Owls."})
+    job_id = f"gone-{uuid.uuid4().hex[:8]}"
+    envelope = Envelope(job_id=job_id, pipeline="vpipe", pipeline_version="0", state={"summary": "Owls."})
     node = {"kind": "stage", "stage": "vprobe", "version": "0"}
-    raw = app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
-                        kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe")).get(timeout=90)
-    done = Envelope.model_validate(raw)
-    assert done.failure is not None
-    assert "unknown version '0' of stage 'vprobe'; known versions: 1, 2" in done.failure.message
+    app.send_task(stage_task("vprobe"), args=[envelope.model_dump(mode="json")],
+                  kwargs={"node": node, "path": "vprobe"}, queue=stage_queue("vprobe"))
+    # a fatal error at the job's top level ends the job there: its JobResult is under the job id
+    done = JobResult.model_validate(AsyncResult(job_id, app=app).get(timeout=90))
+    assert done.state == "failed" and done.error is not None
+    assert "unknown version '0' of stage 'vprobe'; known versions: 1, 2" in done.error.message
 
 
 def test_cache_entries_are_kept_per_version(app: Celery, private_redis: str) -> None:
@@ -174,3 +182,30 @@ def test_compose_gives_each_version_a_worker_service(catalog_paths: list[Path]) 
     compose = render_compose(load_catalog(catalog_paths))
     assert "worker-vprobe-v1:" in compose and "-Q stage.vprobe@1 -n worker-vprobe-v1@%h" in compose
     assert "worker-vprobe:" in compose and "-Q stage.vprobe -n worker-vprobe@%h" in compose
+
+
+def test_a_job_resumed_after_a_deploy_runs_the_versions_it_started_with(
+        client: Client, catalog_paths: list[Path], private_redis: str, tmp_path: Path) -> None:
+    """`done:<path>` checkpoints are not keyed by version: a re-dispatch or resume after a deploy must run
+    the versions the job started on (or refuse, saying which), never mix them."""
+    job_id = f"deployed-{uuid.uuid4().hex[:8]}"
+    request = {"pipeline": "vpipe", "inputs": {"summary": "Owls hunt at night."}}
+    first, _, pinned = start_envelope(client.runtime.catalog, request, job_id)  # vpipe@2 runs vprobe@2
+    client.ledger.start(first, request, pinned, "client", "test", final=True)
+    newer = tmp_path / "v3.yaml"  # the deploy: vprobe@3 becomes the latest
+    newer.write_text("stages:\n  - {name: vprobe, version: '3', module: 'examples.basic:Headline', "
+                     "inputs: {summary: str}, outputs: {headline: str}}\n")
+    deployed = load_catalog([*catalog_paths, newer])
+    assert deployed.stage("vprobe").version == "3"
+    db = redis.Redis.from_url(private_redis)
+    before = db.llen(stage_queue("vprobe@2"))
+    Recovery(client.app, deployed, client.ledger).redispatch(job_id)
+    assert db.llen(stage_queue("vprobe@2")) == before + 1  # version 2's queue, not the latest's
+    gone = tmp_path / "only-v3"
+    gone.mkdir()
+    (gone / "stages.yaml").write_text(newer.read_text())
+    (gone / "pipelines.yaml").write_text(PIPELINES.replace('["vprobe@1"]', "[vprobe]"))
+    with pytest.raises(RecoveryError, match="cannot run again on the versions it started with: unknown version "
+                                            "'2' of stage 'vprobe'; known versions: 3"):
+        Recovery(client.app, load_catalog([gone / "stages.yaml", gone / "pipelines.yaml"]),
+                 client.ledger).redispatch(job_id)

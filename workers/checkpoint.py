@@ -24,7 +24,16 @@ from kombu.exceptions import OperationalError
 
 from contracts.candidates import TraceStep
 from contracts.envelope import Envelope, StageTiming, Usage
-from contracts.names import WATCH_KEY, cancel_key, checkpoint_key, claim_key, job_fields_key, job_key
+from contracts.names import (
+    WATCH_KEY,
+    cancel_key,
+    checkpoint_key,
+    claim_key,
+    closed_key,
+    deliveries_key,
+    job_fields_key,
+    job_key,
+)
 
 
 class Begin(enum.Enum):
@@ -138,15 +147,44 @@ end
 return {'run', deliveries, cancelled, done}
 """
 
-# Close a job once, its result stored with its final status: KEYS finish claim, checkpoint, watch,
-# job status, result; ARGV generation, ttl, job id, now, result record, result ttl (0: none), then
-# field/value pairs of the job's final status -> 'run' | 'stale' | 'duplicate'
+# Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch;
+# ARGV owner, redelivered (0/1), claim value ('running:<owner>', or 'done' for a sender that cannot be
+# redelivered), claim ttl, ttl, request, pipeline, door, pinned spec, deadline, job id, then the job's
+# status field/value pairs -> 'run' | 'duplicate'
+_START = """
+local owner = 'running:' .. ARGV[1]
+local claimed = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4])
+if not claimed and ARGV[2] == '1' and redis.call('GET', KEYS[2]) == owner then
+  claimed = redis.call('SET', KEYS[2], owner, 'XX', 'EX', ARGV[4])
+end
+if not claimed then return 'duplicate' end
+redis.call('HSETNX', KEYS[1], 'request', ARGV[6])
+redis.call('HSETNX', KEYS[1], 'pipeline', ARGV[7])
+redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
+redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
+redis.call('HSETNX', KEYS[1], 'generation', 0)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[3], unpack(ARGV, 12))
+redis.call('EXPIRE', KEYS[3], ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
+return 'run'
+"""
+
+# Close a job once per generation, its result stored with its final status: KEYS closed marker,
+# checkpoint, watch, job status, result; ARGV generation ('' for the current one), ttl, job id, now,
+# result record, result ttl (0: none), then the final status field/value pairs
+# -> {'run' | 'stale' | 'duplicate', door}
 _CLOSE = """
-local generation = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
-if tonumber(ARGV[1]) < generation then return 'stale' end
-if not redis.call('SET', KEYS[1], 'done', 'NX', 'EX', ARGV[2]) then return 'duplicate' end
+local current = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
+local door = redis.call('HGET', KEYS[2], 'door') or ''
+local generation = current
+if ARGV[1] ~= '' then generation = tonumber(ARGV[1]) end
+if generation < current then return {'stale', door} end
+local closed = redis.call('GET', KEYS[1])
+if closed and tonumber(closed) >= generation then return {'duplicate', door} end
+redis.call('SET', KEYS[1], generation, 'EX', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
-redis.call('HSET', KEYS[2], 'finished_at', ARGV[4])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'finished_at', ARGV[4]) end
 redis.call('HSET', KEYS[4], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 if tonumber(ARGV[6]) > 0 then
@@ -155,7 +193,7 @@ else
   redis.call('SET', KEYS[5], ARGV[5])
 end
 redis.call('PUBLISH', KEYS[5], ARGV[5])
-return 'run'
+return {'run', door}
 """
 
 
@@ -165,13 +203,25 @@ def delivery(task: Task) -> tuple[str, bool]:
     return str(task.request.id), bool(info.get("redelivered"))
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a job starts from, as the ledger records it before the job's first message is sent."""
+
+    request: dict[str, Any]  # the request as received (the watchdog and `resume` start again from it)
+    spec: dict[str, Any]  # the pipeline as the job runs it, every version pinned (resumed on the same)
+    door: str  # who started it: "client" (the Python client) or "run" (a `pipeline.run` task)
+
+
 class Checkpoints:
+    """The Redis side of the job ledger (workers/ledger.py): scripts and keys; nothing else calls it."""
+
     def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float) -> None:
         self.client = client
         self.ttl = ttl
         self.stall = stall_seconds
         self._first_done = client.register_script(_FIRST_DONE)
         self._begin = client.register_script(_BEGIN)
+        self._start = client.register_script(_START)
         self._close = client.register_script(_CLOSE)
 
     @classmethod
@@ -180,24 +230,28 @@ class Checkpoints:
 
     # --- the job ------------------------------------------------------------------------------
 
-    def started(self, job_id: str, pipeline: str, request: dict[str, Any],
-                pipe: "redis.client.Pipeline | None" = None) -> None:
-        """Record what the job started from (first time only) and watch it; with `pipe`, queued on
-        the caller's pipeline (the client sends it with the job's queued status, one round trip)."""
-        key = checkpoint_key(job_id)
-        own = pipe is None
-        pipe = self.client.pipeline() if pipe is None else pipe
-        pipe.hsetnx(key, "request", json.dumps(request))
-        pipe.hsetnx(key, "pipeline", pipeline)
-        pipe.hsetnx(key, "generation", 0)
-        pipe.hset(key, "updated_at", time.time())
-        pipe.expire(key, self.ttl)
-        pipe.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
-        if own:
-            pipe.execute()
+    def start(self, job: Envelope, start: Start, status: dict[str, str], owner: str, redelivered: bool,
+              final: bool) -> Claim:
+        """Record the job's start (first time only), its queued status and its watch deadline, and claim
+        the start for `owner`; `final`: the claim is done at once (a sender that is never redelivered)."""
+        key = claim_key(job.job_id, f"{job.generation}:run")
+        keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY]
+        value = "done" if final else f"running:{owner}"
+        ttl = self.ttl if final else max(int(self.stall), 1)
+        args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
+                           start.door, json.dumps(start.spec), time.time() + self.stall, job.job_id]
+        for field, encoded_value in status.items():
+            args += [field, encoded_value]
+        outcome = _text(self._start(keys=keys, args=args))  # type: ignore[arg-type]
+        return Claim(Begin(outcome) if outcome == "run" else Begin.DUPLICATE, key if not final else "")
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.client.hget(checkpoint_key(job_id), "request")
+        return json.loads(raw) if raw else None
+
+    def spec(self, job_id: str) -> dict[str, Any] | None:
+        """The pipeline as the job started it, versions pinned (None for a job started before it was kept)."""
+        raw = self.client.hget(checkpoint_key(job_id), "spec")
         return json.loads(raw) if raw else None
 
     def generation(self, job_id: str) -> int:
@@ -207,90 +261,72 @@ class Checkpoints:
     def next_generation(self, job_id: str) -> int:
         return int(self.client.hincrby(checkpoint_key(job_id), "generation", 1))
 
-    def finished(self, job_id: str) -> None:
-        pipe = self.client.pipeline()
-        pipe.zrem(WATCH_KEY, job_id)
-        pipe.hset(checkpoint_key(job_id), "finished_at", time.time())
-        pipe.execute()
+    def unwatch(self, job_id: str) -> None:
+        self.client.zrem(WATCH_KEY, job_id)
 
     def is_finished(self, job_id: str) -> bool:
         return bool(self.client.hexists(checkpoint_key(job_id), "finished_at"))
 
     def reopen(self, job_id: str) -> None:
-        """Watch a finished job again (resume)."""
+        """An ended job open again: no close marker, not finished, watched (when it has a checkpoint)."""
         pipe = self.client.pipeline()
+        pipe.delete(closed_key(job_id))
         pipe.hdel(checkpoint_key(job_id), "finished_at")
-        pipe.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
         pipe.execute()
+        if self.request(job_id) is not None:
+            self.client.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
 
     def stalled(self, now: float | None = None) -> list[str]:
         """Jobs past their deadline of progress."""
         found = self.client.zrangebyscore(WATCH_KEY, "-inf", now or time.time())
-        return [j.decode() if isinstance(j, bytes) else str(j) for j in found]
+        return [_text(j) for j in found]  # type: ignore[arg-type]
 
     def push_deadline(self, job_id: str, deadline: float) -> None:
         self.client.zadd(WATCH_KEY, {job_id: deadline}, xx=True)  # xx: a finished job stays unwatched
 
     # --- once-only steps ---------------------------------------------------------------------------
 
-    def claim(self, job: Envelope, step: str, ttl: float, owner: str, redelivered: bool = False) -> Claim:
-        """Claim (job, generation, step) for the message `owner` (its task id); `step` names the node
-        path and attempt. The broker handing the same message back (`redelivered`: its consumer died,
-        or the visibility timeout passed) takes over its own claim; any other copy is a duplicate."""
-        if job.generation < self.generation(job.job_id):
-            return Claim(Begin.STALE, "")
-        key = claim_key(job.job_id, f"{job.generation}:{step}")
-        pipe = self.client.pipeline()
-        pipe.incr(key + ":deliveries")
-        pipe.expire(key + ":deliveries", self.ttl)
-        pipe.set(key, f"running:{owner}", nx=True, ex=max(int(ttl), 1))
-        deliveries, _, claimed = pipe.execute()
-        if not claimed and redelivered and self._take_over(key, owner, ttl):
-            claimed = True
-        return Claim(Begin.RUN if claimed else Begin.DUPLICATE, key, max(int(deliveries) - 1, 0))
-
-    def _take_over(self, key: str, owner: str, ttl: float) -> bool:
-        held = self.client.get(key)
-        if held is None or (held.decode() if isinstance(held, bytes) else held) != f"running:{owner}":
-            return False  # done already, or held by another copy
-        return bool(self.client.set(key, f"running:{owner}", xx=True, ex=max(int(ttl), 1)))
-
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
               deadline: float, status: dict[str, str]) -> Begun:
-        """`claim` for a stage step, plus what the step needs to know before it runs (cancelled? done by an
-        earlier generation?), and for a step that runs: its deadline in the watch index and `status`
-        (encoded job-status fields) written. One round trip."""
+        """Claim (job, generation, step) for the message `owner` (its task id); `step` names the node path
+        and attempt. The broker handing the same message back (`redelivered`: its consumer died, or the
+        visibility timeout passed) takes over its own claim; any other copy is a duplicate. Also what
+        the step needs to know before it runs (cancelled? done by an earlier generation?), and for a
+        step that runs: its deadline in the watch index and `status` (encoded job-status fields)
+        written. One round trip."""
         key = claim_key(job.job_id, f"{job.generation}:{step}")
-        keys = [checkpoint_key(job.job_id), key, key + ":deliveries", cancel_key(job.job_id), WATCH_KEY,
+        keys = [checkpoint_key(job.job_id), key, deliveries_key(key), cancel_key(job.job_id), WATCH_KEY,
                 job_key(job.job_id)]
         args: list[Any] = [job.generation, owner, max(int(ttl), 1), self.ttl, int(redelivered), f"done:{path}",
                            deadline, job.job_id]
         for field, value in status.items():
             args += [field, value]
         begin, deliveries, cancelled, done = self._begin(keys=keys, args=args)
-        outcome = Begin(begin.decode() if isinstance(begin, bytes) else begin)
+        outcome = Begin(_text(begin))
         claim = Claim(outcome, key if outcome is Begin.RUN else "", max(int(deliveries) - 1, 0))
         return Begun(claim, bool(cancelled), Done.load(done) if done else None)
 
-    def close(self, job: Envelope, status: dict[str, str], stored: StoredResult,
-              pipe: "redis.client.Pipeline | None" = None) -> bool:
-        """Claim the job's finish, mark it finished (checkpoint, watch index, `status`) and store its
-        result, in one atomic step; False for a duplicate or a stale generation: another delivery
-        answers for the job. With `pipe`, queued there (the caller reads the outcome with `closed`)."""
-        claim = claim_key(job.job_id, f"{job.generation}:finish")
-        keys = [claim, checkpoint_key(job.job_id), WATCH_KEY, job_key(job.job_id), stored.key]
-        args: list[Any] = [job.generation, self.ttl, job.job_id, time.time(), stored.value, stored.ttl]
-        for field, value in status.items():
-            args += [field, value]
-        if pipe is not None:
-            queue_script(pipe, self._close, keys, args)
-            return True
+    def close(self, job_id: str, generation: int | None, status: dict[str, str],
+              stored: StoredResult) -> tuple[bool, str]:
+        """Close the job once per generation (None: whichever is current), marking it finished (checkpoint,
+        watch index, `status`) and storing its result in one atomic step. Returns (closed, door):
+        closed is False for a duplicate or a stale generation (another delivery answers for the job)."""
+        keys, args = self._close_call(job_id, generation, status, stored)
         return closed(self._close(keys=keys, args=args))
 
-    def claimed_start(self, job: Envelope, pipe: "redis.client.Pipeline") -> None:
-        """The start of the job claimed done, on the caller's pipeline: a client that sent the job's
-        chain itself; a `pipeline.run` for the same job id then starts nothing."""
-        pipe.set(claim_key(job.job_id, f"{job.generation}:run"), "done", ex=self.ttl)
+    def queue_close(self, pipe: "redis.client.Pipeline", job_id: str, generation: int | None,
+                    status: dict[str, str], stored: StoredResult) -> None:
+        """`close` queued on the caller's pipeline (the caller reads the reply with `closed`)."""
+        queue_script(pipe, self._close, *self._close_call(job_id, generation, status, stored))
+
+    def _close_call(self, job_id: str, generation: int | None, status: dict[str, str],
+                    stored: StoredResult) -> tuple[list[Any], list[Any]]:
+        keys = [closed_key(job_id), checkpoint_key(job_id), WATCH_KEY, job_key(job_id), stored.key]
+        args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(), stored.value,
+                           stored.ttl]
+        for field, value in status.items():
+            args += [field, value]
+        return keys, args
 
     def complete(self, claim: Claim) -> None:
         if claim.key:
@@ -299,12 +335,13 @@ class Checkpoints:
     # --- stage checkpoints -------------------------------------------------------------------------
 
     def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None,
-             close: tuple[dict[str, str], StoredResult] | None = None, publish: dict[str, Any] | None = None) -> bool:
+             close: tuple[dict[str, str], StoredResult] | None = None,
+             publish: dict[str, Any] | None = None) -> tuple[bool, str]:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
         The job's `stages_done` counts the stage in the same atomic step, once however often it ran.
         In the same round trip: the step's `claim` completed, the answer fields it made final published
         (`publish`, as JobStore.publish), and with `close` (the job's final status and result) the job
-        closed as `close` does; returns whether it closed (True when not asked to)."""
+        closed as `close` does; returns `close`'s reply ((True, door) when not asked to close)."""
         key = checkpoint_key(job.job_id)
 
         def build(pipe: "redis.client.Pipeline") -> None:
@@ -318,10 +355,10 @@ class Checkpoints:
             if claim is not None and claim.key:
                 pipe.set(claim.key, "done", ex=self.ttl)
             if close is not None:  # last: every write before it is idempotent if a redelivery repeats it
-                self.close(job, *close, pipe=pipe)
+                self.queue_close(pipe, job.job_id, job.generation, *close)
 
         replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
-        return closed(replies[-1]) if close is not None else True
+        return closed(replies[-1]) if close is not None else (True, "")
 
     def envelope(self, job_id: str) -> Envelope | None:
         raw = self.client.hget(checkpoint_key(job_id), "envelope")
@@ -363,6 +400,11 @@ def execute_with_scripts(client: redis.Redis, build: Callable[["redis.client.Pip
     raise AssertionError("unreachable")
 
 
-def closed(reply: Any) -> bool:
-    """Whether a `_CLOSE` reply says this delivery closed the job."""
-    return (reply.decode() if isinstance(reply, bytes) else reply) == "run"
+def closed(reply: Any) -> tuple[bool, str]:
+    """Whether a `_CLOSE` reply says this delivery closed the job, and the door the job came in by."""
+    outcome, door = reply
+    return _text(outcome) == "run", _text(door)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

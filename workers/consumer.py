@@ -25,6 +25,7 @@ from kombu.message import Message
 
 from contracts.deadletters import DeadLetter
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
+from workers.ledger import Ledger
 from workers.settings import Settings
 from workers.transport import Unfit, screening_transport
 
@@ -39,6 +40,7 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
         self.max_message_bytes = settings.max_message_bytes
         self.dead_letters = DeadLetterStore(redis.Redis.from_url(self.app.conf.result_backend),
                                             settings.dead_letter_max)
+        self.ledger = Ledger.from_settings(self.app, settings)
 
     # --- the connection: kombu's Redis transport with raw screening ----------------------------
 
@@ -56,7 +58,7 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
         return self.ensure_connected(self.app.connection_for_read(heartbeat=heartbeat, **options))  # type: ignore[no-any-return]
 
     def _quarantine(self, letter: DeadLetter) -> None:
-        quarantine(self.app, self.dead_letters, letter)
+        quarantine(self.ledger, self.dead_letters, letter, self.hostname)
 
     # --- messages: screened before Celery's handler, and anything it raises is contained ---------
 
@@ -98,7 +100,8 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
     def on_unknown_task(self, body: Any, message: Message, exc: Exception) -> None:
         task = (message.headers or {}).get("task")
         letter = letter_of(message, f"no task named {task!r} is registered in this worker")
-        self.dead_letters.add(letter)  # Celery's handler below fails the caller with NotRegistered
+        # its job ends as dead-lettered first; Celery's handler below then fails the task with NotRegistered
+        self._quarantine(letter)
         super().on_unknown_task(body, message, exc)
 
 

@@ -41,18 +41,18 @@ def price(model: str, prompt_tokens: int, completion_tokens: int) -> float | Non
     return prompt_tokens * float(per_prompt) + completion_tokens * float(per_completion)
 
 
-def usage_of(prediction: Any) -> Usage:
-    """Usage DSPy tracked for a prediction (`get_lm_usage()`: model -> token counts), priced."""
-    getter = getattr(prediction, "get_lm_usage", None)
-    raw: dict[str, dict[str, Any]] = (getter() if getter else None) or {}
+def usage_of(calls_by_model: dict[str, list[dict[str, Any]]]) -> Usage:
+    """Usage of the LM calls DSPy's usage tracker recorded (model -> one entry per call; DSPy's own cache
+    hits record none), priced: a module that calls the LM three times counts three calls."""
     total = Usage()
-    for model, entry in raw.items():
-        total = total.plus(model_usage(model, int(entry.get("prompt_tokens") or 0),
-                                       int(entry.get("completion_tokens") or 0)))
+    for model, entries in calls_by_model.items():
+        prompt = sum(int(e.get("prompt_tokens") or 0) for e in entries)
+        completion = sum(int(e.get("completion_tokens") or 0) for e in entries)
+        total = total.plus(model_usage(model, prompt, completion, len(entries)))
     return total
 
 
-def model_usage(model: str, prompt_tokens: int, completion_tokens: int) -> Usage:
+def model_usage(model: str, prompt_tokens: int, completion_tokens: int, calls: int = 1) -> Usage:
     cost = price(model, prompt_tokens, completion_tokens)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, calls=1,
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, calls=calls,
                  cost_usd=cost, unpriced=[] if cost is not None else [model])

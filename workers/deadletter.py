@@ -1,24 +1,23 @@
 """Quarantine for messages no worker can run.
 
 Each one goes to a bounded dead-letter list in Redis (reason, task id, raw bytes), and whoever
-waits on the task the message named gets a failed result instead of waiting forever: a failed
-JobResult for `pipeline.run` and for the job (root id) a stage message belonged to.
+waits on the task the message named gets a failed result instead of waiting forever: the job the
+message belonged to (root id; a `pipeline.run` message's own id) ends as dead-lettered through the
+job ledger's one close (workers/ledger.py).
 """
 
 import json
 import logging
-import time
 
 import redis
-from celery import Celery
 from celery.result import AsyncResult
 
 from contracts.deadletters import DeadLetter
 from contracts.envelope import ErrorRecord
-from contracts.jobs import JobResult
 from contracts.names import DEAD_LETTER_KEY, RUN_TASK
 from workers.errors import PoisonMessageError
-from workers.jobs import JobStore
+from workers.events import task_failed_event
+from workers.ledger import Closer, Ledger
 
 log = logging.getLogger(__name__)
 MAX_RAW_BYTES = 64 * 1024  # raw bytes kept per dead letter; the size field tells the whole length
@@ -52,49 +51,36 @@ class DeadLetterStore:
         return False
 
 
-def quarantine(app: Celery | None, store: DeadLetterStore, letter: DeadLetter) -> None:
-    """Dead-letter the message and fail whoever waits on it; never raises (the consumer must live)."""
+def quarantine(ledger: Ledger | None, store: DeadLetterStore, letter: DeadLetter, hostname: str | None) -> None:
+    """Dead-letter the message and end whoever waits on it; never raises (the consumer must live)."""
     log.error("dead-lettered a message from %s: %s (task %s, id %s)", letter.queue, letter.reason,
               letter.task, letter.task_id)
     try:
         store.add(letter)
-        if app is not None:
-            fail_waiters(app, letter)
+        if ledger is not None:
+            fail_waiters(ledger, letter, hostname)
     except Exception:  # a broker outage here must not take the consumer down with it
         log.exception("could not record dead letter %s", letter.id)
 
 
-def fail_waiters(app: Celery, letter: DeadLetter) -> None:
-    if letter.task_id:
-        _fail_task(app, letter.task_id, letter.task, letter.reason)
-    if letter.root_id and letter.root_id != letter.task_id:
-        _fail_job(app, letter.root_id, letter.reason)
+def fail_waiters(ledger: Ledger, letter: DeadLetter, hostname: str | None) -> None:
+    """The job the message belonged to (a `pipeline.run` message's own id, else its root id, when that is a
+    job the ledger started) ends as dead-lettered through the ledger's one close; a waiter on any other
+    task the message named gets that task's failure, as Celery would give it."""
+    job_id = (letter.task_id if letter.task == RUN_TASK else None) or letter.root_id
+    if job_id and (letter.task == RUN_TASK or ledger.request(job_id) is not None):
+        ledger.fail(job_id, poisoned_record(letter.reason), Closer(hostname, letter.task_id, letter.task))
+    else:
+        job_id = None
+    if letter.task_id and letter.task_id != job_id and not AsyncResult(letter.task_id, app=ledger.app).ready():
+        error = PoisonMessageError(f"message dead-lettered: {letter.reason}")
+        ledger.app.backend.mark_as_failure(letter.task_id, error)
+        task_failed_event(ledger.app, hostname, letter.task_id, repr(error), {"name": letter.task})
 
 
-def _fail_task(app: Celery, task_id: str, task: str | None, reason: str) -> None:
-    if AsyncResult(task_id, app=app).ready():
-        return  # a duplicate of a message that already ran: its result stands
-    if task == RUN_TASK:
-        _fail_job(app, task_id, reason)
-        return
-    app.backend.mark_as_failure(task_id, PoisonMessageError(f"message dead-lettered: {reason}"))
-
-
-def _fail_job(app: Celery, job_id: str, reason: str) -> None:
-    if AsyncResult(job_id, app=app).ready():
-        return
-    jobs = JobStore(redis.Redis.from_url(app.conf.result_backend), app.conf.result_expires)
-    status = jobs.status(job_id)
-    result = poisoned_result(job_id, status.pipeline or "", reason)
-    app.backend.store_result(job_id, result.model_dump(mode="json"), "SUCCESS")
-    jobs.finished(job_id, "failed")
-
-
-def poisoned_result(job_id: str, pipeline: str, reason: str) -> JobResult:
-    record = ErrorRecord(node="", kind="message", error_type="PoisonMessageError",
-                         message=f"message dead-lettered: {reason} (see `stagecoach dead-letters`)")
-    return JobResult(job_id=job_id, pipeline=pipeline, pipeline_version="", state="failed", error=record,
-                     errors=[record], finished_at=time.time())
+def poisoned_record(reason: str) -> ErrorRecord:
+    return ErrorRecord(node="", kind="message", error_type="PoisonMessageError",
+                       message=f"message dead-lettered: {reason} (see `stagecoach dead-letters`)")
 
 
 def describe(raw: bytes) -> str:

@@ -10,6 +10,7 @@ Every setting here has a reason:
 """
 
 import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import Celery
@@ -17,23 +18,28 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
-from workers.jobs import JobStore
+from contracts.specs import Limits
+from workers.ledger import Ledger
 from workers.runtime import Runtime
 from workers.settings import Settings
-from workers.tasks import STAGE_KILL_GRACE, register_stage_tasks
+from workers.tasks import register_stage_tasks
+
+Plugin = Callable[[Runtime], None]
 
 
-def create_runtime(settings: Settings | None = None, catalog: Catalog | None = None) -> Runtime:
-    """The app with every stage task and, through `settings.plugins`, the routing tasks registered."""
+def create_runtime(settings: Settings | None = None, catalog: Catalog | None = None,
+                   plugins: Sequence[Plugin] = ()) -> Runtime:
+    """The app with every stage task registered, then each of `plugins` and of `settings.plugins` (import
+    paths) called with the runtime: the composition root (workers/app.py) passes the routing tasks."""
     settings = settings or Settings()
     catalog = catalog or load_catalog(settings.catalog)
     app = Celery("stagecoach", broker=settings.broker_url, backend=settings.backend_url)
     app.conf.update(celery_config(settings, catalog))
     shorter_reprs(app)
-    runtime = Runtime(app, settings, catalog, JobStore.from_url(settings.backend_url, settings.result_expires))
-    register_stage_tasks(app, catalog.stages, settings, runtime.jobs)
-    for plugin in settings.plugins:
-        _load_plugin(plugin)(runtime)
+    runtime = Runtime(app, settings, catalog, Ledger.from_settings(app, settings, catalog))
+    register_stage_tasks(app, catalog.stages, settings, runtime.ledger)
+    for plugin in [*plugins, *(_load_plugin(path) for path in settings.plugins)]:
+        plugin(runtime)
     return runtime
 
 
@@ -43,8 +49,8 @@ def visibility_timeout(settings: Settings, catalog: Catalog) -> int:
     then the watchdog, not Redis, recovers a killed worker's job; see docs/reliability.md."""
     if settings.visibility_timeout is not None:
         return settings.visibility_timeout
-    longest = max([s.time_limit or settings.stage_time_limit for s in catalog.stages.values()] or [0.0])
-    return int(longest + STAGE_KILL_GRACE) + 60
+    longest = max([Limits.stage(s, settings.stage_time_limit).hard for s in catalog.stages.values()] or [0.0])
+    return int(longest) + 60
 
 
 # Celery writes a repr of every task's args and kwargs into its message (what Flower shows) and of

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import dspy
-from celery import Task
 
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.specs import StageNode, StageSpec
@@ -20,7 +19,7 @@ from workers.cache import StageCache
 from workers.settings import LMSettings
 from workers.stage import StageRun, StageRunner, import_target
 
-# (task, node path, run, stage spec[, shared call's node path]) -> the stage's timing record
+# (stage call, node path, run, stage spec[, shared call's node path]) -> the stage's timing record
 TimingFn = Callable[..., StageTiming]
 
 
@@ -99,12 +98,12 @@ def merged_call(merged: StageSpec, node_a: StageNode, node_b: StageNode) -> Stag
     return StageNode(stage=merged.name, inputs=inputs, critical=node_a.critical or node_b.critical, lm=node_a.lm)
 
 
-def split(task: Task, job: Envelope, run: StageRun, pair: tuple[StageSpec, StageSpec],
+def split(call: Any, job: Envelope, run: StageRun, pair: tuple[StageSpec, StageSpec],
           nodes: tuple[tuple[StageNode, str], tuple[StageNode, str]], timing: TimingFn) -> Envelope:
     """Record the merged call's outputs as two stages: each its own fields, the usage once (first)."""
     (a, b), ((node_a, path_a), (node_b, path_b)) = pair, nodes
     out_a = {name: run.outputs[name] for name in a.outputs if name in run.outputs}
     out_b = {name: run.outputs[name] for name in b.outputs if name in run.outputs}
-    job = job.with_output(path_a, out_a, timing(task, path_a, run, a), run.usage, node_a.outputs, run.cached_usage)
-    shared = timing(task, path_b, run, b, path_a)
+    job = job.with_output(path_a, out_a, timing(call, path_a, run, a), run.usage, node_a.outputs, run.cached_usage)
+    shared = timing(call, path_b, run, b, path_a)
     return job.with_output(path_b, out_b, shared, Usage(), node_b.outputs, Usage() if run.cached else None)

@@ -41,9 +41,6 @@ class JobStore:
     def left(self, job_id: str) -> None:
         self.client.hincrby(job_key(job_id), "stages_done", 1)
 
-    def finished(self, job_id: str, state: JobState) -> None:
-        self._update(job_id, {"state": state, "node": None, "stage": None})
-
     def status(self, job_id: str) -> JobStatus:
         raw = self.client.hgetall(job_key(job_id))
         if not raw:

@@ -10,6 +10,7 @@ from celery import Celery
 
 from contracts.catalog import Catalog
 from workers.jobs import JobStore
+from workers.ledger import Ledger
 from workers.settings import Settings
 
 
@@ -18,4 +19,8 @@ class Runtime:
     app: Celery
     settings: Settings
     catalog: Catalog
-    jobs: JobStore
+    ledger: Ledger  # the one owner of a job's life: start, steps, end (workers/ledger.py)
+
+    @property
+    def jobs(self) -> JobStore:
+        return self.ledger.jobs

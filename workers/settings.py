@@ -78,16 +78,20 @@ class Settings(BaseSettings):
     catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG],
                                 description="JSON list of spec files or folders holding stages and pipelines")
     plugins: list[str] = Field(
-        default_factory=lambda: ["routing.tasks:register"],
-        description="import paths of register(runtime) functions called at app creation",
+        default_factory=list,
+        description="import paths of extra register(runtime) functions called at app creation (the routing "
+                    "tasks are registered by workers/app.py)",
     )
     result_expires: int = Field(7 * 24 * 3600, description="seconds a job result is kept")
     visibility_timeout: int | None = Field(
-        None, description="seconds before Redis redelivers an unacked message (Redis broker); default: the longest "
-                          "stage's limit + 90 (`stagecoach settings` shows the effective value; docs/reliability.md)")
+        None, description="seconds before Redis redelivers an unacked message (Redis broker); default: the "
+                          "longest stage's hard limit + 60 (`stagecoach settings` shows the effective value; "
+                          "docs/reliability.md)")
     watchdog_stall_seconds: float = Field(
         120.0, gt=0, description="a job whose next stage has not started this long after the last one is re-dispatched")
     watchdog_interval: float = Field(5.0, gt=0, description="seconds between two watchdog sweeps")
+    watchdog_max_redispatches: int = Field(
+        5, ge=0, description="a job re-dispatched this often without finishing ends as timed out")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
     concurrency: int = Field(4, description="tasks one worker runs at once")
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import dspy
 from dspy.utils.callback import BaseCallback
+from dspy.utils.usage_tracker import track_usage
 
 from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Usage
@@ -148,10 +149,9 @@ class StageRunner:
                candidate: StageCandidate | None = None) -> StageRun:
         counter = LMCallCounter()
         trace: list[TraceStep] | None = [] if candidate is not None else None
-        prediction = self._call(inputs, override, counter, candidate, trace)
+        prediction, usage = self._call(inputs, override, counter, candidate, trace)
         seconds = time.time() - started
         outputs = self._check(f"stage '{self.spec.name}' outputs", self.spec.outputs, self._fields(prediction))
-        usage = usage_of(prediction)
         replayed = counter.calls > 0 and usage.calls == 0  # every LM call answered by DSPy's own cache
         return StageRun(outputs, usage, started, seconds, cached=replayed, cache="dspy" if replayed else None,
                         trace=trace)
@@ -174,7 +174,8 @@ class StageRunner:
             raise StageContractError(self.spec.name, str(error), [p.field for p in error.problems]) from None
 
     def _call(self, inputs: dict[str, Any], override: LMOverride | None, counter: LMCallCounter,
-              candidate: StageCandidate | None = None, trace: list[TraceStep] | None = None) -> dspy.Prediction:
+              candidate: StageCandidate | None = None,
+              trace: list[TraceStep] | None = None) -> tuple[dspy.Prediction, Usage]:
         chosen = _merge(self.spec.lm, override)
         lm_timeout = (chosen.timeout if chosen and chosen.timeout else None) or self.lm_settings.timeout
         clipped = self.time_limit is not None and lm_timeout >= self.time_limit
@@ -202,21 +203,25 @@ class StageRunner:
         return lm
 
     def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter,
-                 program: dspy.Module | None = None, trace: list[TraceStep] | None = None) -> dspy.Prediction:
+                 program: dspy.Module | None = None,
+                 trace: list[TraceStep] | None = None) -> tuple[dspy.Prediction, Usage]:
         # the counter only tells DSPy-cache replays apart; with DSPy's cache off there are none, and a
-        # callback makes every DSPy call dearer
+        # callback makes every DSPy call dearer. Our own usage tracker keeps one entry per LM call
+        # (the prediction's `get_lm_usage()` only has totals per model).
         callbacks = [counter] if self.lm_settings.cache else []
         program = self.program() if program is None else program
-        with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks):
+        with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks), \
+                track_usage() as tracker:
             if trace is None:
-                return program(**inputs)
-            with traced(program, self.spec.name) as steps:
                 prediction = program(**inputs)
-            trace.extend(steps)
-            return prediction
+            else:
+                with traced(program, self.spec.name) as steps:
+                    prediction = program(**inputs)
+                trace.extend(steps)
+        return prediction, usage_of(dict(tracker.usage_data))
 
     def _candidate_call(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter, state: str,
-                        trace: list[TraceStep] | None) -> dspy.Prediction:
+                        trace: list[TraceStep] | None) -> tuple[dspy.Prediction, Usage]:
         """The call on this thread's instance of the candidate program (never the stage's own instance)."""
         assert self._candidates is not None, "a worker that runs candidates has a candidate store"
         program = self._candidates.get(state)
@@ -226,14 +231,15 @@ class StageRunner:
             self._candidates.forget(state)  # the abandoned call may still use it
             raise
 
-    def _bounded(self, call: Callable[[], dspy.Prediction], candidate: dspy.Module | None = None) -> dspy.Prediction:
+    def _bounded(self, call: Callable[[], tuple[dspy.Prediction, Usage]],
+                 candidate: dspy.Module | None = None) -> tuple[dspy.Prediction, Usage]:
         """`call()` on a helper thread, waited on for at most the time limit. Not in a prefork child (the
         task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
         if self.time_limit is None or threading.current_thread() is threading.main_thread() or self._lm_bound():
             return call()
         program = self.program() if candidate is None else None  # the helper uses this thread's program instance
 
-        def work() -> dspy.Prediction:
+        def work() -> tuple[dspy.Prediction, Usage]:
             if program is not None:
                 self._local.program = program
             return call()

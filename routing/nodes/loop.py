@@ -15,18 +15,16 @@ reason); `outputs[<path>]` holds the summary (converged, iterations, reason, sco
 
 from typing import Any
 
-from celery import Celery, Task, chain
+from celery import Task, chain
 
 from contracts.envelope import Decision, Envelope
-from contracts.names import ROUTING_QUEUE
+from contracts.names import LOOP_NEXT_TASK, ROUTING_QUEUE
 from contracts.specs import LoopNode
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
 from routing.guard import register_routing_task
-from routing.kinds import NodeKind
+from routing.kinds import NodeKind, Routing
 from routing.nodes.runtime import state_value
-
-NEXT_TASK = "pipeline.loop.next"
 
 
 def names(node: LoopNode) -> tuple[str, str, str]:
@@ -45,7 +43,7 @@ def start(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], pa
 def _iteration(compiler: Compiler, job: Envelope, node: LoopNode, raw: dict[str, Any], path: str,
                number: int) -> Any:
     body = compiler.node(node.body, f"{path}[{number}]/")
-    check = compiler.app.signature(NEXT_TASK, kwargs={"node": raw, "path": path}, queue=ROUTING_QUEUE)
+    check = compiler.app.signature(LOOP_NEXT_TASK, kwargs={"node": raw, "path": path}, queue=ROUTING_QUEUE)
     return bind_input(chain(body, check), job.model_dump(mode="json"))
 
 
@@ -124,8 +122,8 @@ def _stalled(node: LoopNode, scores: list[float | None]) -> bool:
     return True
 
 
-def register_next(app: Celery, compiler: Compiler) -> None:
-    register_routing_task(app, compiler, NEXT_TASK, check)
+def register_next(routing: Routing) -> None:
+    register_routing_task(routing, LOOP_NEXT_TASK, check)
 
 
 KIND = NodeKind(decide=start, tasks=(register_next,))

@@ -11,17 +11,16 @@ failed does; `on_error` says whether that fails the job or drops the item.
 
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 
 from contracts.envelope import Decision, Envelope, ErrorRecord
+from contracts.names import MAP_GATHER_TASK
 from contracts.specs import MapNode
 from routing.chords import Member, MemberCall, absorb, launch, register_fanin
 from routing.compile import Compiler
 from routing.errors import RoutingError
-from routing.kinds import NodeKind
+from routing.kinds import NodeKind, Routing
 from routing.nodes.runtime import state_value
-
-GATHER_TASK = "pipeline.map.gather"
 
 
 def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], path: str) -> Any:
@@ -32,10 +31,11 @@ def decide(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], p
     )
     if not items:
         return _gathered(base, node, path, []).model_dump(mode="json")
-    calls = [MemberCall(str(index), f"{path}[{index}]", node.node, f"{path}[{index}]/", job.lean({node.item: value}))
+    calls = [MemberCall(str(index), f"{path}[{index}]", node.node, f"{path}[{index}]/",
+                        job.lean(path, {node.item: value}))
              for index, value in enumerate(items)]
     kwargs = {"node": raw, "path": path, "base": base.model_dump(mode="json")}
-    return launch(task, compiler, calls, node.item_timeout, GATHER_TASK, kwargs)
+    return launch(task, compiler, calls, node.item_timeout, MAP_GATHER_TASK, kwargs)
 
 
 def _items(job: Envelope, node: MapNode, path: str) -> list[Any]:
@@ -78,8 +78,8 @@ def _gathered(job: Envelope, node: MapNode, path: str, kept: list[Envelope], dro
     ).with_decision(decision)
 
 
-def register_gather(app: Celery, compiler: Compiler) -> None:
-    register_fanin(app, GATHER_TASK, gather)
+def register_gather(routing: Routing) -> None:
+    register_fanin(routing, MAP_GATHER_TASK, gather)
 
 
 KIND = NodeKind(decide=decide, tasks=(register_gather,))

@@ -23,14 +23,13 @@ from typing import Any
 from celery import Task
 
 from contracts.envelope import Decision, Envelope
+from contracts.names import FANIN_TASK
 from contracts.specs import AnyNode, EnsembleNode, ParallelNode
 from routing.aggregate import MemberOutcome, conflicts, merger
 from routing.chords import Member, MemberCall, absorb, all_failed, launch, register_fanin
 from routing.compile import Compiler
-from routing.kinds import NodeKind
+from routing.kinds import NodeKind, Routing
 from routing.nodes.ensemble import finish_ensemble
-
-FANIN_TASK = "pipeline.fanin"
 
 FanNode = ParallelNode | EnsembleNode
 NODE_TYPES: dict[str, type[FanNode]] = {"parallel": ParallelNode, "ensemble": EnsembleNode}
@@ -48,7 +47,7 @@ def members_of(node: FanNode) -> dict[str, AnyNode]:
 def start(task: Task, compiler: Compiler, job: Envelope, raw: dict[str, Any], path: str) -> Any:
     """Launch every member on a lean copy of the job; `pipeline.fanin` folds them back."""
     node = NODE_TYPES[raw["kind"]].model_validate(raw)
-    lean = job.lean()
+    lean = job.lean(path)
     calls = [MemberCall(name, f"{path}/{name}", member, member_prefix(node, path, name, member), lean)
              for name, member in members_of(node).items()]
     kwargs = {"node": raw, "path": path, "base": job.model_dump(mode="json")}
@@ -102,8 +101,8 @@ def finish_parallel(node: ParallelNode, path: str, job: Envelope, base: Envelope
     return merged.with_decision(decision)
 
 
-def register_tasks(app: Any, compiler: Compiler) -> None:
-    register_fanin(app, FANIN_TASK, fold)
+def register_tasks(routing: Routing) -> None:
+    register_fanin(routing, FANIN_TASK, fold)
 
 
 PARALLEL = NodeKind(decide=start, tasks=(register_tasks,))

@@ -8,11 +8,10 @@ from celery import chain
 from celery.canvas import Signature
 
 from contracts.catalog import Catalog
-from contracts.names import FUSED_TASK, stage_queue
+from contracts.names import FUSED_TASK, MAX_FUSED_STEPS, stage_queue
 from contracts.specs import AnyNode, SequenceNode, StageNode, SubPipelineNode
 from routing.compile import Compiler
 from routing.kinds import NodeKind
-from workers.tasks import MAX_FUSED_STEPS
 
 
 def compile_stage(compiler: Compiler, node: StageNode, prefix: str) -> Signature:

@@ -1,0 +1,112 @@
+"""The events Stagecoach sends besides Celery's own: one per stage outcome, one per finished job.
+
+Workers build them, the monitor validates them (a malformed one is counted and logged, never a
+crash) and the benchmarks send them; all three use these models. They travel as custom Celery
+events (`STAGE_OUTCOME_EVENT`, `JOB_FINISHED_EVENT` in contracts/names.py): the model's fields are
+the event's fields, next to what Celery adds (hostname, timestamp, clock...), which the models ignore.
+"""
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.jobs import Ending
+from contracts.names import JOB_FINISHED_EVENT, STAGE_OUTCOME_EVENT
+
+# marks the Celery task events the job ledger sends to end a job's tasks in Flower (FAILURE, REVOKED),
+# so the monitor does not count them as crashes of the task
+LEDGER_FIELD = "stagecoach_ledger"
+PREVIEW_CHARS = 400  # inputs/outputs in an event are previews; the JobResult has the full values
+
+Outcome = Literal["ok", "error", "retry", "skipped"]
+
+
+def preview(value: Any, limit: int = PREVIEW_CHARS) -> tuple[str, int]:
+    """JSON text of a value cut to `limit` characters, and its full size in bytes. A string that is not
+    valid Unicode (a lone surrogate) is escaped, never an error: an event must not fail a stage."""
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    size = len(text.encode("utf-8", errors="backslashreplace"))
+    text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return (text if len(text) <= limit else text[:limit] + "..."), size
+
+
+class _Event(BaseModel):
+    # Celery adds its own fields (hostname, timestamp, clock, pid, utcoffset, type, uuid) to each event
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    pipeline: str
+    at: float = Field(description="unix seconds when the worker sent it")
+
+    def fields(self) -> dict[str, Any]:
+        """The event's fields as sent (JSON values)."""
+        return self.model_dump(mode="json")
+
+
+class StageOutcome(_Event):
+    """One stage call's outcome. Errors are values (the stage task itself succeeds), so this says what
+    happened: ok, an error of some kind, a retry, or skipped (the job had failed before it)."""
+
+    stage: str
+    node: str
+    outcome: Outcome
+    attempts: int = 1
+    inputs: str = Field("", description="preview of the stage's inputs (JSON, cut)")
+    input_bytes: int = 0
+    outputs: str | None = Field(None, description="preview of the outputs of a successful call")
+    output_bytes: int = 0
+    kind: str | None = Field(None, description="error kind of an error or retry")
+    message: str | None = None
+    fatal: bool = Field(False, description="the error ended the job")
+    seconds: float | None = Field(None, description="the stage call's own time (ok outcomes)")
+    started_at: float | None = None
+    elapsed: float | None = Field(None, description="seconds from the task's start to this event")
+    cached: bool = False
+    worker: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class FinishedNode(BaseModel):
+    node: str
+    stage: str
+    seconds: float
+    attempts: int = 1
+
+
+class FinishedError(BaseModel):
+    node: str
+    stage: str | None = None
+    kind: str
+    message: str
+
+
+class JobFinished(_Event):
+    """A job's end, sent once by the close that ended it (workers/ledger.py): its outcome and the path
+    it took (decisions, nodes, errors), for counters and per-job traces."""
+
+    state: Literal["succeeded", "failed"]
+    ending: Ending
+    version: str = Field("", description="the pipeline version the job ran (traffic splits: figures per version)")
+    seconds: float = 0.0
+    submitted_at: float | None = None
+    kind: str | None = Field(None, description="error kind of a failed job")
+    message: str | None = None
+    error_node: str | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    trail: list[dict[str, Any]] = Field(default_factory=list, description="decisions (dropped when very large)")
+    nodes: list[FinishedNode] = Field(default_factory=list)
+    errors: list[FinishedError] = Field(default_factory=list)
+    answer: str = Field("", description="preview of the answer (JSON, cut)")
+
+
+StagecoachEvent = StageOutcome | JobFinished
+EVENT_MODELS: dict[str, type[StageOutcome] | type[JobFinished]] = {
+    STAGE_OUTCOME_EVENT: StageOutcome,
+    JOB_FINISHED_EVENT: JobFinished,
+}
+
+
+def event_name(event: StagecoachEvent) -> str:
+    return STAGE_OUTCOME_EVENT if isinstance(event, StageOutcome) else JOB_FINISHED_EVENT
