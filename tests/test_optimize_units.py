@@ -12,6 +12,8 @@ from celery import Celery
 from contracts.candidates import StageCandidate, TraceStep, state_digest
 from contracts.catalog import load_catalog
 from contracts.errors import SpecError
+from contracts.events import JobFinished
+from contracts.names import JOB_FINISHED_EVENT
 from contracts.traffic import pick, routed_version
 from examples.basic import Answer
 from monitor.consumer import Consumer
@@ -105,9 +107,9 @@ def test_the_monitor_counts_jobs_per_pipeline_version(private_redis: str) -> Non
     store.clear()
     consumer = Consumer(Celery("unit", broker=private_redis), store)
     for i in range(6):
-        consumer.handle({"type": "stagecoach-job-finished", "uuid": f"f{i}", "timestamp": 1000.0 + i,
-                         "job_id": f"job{i}", "pipeline": "qa", "version": "2" if i % 3 == 0 else "1",
-                         "state": "succeeded", "seconds": 0.5})
+        event = JobFinished(job_id=f"job{i}", pipeline="qa", version="2" if i % 3 == 0 else "1", at=1000.0 + i,
+                            state="succeeded", ending="succeeded", seconds=0.5)
+        consumer.handle({**event.fields(), "type": JOB_FINISHED_EVENT, "uuid": f"f{i}", "timestamp": 1000.0 + i})
     report = store.report(now=1010.0)
     assert [(f.name, f.runs) for f in report.pipelines] == [("qa", 6)]
     assert sorted((f.name, f.runs, f.succeeded) for f in report.pipeline_versions) == [("qa@1", 4, 4), ("qa@2", 2, 2)]
