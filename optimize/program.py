@@ -101,14 +101,18 @@ class FleetRunner:
             self._flying.add(handle.id)
         try:
             result = self._wait(handle.id)
+            if not result.ok:
+                message = result.error.message if result.error else result.state
+                raise EvaluationError(f"evaluation job {result.job_id} failed: {message}")
+        except EvaluationStopped:
+            raise
+        except EvaluationError:
+            with self._lock:
+                self.failed += 1  # failed or timed out: the optimiser counts it as a failed example
+            raise
         finally:
             with self._lock:
                 self._flying.discard(handle.id)
-        if not result.ok:
-            with self._lock:
-                self.failed += 1
-            message = result.error.message if result.error else result.state
-            raise EvaluationError(f"evaluation job {result.job_id} failed: {message}")
         evaluation = Evaluation(key=key, job_id=result.job_id, answer=result.answer, traces=result.traces,
                                 usage=result.total_usage, seconds=result.seconds)
         self.journal.add(evaluation)
