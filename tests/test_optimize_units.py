@@ -109,7 +109,7 @@ def test_the_monitor_counts_jobs_per_pipeline_version(private_redis: str) -> Non
     for i in range(6):
         event = JobFinished(job_id=f"job{i}", pipeline="qa", version="2" if i % 3 == 0 else "1", at=1000.0 + i,
                             state="succeeded", ending="succeeded", seconds=0.5)
-        consumer.handle({**event.fields(), "type": JOB_FINISHED_EVENT, "uuid": f"f{i}", "timestamp": 1000.0 + i})
+        consumer.handle({**event.payload(), "type": JOB_FINISHED_EVENT, "uuid": f"f{i}", "timestamp": 1000.0 + i})
     report = store.report(now=1010.0)
     assert [(f.name, f.runs) for f in report.pipelines] == [("qa", 6)]
     assert sorted((f.name, f.runs, f.succeeded) for f in report.pipeline_versions) == [("qa@1", 4, 4), ("qa@2", 2, 2)]
