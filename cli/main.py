@@ -316,13 +316,16 @@ def optimize_(
                              f"run the same command with --resume to continue from them", soft_wrap=True)
             raise typer.Exit(130) from None
     registered = None
-    if register_version:
+    unchanged = program.dump_state() == outcome.program.dump_state()  # no demo kept, no instruction changed
+    if unchanged:
+        render.err.print("the optimised program equals the one it started from: no new version registered",
+                         soft_wrap=True)
+    elif register_version:
         folder = out or catalog_folder(client.runtime.settings.catalog)
         registered = register(catalog, client.runtime.settings.catalog, spec, dict(outcome.program.stage_modules()),
-                              folder,
-                              traffic)
+                              folder, traffic)
     if as_json:
-        render.print_json(_optimize_json(outcome, registered))
+        render.print_json({**_optimize_json(outcome, registered), "unchanged": unchanged})
     else:
         render.out.print(outcome_view(outcome, registered, metric))
 
