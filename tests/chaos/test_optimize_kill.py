@@ -103,8 +103,9 @@ def kill_while_jobs_fly(fleet: Fleet, runner: threading.Thread, redis_url: str) 
 
 def answering(r: redis.Redis) -> bool:
     """Whether some job's status says it runs its `answer` stage now."""
+    prefix = len(job_key(""))
     for key in r.scan_iter(match=job_key("*"), count=1000):
-        if key.endswith(b":fields"):
+        if b":" in key[prefix:]:  # a job's other keys (published fields, event stream): not its status
             continue
         status = r.hmget(key, "state", "stage")
         if status == [b'"running"', b'"answer"']:
