@@ -34,6 +34,7 @@ CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
 WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
+CANDIDATE_KEY_PREFIX = KEY_PREFIX + "candidate:"  # optimisation: candidate stage states by sha256
 
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
 CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
@@ -151,6 +152,11 @@ def deliveries_key(claim: str) -> str:
 def closed_key(job_id: str) -> str:
     """The generation that closed the job: a job closes once per generation (a resume opens the next)."""
     return JOB_KEY_PREFIX + job_id + ":closed"
+
+
+def candidate_key(digest: str) -> str:
+    """A candidate stage state (JSON) stored once by its sha256 (contracts/candidates.py)."""
+    return CANDIDATE_KEY_PREFIX + digest
 
 
 def cancel_key(job_id: str) -> str:

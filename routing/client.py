@@ -11,6 +11,7 @@ from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from contracts.candidates import StageCandidate
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
@@ -106,15 +107,17 @@ class Client:
         self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
+               version: str | None = None, outputs: list[str] | None = None,
+               candidates: dict[str, StageCandidate] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
-        some declared outputs: stages that feed only the others are skipped."""
+        some declared outputs: stages that feed only the others are skipped. `candidates`: an optimiser's
+        candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
+        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
