@@ -33,11 +33,20 @@ def render(doc: dict[str, Any]) -> str:
     for name, scenario in doc["scenarios"].items():
         lines += [_ratio_row(name, r) for r in scenario["ratios"]]
     for name, scenario in doc["scenarios"].items():
-        lines += ["", f"### {name}: {scenario['title']}", "", _params(scenario["params"]), "",
+        measured = scenario.get("measured", doc["date"])
+        when = "" if measured == doc["date"] else f" (measured {measured}, in an earlier run)"
+        lines += ["", f"### {name}: {scenario['title']}{when}", "", _params(scenario["params"]), "",
                   "| series | median | p25 - p75 | min - max | n |", "|---|---|---|---|---|"]
         lines += [_series_row(label, s) for label, s in scenario["series"].items()]
         lines += [f"- {note}" for note in scenario["notes"]]
+        for table in scenario.get("tables", []):
+            lines += _table(table)
     return "\n".join(lines)
+
+
+def _table(table: dict[str, Any]) -> list[str]:
+    return ["", f"{table['title']}:", "", "| " + " | ".join(table["columns"]) + " |",
+            "|" + "---|" * len(table["columns"])] + ["| " + " | ".join(row) + " |" for row in table["rows"]]
 
 
 def _ratio_row(scenario: str, ratio: dict[str, Any]) -> str:
