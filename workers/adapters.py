@@ -319,7 +319,7 @@ def labelled(fields: dict[str, Any], completion: str) -> dict[str, str]:
         label, sep, rest = line.partition(":")
         name = wanted.get(label.strip().strip("*#- ").lower())
         if sep and name and name not in found:
-            found[name] = rest.strip()
+            found[name] = rest.strip().lstrip("*").strip()  # `**Answer:** Paris`
     return found
 
 
@@ -400,6 +400,8 @@ class PlainFirstAdapter(dspy.Adapter):
     is its first text field, so the model thinks in plain words and the schema pulls the answer out.
     A signature whose first output is a list or a choice goes to the schema adapter in one call.
     """
+
+    may_call_twice = True  # so a stage's time limit is kept by a deadline thread (workers/stage.py)
 
     def __init__(self) -> None:
         super().__init__()
