@@ -15,8 +15,9 @@ of every output field), parse failures (no output in the contract: a parse error
 max_tokens or looping), and seconds per stage call and per LM call. The items of every variant are
 interleaved on a pool of `CONCURRENCY` threads (the server decodes that many at once), so a busy
 shared machine slows every variant alike; seconds are wall time, under that load. A variant whose
-first `GIVE_UP_AFTER` items all fail to parse is stopped there (it would take minutes per item at
-max_tokens): its figures are over the items it ran, and the notes say so.
+first `GIVE_UP_AFTER` items all give no output (a parse failure, or the LM timing out while it runs on
+to max_tokens) is stopped there (minutes per item): its figures are over the items it ran, and the notes
+say so.
 
     python -m bench.answers [--variants plain_first,schema] [--limit 10]   # a quick look, no files written
 """
@@ -44,7 +45,7 @@ from workers.settings import LOCAL_MODEL, LMSettings
 
 DATA = ROOT / "bench" / "answers.yaml"
 CONCURRENCY = 4
-GIVE_UP_AFTER = 8
+GIVE_UP_AFTER = 6
 SOLVER = "examples.ensemble:Solve"  # the factual questions' stage shape (ensemble_qa's solver; qa's answer)
 SMOKE_FACTUAL, SMOKE_TASKS = 3, ["summarize-rhine", "define-glacier"]
 SMOKE_VARIANTS = ["schema", "plain_first"]
@@ -238,7 +239,11 @@ class Runner:
         self._local = threading.local()
 
     def run(self, items: list[Item]) -> list[Outcome]:
-        pairs = [(v, item) for item in items for v in self.variants
+        """Questions and tasks alternate, so the first items of a variant are of every shape."""
+        factual, tasks = [i for i in items if i.factual], [i for i in items if not i.factual]
+        mixed = [item for pair in zip(factual, tasks, strict=False) for item in pair]
+        mixed += factual[len(tasks):] + tasks[len(factual):]
+        pairs = [(v, item) for item in mixed for v in self.variants
                  if item.factual or not VARIANTS[v].few_shot]
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             list(pool.map(lambda pair: self._one(*pair), pairs))
@@ -251,7 +256,7 @@ class Runner:
         with self._lock:
             self.outcomes.append(outcome)
             mine = [o for o in self.outcomes if o.variant == variant]
-            if len(mine) == GIVE_UP_AFTER and all(o.parse_failure for o in mine):
+            if len(mine) == GIVE_UP_AFTER and not any(o.outputs for o in mine):
                 self.given_up.add(variant)
         print(f"[answers] {variant:22} {item.id:26} {outcome.seconds:6.1f}s "
               f"{'ok  ' if outcome.passed else 'PARSE' if outcome.parse_failure else 'miss '} "
@@ -338,15 +343,15 @@ def result(outcomes: list[Outcome], variants: list[str], n_factual: int, n_tasks
                     _one(best_tasks or 1.0, "%"), 1.0, "higher"),
               Ratio("default: seconds per LM call", _one(default.seconds_per_call(), "s"), None)]
     table = Table("Each way of asking SmolLM2-135M, on the same items",
-                  ["variant", "how", "factual correct", "tasks passed", "parse failures", "s per stage call",
-                   "LM calls per stage call", "s per LM call"],
+                  ["variant", "how", "factual correct", "tasks passed", "parse failures", "LM errors",
+                   "s per stage call", "LM calls per stage call", "s per LM call"],
                   [_row(v, figures[v]) for v in variants])
     shapes = sorted({shape_of(o.item) for o in outcomes})
     by_shape = Table("Passed per stage shape (parse failures in brackets)", ["variant", *shapes],
                      [[v, *[_shape_cell(figures[v].all, shape) for shape in shapes]] for v in variants])
     misses = Table("Items the default got wrong, and what it said", ["item", "problem", "outputs"],
                    [[o.item.id, o.error, _clip(o.outputs)] for o in default.all if not o.passed])
-    notes = [f"{v} stopped after its first {GIVE_UP_AFTER} items all failed to parse" for v in variants
+    notes = [f"{v} stopped after its first {GIVE_UP_AFTER} items all gave no output" for v in variants
              if len(figures[v].all) < _planned(v, n_factual, n_tasks)]
     notes.append(f"{CONCURRENCY} calls in flight at once on a shared 2-core machine: seconds are wall time under load")
     return ScenarioResult("answers", "Answers of the default local model (SmolLM2-135M), each way of asking",
@@ -370,6 +375,7 @@ def _row(variant: str, f: Figures) -> list[str]:
             f"{sum(o.passed for o in f.factual)}/{len(f.factual)} ({f.accuracy():.0f}%)",
             f"{sum(o.passed for o in f.tasks)}/{len(f.tasks)}" if f.tasks else "not run",
             f"{f.parse_failures()}/{stage_calls}",
+            str(sum(1 for o in f.all if not o.outputs and not o.parse_failure)),
             f"{sum(o.seconds for o in f.all) / max(1, stage_calls):.1f}",
             f"{sum(o.lm_calls for o in f.all) / max(1, stage_calls):.1f}",
             f"{f.seconds_per_call():.1f}"]
