@@ -47,7 +47,7 @@ DATA = ROOT / "bench" / "answers.yaml"
 CONCURRENCY = 4
 GIVE_UP_AFTER = 6
 SOLVER = "examples.ensemble:Solve"  # the factual questions' stage shape (ensemble_qa's solver; qa's answer)
-SMOKE_FACTUAL, SMOKE_TASKS = 3, ["summarize-rhine", "define-glacier"]
+SMOKE_FACTUAL, SMOKE_TASKS = 3, ["define-glacier", "key-terms-france"]
 SMOKE_VARIANTS = ["schema", "plain_first"]
 DEFAULT = "plain_first"
 

@@ -16,11 +16,11 @@ from bench.report import BEGIN, END
 from cli.fleet import PYTHON, ROOT
 
 
-@pytest.mark.timeout(900)  # eight fleets start one after another
+@pytest.mark.timeout(1200)  # eight fleets start one after another, then the real local model (answers)
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
     results, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
     run = subprocess.run([PYTHON, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(docs)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(results.read_text())
     assert set(doc["scenarios"]) == set(SCENARIOS)
@@ -30,8 +30,8 @@ def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
         for label, series in scenario["series"].items():
             assert series["n"] > 0, (name, label)
             assert all(_sane(series[k]) for k in ("median", "p25", "p75", "min", "max")), (name, label, series)
-        for ratio in scenario["ratios"]:
-            assert _sane(ratio["value"]), (name, ratio)
+        for ratio in scenario["ratios"]:  # an accuracy of the real model may be 0 at smoke sizes, not below
+            assert _sane(ratio["value"]) or (name == "answers" and ratio["value"] == 0), (name, ratio)
     text = docs.read_text()
     assert BEGIN in text and END in text
     assert all(f"### {name}:" in text for name in SCENARIOS)
