@@ -15,9 +15,9 @@ of every output field), parse failures (no output in the contract: a parse error
 max_tokens or looping), and seconds per stage call and per LM call. The items of every variant are
 interleaved on a pool of `CONCURRENCY` threads (the server decodes that many at once), so a busy
 shared machine slows every variant alike; seconds are wall time, under that load. A variant whose
-first `GIVE_UP_AFTER` items all give no output (a parse failure, or the LM timing out while it runs on
-to max_tokens) is stopped there (minutes per item): its figures are over the items it ran, and the notes
-say so.
+first `GIVE_UP_AFTER` items all fail (a parse failure, or the LM timing out while it runs on to
+max_tokens, takes minutes per item here) is stopped there: its figures are over the items it ran, and the
+notes say so. Variants that cannot be the default are asked the first `SOME` questions only.
 
     python -m bench.answers [--variants plain_first,schema] [--limit 10]   # a quick look, no files written
 """
@@ -65,24 +65,40 @@ class TwoStepSchemaAdapter(dspy.TwoStepAdapter):
 
 @dataclass(frozen=True)
 class Variant:
+    """A way of asking. `factual_limit`: only the first questions (a shared machine cannot afford all for
+    every variant); `shapes`: only items of these stage shapes (elsewhere its prompt is another's)."""
+
     label: str
     adapter: Callable[[dspy.LM], dspy.Adapter]
     few_shot: bool = False
+    factual_limit: int | None = None
+    shapes: frozenset[str] | None = None
+
+    def runs(self, item: "Item", index: int) -> bool:
+        if item.factual:
+            return self.factual_limit is None or index < self.factual_limit
+        return not self.few_shot and (self.shapes is None or shape_of(item) in self.shapes)
 
 
+SOME = 15  # questions asked of the variants that are not contenders for the default
+CHAIN = frozenset({"chain of thought"})
 VARIANTS: dict[str, Variant] = {
-    "chat": Variant("DSPy ChatAdapter", lambda lm: dspy.ChatAdapter(use_json_adapter_fallback=False)),
-    "json": Variant("DSPy JSONAdapter", lambda lm: dspy.JSONAdapter()),
-    "two_step": Variant("DSPy TwoStepAdapter (ChatAdapter extraction)", lambda lm: dspy.TwoStepAdapter(lm)),
+    "chat": Variant("DSPy ChatAdapter", lambda lm: dspy.ChatAdapter(use_json_adapter_fallback=False),
+                    factual_limit=SOME),
+    "json": Variant("DSPy JSONAdapter", lambda lm: dspy.JSONAdapter(), factual_limit=SOME),
+    "two_step": Variant("DSPy TwoStepAdapter (ChatAdapter extraction)", lambda lm: dspy.TwoStepAdapter(lm),
+                        factual_limit=SOME),
     "schema": Variant("schema-constrained JSON (the old default)", lambda lm: SchemaJSONAdapter()),
     "schema_described": Variant("schema, each field's description in prompt and schema",
-                                lambda lm: SchemaJSONAdapter(describe=True)),
-    "schema_answer_first": Variant("schema, answer before reasoning", lambda lm: SchemaJSONAdapter(answer_first=True)),
-    "plain": Variant("plain text parsed into the contract", lambda lm: PlainTextAdapter()),
+                                lambda lm: SchemaJSONAdapter(describe=True), factual_limit=SOME),
+    "schema_answer_first": Variant("schema, answer before reasoning (chain-of-thought stages only: elsewhere "
+                                   "the same prompt as schema)", lambda lm: SchemaJSONAdapter(answer_first=True),
+                                   factual_limit=0, shapes=CHAIN),
+    "plain": Variant("plain text parsed into the contract", lambda lm: PlainTextAdapter(), factual_limit=SOME),
     "two_step_schema": Variant("two-step: free reply, schema-constrained extraction",
-                               lambda lm: TwoStepSchemaAdapter(lm)),
+                               lambda lm: TwoStepSchemaAdapter(lm), factual_limit=SOME),
     "plain_first": Variant("plain first: first text field plain, the rest schema", lambda lm: PlainFirstAdapter()),
-    "plain_first_few_shot": Variant("plain first + BootstrapFewShot demos (factual only)",
+    "plain_first_few_shot": Variant("plain first + BootstrapFewShot demos (questions only)",
                                     lambda lm: PlainFirstAdapter(), few_shot=True),
 }
 
@@ -243,8 +259,8 @@ class Runner:
         factual, tasks = [i for i in items if i.factual], [i for i in items if not i.factual]
         mixed = [item for pair in zip(factual, tasks, strict=False) for item in pair]
         mixed += factual[len(tasks):] + tasks[len(factual):]
-        pairs = [(v, item) for item in mixed for v in self.variants
-                 if item.factual or not VARIANTS[v].few_shot]
+        index = {item.id: n for n, item in enumerate(factual)}
+        pairs = [(v, item) for item in mixed for v in self.variants if VARIANTS[v].runs(item, index.get(item.id, 0))]
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             list(pool.map(lambda pair: self._one(*pair), pairs))
         return self.outcomes
@@ -256,7 +272,7 @@ class Runner:
         with self._lock:
             self.outcomes.append(outcome)
             mine = [o for o in self.outcomes if o.variant == variant]
-            if len(mine) == GIVE_UP_AFTER and not any(o.outputs for o in mine):
+            if len(mine) == GIVE_UP_AFTER and not any(o.passed for o in mine):
                 self.given_up.add(variant)
         print(f"[answers] {variant:22} {item.id:26} {outcome.seconds:6.1f}s "
               f"{'ok  ' if outcome.passed else 'PARSE' if outcome.parse_failure else 'miss '} "
@@ -312,12 +328,13 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
     factual, tasks, train = load_items()
     if smoke:
         factual, tasks = factual[:SMOKE_FACTUAL], [t for t in tasks if t.id in SMOKE_TASKS]
-    outcomes = measure(variants, factual + tasks, train)
-    return result(outcomes, variants, len(factual), len(tasks))
+    outcomes, given_up = measure(variants, factual + tasks, train)
+    return result(outcomes, variants, len(factual), len(tasks), given_up)
 
 
-def measure(variants: list[str], items: list[Item], train: list[dict[str, Any]]) -> list[Outcome]:
-    """Start the local model, compile the few-shot demos if asked for, and run every pair."""
+def measure(variants: list[str], items: list[Item], train: list[dict[str, Any]]) -> tuple[list[Outcome], set[str]]:
+    """Start the local model, compile the few-shot demos if asked for, and run every pair: the outcomes,
+    and the variants given up on."""
     with local_lm_server() as url:
         settings = LMSettings(model=LOCAL_MODEL, api_base=url, cache=False)
         lm = dspy.LM(settings.model, api_base=url, api_key=settings.api_key, temperature=settings.temperature,
@@ -325,10 +342,12 @@ def measure(variants: list[str], items: list[Item], train: list[dict[str, Any]])
         state = None
         if any(VARIANTS[v].few_shot for v in variants):
             state = compile_few_shot(lm, train, Path(tempfile.mkdtemp(prefix="stagecoach-answers-")))
-        return Runner(lm, variants, state).run(items)
+        runner = Runner(lm, variants, state)
+        return runner.run(items), runner.given_up
 
 
-def result(outcomes: list[Outcome], variants: list[str], n_factual: int, n_tasks: int) -> ScenarioResult:
+def result(outcomes: list[Outcome], variants: list[str], n_factual: int, n_tasks: int,
+           given_up: set[str]) -> ScenarioResult:
     figures = {v: figures_of(outcomes, v) for v in variants}
     series = [Series(f"{v}: seconds per stage call", "s", [[o.seconds for o in figures[v].all]])
               for v in variants if figures[v].all]
@@ -351,18 +370,14 @@ def result(outcomes: list[Outcome], variants: list[str], n_factual: int, n_tasks
                      [[v, *[_shape_cell(figures[v].all, shape) for shape in shapes]] for v in variants])
     misses = Table("Items the default got wrong, and what it said", ["item", "problem", "outputs"],
                    [[o.item.id, o.error, _clip(o.outputs)] for o in default.all if not o.passed])
-    notes = [f"{v} stopped after its first {GIVE_UP_AFTER} items all gave no output" for v in variants
-             if len(figures[v].all) < _planned(v, n_factual, n_tasks)]
+    notes = [f"{v} stopped after its first {GIVE_UP_AFTER} items all failed" for v in variants
+             if v in given_up]
     notes.append(f"{CONCURRENCY} calls in flight at once on a shared 2-core machine: seconds are wall time under load")
     return ScenarioResult("answers", "Answers of the default local model (SmolLM2-135M), each way of asking",
                           {"model": LOCAL_MODEL, "factual_questions": n_factual, "tasks": n_tasks,
                            "variants": len(variants), "concurrency": CONCURRENCY,
                            "max_tokens": LMSettings().max_tokens, "temperature": 0.0},
                           series, ratios, notes, [table, by_shape, misses])
-
-
-def _planned(variant: str, n_factual: int, n_tasks: int) -> int:
-    return n_factual + (0 if VARIANTS[variant].few_shot else n_tasks)
 
 
 def _one(value: float, unit: str) -> Series:
@@ -401,8 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     factual, tasks, train = load_items()
     chosen = [t for t in tasks if not args.tasks or t.id in args.tasks.split(",")]
     variants = args.variants.split(",")
-    outcomes = measure(variants, factual[:args.limit] + chosen, train)
-    shown = result(outcomes, variants, args.limit, len(chosen))
+    outcomes, given_up = measure(variants, factual[:args.limit] + chosen, train)
+    shown = result(outcomes, variants, args.limit, len(chosen), given_up)
     for table in shown.tables:
         print(f"\n{table.title}:\n" + "\n".join(" | ".join(row) for row in [table.columns, *table.rows]))
 
