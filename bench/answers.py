@@ -45,7 +45,7 @@ from workers.settings import LOCAL_MODEL, LMSettings
 
 DATA = ROOT / "bench" / "answers.yaml"
 CONCURRENCY = 4
-GIVE_UP_AFTER = 6
+GIVE_UP_AFTER = 4
 SOLVER = "examples.ensemble:Solve"  # the factual questions' stage shape (ensemble_qa's solver; qa's answer)
 SMOKE_FACTUAL, SMOKE_TASKS = 3, ["define-glacier", "key-terms-france"]
 SMOKE_VARIANTS = ["schema", "plain_first"]
@@ -151,6 +151,8 @@ def failed_checks(outputs: dict[str, Any], checks: dict[str, dict[str, Any]]) ->
         if not text.strip():
             problems.append(f"{name}: empty")
             continue
+        if "{" in text or "}" in text:  # a JSON object or template copied into a field is no answer
+            problems.append(f"{name}: JSON or template markup")
         if "any" in rule and not any(mentions(text, w) for w in rule["any"]):
             problems.append(f"{name}: none of {rule['any']}")
         problems += [f"{name}: lacks {w!r}" for w in rule.get("all", []) if not mentions(text, w)]
