@@ -107,6 +107,18 @@ class Ratio:
 
 
 @dataclass
+class Table:
+    """Figures that are not samples (counts, accuracies): shown as they are, under the series."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+@dataclass
 class ScenarioResult:
     name: str
     title: str
@@ -114,11 +126,13 @@ class ScenarioResult:
     series: list[Series]
     ratios: list[Ratio]
     notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"title": self.title, "params": self.params, "notes": self.notes,
                 "series": {s.label: s.summary() for s in self.series},
-                "ratios": [r.summary() for r in self.ratios]}
+                "ratios": [r.summary() for r in self.ratios],
+                "tables": [t.summary() for t in self.tables]}
 
 
 @dataclass(frozen=True)

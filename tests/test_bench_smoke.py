@@ -16,7 +16,7 @@ from bench.report import BEGIN, END
 from cli.fleet import PYTHON, ROOT
 
 
-@pytest.mark.timeout(1200)  # the scenarios' fleets start one after another
+@pytest.mark.timeout(1500)  # the scenarios' fleets start one after another, then the real local model (answers)
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
     results, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
     run = subprocess.run([PYTHON, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(docs)],
@@ -31,8 +31,9 @@ def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
             assert series["n"] > 0, (name, label)
             zero_ok = series["unit"] == "calls"  # a count (a rerun's LM calls) may be 0
             assert all(_sane(series[k], zero_ok) for k in ("median", "p25", "p75", "min", "max")), (name, label, series)
-        for ratio in scenario["ratios"]:
-            assert _sane(ratio["value"], ratio["better"] == "lower"), (name, ratio)
+        for ratio in scenario["ratios"]:  # an accuracy of the real model may be 0 at smoke sizes, not below
+            zero_ok = ratio["better"] == "lower" or name == "answers"
+            assert _sane(ratio["value"], zero_ok), (name, ratio)
     text = docs.read_text()
     assert BEGIN in text and END in text
     assert all(f"### {name}:" in text for name in SCENARIOS)

@@ -256,13 +256,15 @@ class StageRunner:
         """Whether the LM call is all a call waits on, so its HTTP timeout (clipped to the time limit in
         `_call`) bounds the stage without a deadline thread: a stage whose module is a DSPy signature,
         which Stagecoach runs as one Predict or ChainOfThought call through a JSON adapter (no parse
-        fallback: one LM call). A module class or factory may run any code, so it gets the thread."""
+        fallback: one LM call). A module class or factory may run any code, and an adapter that may make
+        two LM calls (the local model's) could take twice the limit, so those get the thread."""
         if self._signature_stage is None:
             try:
                 target = import_target(self.spec)
             except ModuleLoadError:
                 target = None
-            self._signature_stage = isinstance(target, type) and issubclass(target, dspy.Signature)
+            one_call = not getattr(self._adapter, "may_call_twice", False)  # PlainFirstAdapter: answer, then rest
+            self._signature_stage = one_call and isinstance(target, type) and issubclass(target, dspy.Signature)
         return self._signature_stage
 
     def _limit_text(self) -> str:
