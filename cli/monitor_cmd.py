@@ -48,7 +48,7 @@ def monitor(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = settings(port, host)
-    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.broker_url})")
+    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.store})")
     with stop_signals() as stop:
         serve(chosen, stop)
 

@@ -89,8 +89,7 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams, and the
-# first two also as custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's)
+# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams
 STAGE_OUTCOME_EVENT = "stagecoach-stage-outcome"
 JOB_FINISHED_EVENT = "stagecoach-job-finished"
 JOB_QUEUED_EVENT = "stagecoach-job-queued"
@@ -100,6 +99,8 @@ FIELDS_EVENT = "stagecoach-fields"
 
 # the event log (workers/eventlog.py): every job's events on one bounded stream, read by the monitor
 EVENTS_STREAM = KEY_PREFIX + "events"
+# the monitor's consumer group on EVENTS_STREAM: its replicas share it, each entry counted by one of them
+MONITOR_GROUP = "stagecoach-monitor"
 
 
 def job_events_key(job_id: str) -> str:

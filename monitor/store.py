@@ -5,34 +5,54 @@ nothing lives in the monitor process, so a restarted monitor carries on where it
 Keys (prefix `contracts.names.MONITOR_KEY_PREFIX`):
   agg:{stage|pipeline}:NAME          hash of counters (runs, succeeded, failed, fail:KIND, retries, ...)
   samples:{stage|pipeline}:NAME      latest runtimes (seconds), newest first
-  waits:{stage|pipeline}:NAME        latest queue waits (sent -> started)
+  waits:{stage|pipeline}:NAME        latest queue waits (previous stage ended, or job submitted -> started)
   series:{stage|pipeline}:NAME:T     one time bucket {runs, errors, seconds}, expires with the window
   errors:GROUP:KIND                  latest error examples (JSON), newest first
   names:{stage|pipeline}, names:errors   what exists
-  task:UUID                          what the events of one Celery task said (name, job, sent time)
   trace:JOB, jobs                    a job's ordered events; the latest jobs by time
 """
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from contracts.names import monitor_key
+from monitor.batch import Batch
 from monitor.report import Counts, ErrorExample, ErrorGroup, Figures, Point, Report, Series
 from monitor.settings import MonitorSettings
 from monitor.stats import summarize
 
 KINDS = ("stage", "pipeline")
-TASK_TTL = 24 * 3600
 COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
+
+# Apply a batch of the monitor's writes and acknowledge the stream entries it came from, atomically, and only
+# if this consumer still owns each of them: a replica that was slow to commit may have lost an entry to
+# another's XAUTOCLAIM, and then that one counts it. So a crash before the commit leaves the entries pending
+# (another replica or the next start counts them) and one after it leaves them counted and acknowledged:
+# every entry is counted once. KEYS stream; ARGV group, consumer, the entry ids (JSON list), the commands
+# (JSON list of lists of strings) -> the entries this consumer lost (then nothing was written)
+_COMMIT = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local ids, commands = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
+local lost = {}
+for _, id in ipairs(ids) do
+  if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then lost[#lost + 1] = id end
+end
+if #lost > 0 then return lost end
+for _, command in ipairs(commands) do redis.call(unpack(command)) end
+if #ids > 0 then redis.call('XACK', stream, group, unpack(ids)) end
+return lost
+"""
 
 
 class Store:
     def __init__(self, client: redis.Redis, settings: MonitorSettings) -> None:
         self.r = client
         self.settings = settings
+        self._commit = client.register_script(_COMMIT)
 
     @classmethod
     def connect(cls, settings: MonitorSettings) -> "Store":
@@ -40,66 +60,14 @@ class Store:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def count(self, kind: str, name: str, **amounts: float) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sadd(monitor_key("names", kind), name)
-        for field, amount in amounts.items():
-            if amount:
-                pipe.hincrbyfloat(monitor_key("agg", kind, name), field, amount)
-        pipe.execute()
-
-    def sample(self, what: str, kind: str, name: str, seconds: float) -> None:
-        key = monitor_key(what, kind, name)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lpush(key, seconds)
-        pipe.ltrim(key, 0, self.settings.samples - 1)
-        pipe.execute()
-
-    def tick(self, kind: str, name: str, at: float, error: bool, seconds: float | None) -> None:
-        """One run into the time series bucket of `at`."""
-        key = monitor_key("series", kind, name, str(self.bucket(at)))
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(key, "runs", 1)
-        if error:
-            pipe.hincrby(key, "errors", 1)
-        if seconds is not None:
-            pipe.hincrbyfloat(key, "seconds", seconds)
-            pipe.hincrby(key, "timed", 1)
-        pipe.expire(key, self.settings.window_seconds)
-        pipe.execute()
-
-    def error_example(self, group: str, kind: str, example: ErrorExample) -> None:
-        key = monitor_key("errors", group, kind)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sadd(monitor_key("names", "errors"), f"{group}\x1f{kind}")
-        pipe.hincrby(monitor_key("errorcounts"), f"{group}\x1f{kind}", 1)
-        pipe.lpush(key, example.model_dump_json())
-        pipe.ltrim(key, 0, self.settings.error_examples - 1)
-        pipe.execute()
-
-    def remember_task(self, uuid: str, fields: dict[str, Any]) -> None:
-        key = monitor_key("task", uuid)
-        values = {k: json.dumps(v) for k, v in fields.items() if v is not None}
-        if values:
-            pipe = self.r.pipeline(transaction=False)
-            for field, value in values.items():
-                pipe.hset(key, field, value)
-            pipe.expire(key, TASK_TTL)
-            pipe.execute()
-
-    def task(self, uuid: str) -> dict[str, Any]:
-        raw = self.r.hgetall(monitor_key("task", uuid))
-        return {str(k): json.loads(v) for k, v in raw.items()}
-
-    def trace_event(self, job_id: str, event: dict[str, Any]) -> None:
-        key = monitor_key("trace", job_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(key, json.dumps(event, default=str))
-        pipe.ltrim(key, -self.settings.trace_events, -1)
-        pipe.expire(key, self.settings.trace_ttl)
-        pipe.zadd(monitor_key("jobs"), {job_id: float(event.get("timestamp") or time.time())}, nx=True)
-        pipe.zremrangebyrank(monitor_key("jobs"), 0, -self.settings.traces - 1)
-        pipe.execute()
+    def commit(self, batch: Batch, stream: str = "", group: str = "", consumer: str = "",
+               entries: Sequence[str] = ()) -> list[str]:
+        """Apply `batch` and acknowledge the stream `entries` it came from, in one atomic step, if `consumer`
+        still owns every one of them; otherwise write nothing and return the entries it lost (another
+        replica claimed them: it counts them). Without entries, just apply the batch."""
+        args = [group, consumer, json.dumps(list(entries)), json.dumps(batch.commands())]
+        lost = self._commit(keys=[stream or monitor_key("none")], args=args)
+        return [str(e) for e in lost]
 
     def bucket(self, at: float) -> int:
         return int(at // self.settings.bucket_seconds * self.settings.bucket_seconds)

@@ -10,8 +10,9 @@
   rejected by its contract, dead-lettered, timed out. It runs once per job generation (a script
   takes a close marker, writes the final status and stores the JobResult where Celery's result
   backend would, together), and only the call that closed the job announces it: one typed
-  `JobFinished` event (contracts/events.py) and the Celery task events that end the job's tasks in
-  Flower as the job ended. Whatever must happen at a job's end hangs off `Ledger.announce`.
+  `JobFinished` event (contracts/events.py), on the event log with the close, and the Celery task
+  events that end the job's tasks in Flower as the job ended. Whatever must happen at a job's end
+  hangs off `Ledger.announce`.
 """
 
 import logging
@@ -40,7 +41,7 @@ from contracts.jobs import JobResult
 from contracts.specs import PipelineSpec
 from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
 from workers.eventlog import EventLog
-from workers.events import end_task_event, send
+from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.onerror import cancelled_record
 from workers.settings import Settings
@@ -206,11 +207,10 @@ class Ledger:
 
     def announce(self, closing: Closing, door: str, closer: Closer) -> None:
         """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
-        is on the event log already, written by the close itself): the monitor's copy of that event, and
-        Flower told how the job's tasks ended. Best effort: the job is closed already."""
+        is on the event log already, written by the close itself, where the monitor reads it): Flower told
+        how the job's tasks ended. Best effort: the job is closed already."""
         result = closing.result
         try:
-            send(self.app, closer.hostname, result.job_id, closing.finished)
             if closer.task_id is not None and not result.ok:  # a task that returns its result gets SUCCESS
                 extra = {"name": closer.task_name} if closer.task_name else None
                 end_task_event(self.app, closer.hostname, closer.task_id, result, extra)
