@@ -39,7 +39,7 @@ from contracts.events import (
 )
 from contracts.jobs import JobResult
 from contracts.specs import PipelineSpec
-from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
+from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Keep, Start, StoredResult, claims_of
 from workers.eventlog import EventLog
 from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
@@ -97,17 +97,18 @@ class Closing:
 
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
-                 stall_seconds: float, events: EventLog | None = None) -> None:
+                 stall_seconds: float, events: EventLog | None = None, keep: Keep | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
-        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
+        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events, keep)
         self.jobs = JobStore(client, ttl)
 
     @classmethod
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
         client = redis.Redis.from_url(settings.backend_url)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
-        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events)
+        keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
+        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events, keep)
 
     @property
     def stall(self) -> float:
@@ -167,7 +168,8 @@ class Ledger:
         failure before its last step has no answer; its inputs come from the catalog)."""
         inputs = finish.inputs if finish is not None else self._inputs_of(job)
         result = job_result(job, finish.outputs if finish is not None else [])
-        return self._closing(result, job.pick(inputs))
+        steps = [(t.node, t.attempts) for t in job.timings] + [(e.node, e.attempts) for e in job.errors]
+        return self._closing(result, job.pick(inputs), claims_of(job.generation, steps))
 
     def hand_on(self, task: Task, job: Envelope, finish: Finish | None) -> dict[str, Any]:
         """What a task of a job's chain returns: the envelope for the next step; or, when the job is over
@@ -219,10 +221,10 @@ class Ledger:
         except Exception:
             log.exception("job %s closed, but announcing its end failed", result.job_id)
 
-    def _closing(self, result: JobResult, inputs: dict[str, Any]) -> Closing:
+    def _closing(self, result: JobResult, inputs: dict[str, Any], claims: tuple[str, ...] = ()) -> Closing:
         payload = result.model_dump(mode="json")
         stored = stored_result(self.app, result.job_id, payload)
-        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs)))
+        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs), claims))
 
     def _cancelled_as_such(self, job: Envelope) -> Envelope:
         """A job that failed after an operator cancelled it (a fan-out whose members all stopped, say)

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     events_per_job: int = Field(1000, gt=0, description="events kept on a job's own event stream (about; oldest go)")
     events_maxlen: int = Field(100_000, ge=0, description="events kept on the fleet's event stream the monitor "
                                                           "reads (about; oldest go; 0: none written)")
+    events_keep_seconds: int = Field(900, gt=0, description="seconds a job's own event stream is kept after the job "
+                                     "ended (an SSE reader that comes back within it replays the job)")
+    succeeded_keep_seconds: int = Field(
+        1800, gt=0, description="seconds a succeeded job's checkpoint, claims, delivery counters, close marker and "
+                                "published fields are kept after it ended (a redelivery of one of its messages is "
+                                "dropped while they last: keep it above the visibility timeout); its result and "
+                                "status stay for STAGECOACH_RESULT_EXPIRES, a failed job's records too (resume)")
     publish_retry_seconds: float = Field(
         30.0, ge=0, description="a client retries publishing a job this long while the broker is down, then fails")
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
