@@ -136,20 +136,20 @@ class StageExecutor:
         if self.guard is None:
             return self._told(report, self._unguarded(call))
         ledger = self.guard.ledger
-        # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
-        deadline = time.time() + self.hard_limit + ledger.stall
+        # the step's lease: its job's deadline stays one lease ahead while this worker runs it (workers/lease.py)
         begun = ledger.begin(call.job, f"{call.path}#{call.attempt}", call.path, self.hard_limit,
-                             *delivery(call.task), deadline, running_fields(call.path, self.spec.name),
-                             outcome.started(report))
+                             *delivery(call.task), report.at + ledger.lease_seconds,
+                             running_fields(call.path, self.spec.name), outcome.started(report))
         if begun.claim.begin is not Begin.RUN:
             raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
-        step = self._told(report, self._claimed(call, begun, report))
-        if step.done is None:
-            ledger.complete(begun.claim, call.job.job_id, step.events)
-            return step
-        closing = ledger.closing(step.envelope, finish) if finish is not None else None
-        closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, step.events, closing,
-                             closer or Closer.of(call.task))
+        with ledger.leased(call.job.job_id, until=report.at + self.hard_limit):
+            step = self._told(report, self._claimed(call, begun, report))
+            if step.done is None:
+                ledger.complete(begun.claim, call.job.job_id, step.events)
+                return step
+            closing = ledger.closing(step.envelope, finish) if finish is not None else None
+            closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, step.events,
+                                 closing, closer or Closer.of(call.task))
         return replace(step, closed=closed if closing else None, closing=closing)
 
     def _passed_through(self, call: StageCall, skipped: StagecoachEvent) -> Step:
@@ -175,6 +175,8 @@ class StageExecutor:
         ledger = self.ledger
         try:
             return self._once(call, begun, report)
+        except (*BROKER_DOWN, Reject):
+            raise  # Redis went away mid-step: the claim stays, so the message handed back takes it over
         except PASSED_ON:
             ledger.complete(begun.claim, call.job.job_id)
             raise

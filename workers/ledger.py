@@ -18,6 +18,7 @@
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Keep, Sta
 from workers.eventlog import EventLog
 from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
+from workers.lease import keeper
 from workers.onerror import cancelled_record
 from workers.settings import Settings
 
@@ -97,10 +99,12 @@ class Closing:
 
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
-                 stall_seconds: float, events: EventLog | None = None, keep: Keep | None = None) -> None:
+                 stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
+                 keep: Keep | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
         self.checkpoints = Checkpoints(client, ttl, stall_seconds, events, keep)
+        self.lease_seconds = lease_seconds
         self.jobs = JobStore(client, ttl)
 
     @classmethod
@@ -108,7 +112,8 @@ class Ledger:
         client = redis.Redis.from_url(settings.backend_url)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
         keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
-        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events, keep)
+        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
+                   settings.lease_seconds, keep)
 
     @property
     def stall(self) -> float:
@@ -143,6 +148,10 @@ class Ledger:
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
               deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
         return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status, started)
+
+    def leased(self, job_id: str, until: float) -> AbstractContextManager[None]:
+        """The job's lease renewed while a step it claimed runs (workers/lease.py), up to `until`."""
+        return keeper(self.checkpoints.client, self.lease_seconds).held(job_id, until)
 
     def complete(self, claim: Claim, job_id: str = "", events: Sequence[StagecoachEvent] = ()) -> None:
         """A step that completed no stage (failed, cancelled, retried, replayed): its claim done, its events

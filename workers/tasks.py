@@ -9,7 +9,7 @@ decisions) go to the event log and the monitor (workers/outcome.py).
 """
 
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Celery, Task
@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from contracts.deadletters import DeadLetter
 from contracts.envelope import Envelope
 from contracts.fields import problems_of
-from contracts.names import FUSED_TASK, MAX_FUSED_STEPS, stage_queue, stage_task
+from contracts.names import FUSED_TASK, MAX_FUSED_STEPS, STAGE_PREFIX, split_ref, stage_queue, stage_task
 from contracts.specs import Limits, StageNode, StageSpec
 from workers.cache import StageCache
 from workers.checkpoint import outage_requeues
@@ -66,7 +66,7 @@ def _register(app: Celery, ref: str, executor: StageExecutor, limits: Limits, le
     )
     def run_stage(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str,
                   finish: dict[str, Any] | None = None) -> Any:
-        job, parsed = inbound(app, ledger, dead_letters, self, envelope, node)
+        job, parsed = inbound(ledger, dead_letters, self, envelope, node, ref)
         call = StageCall(self, job, parsed, path)
         ending = Finish.load(finish)  # the pipeline's last stage closes the job itself (workers/ledger.py)
         if parsed.version is not None and parsed.version != spec.version:
@@ -77,23 +77,37 @@ def _register(app: Celery, ref: str, executor: StageExecutor, limits: Limits, le
             return end_task(closing.result) if closing is not None else ledger.hand_on(self, step.envelope, ending)
 
 
-def inbound(app: Celery, ledger: Ledger, dead_letters: DeadLetterStore, task: Task, envelope: Any,
-            node: Any) -> tuple[Envelope, StageNode]:
-    """The envelope and node of a stage message; an invalid one is dead-lettered, its job ended (the rest of
-    its chain cannot run without an envelope) and the message dropped: Ignore acknowledges it without an
-    event of Celery's, so Flower shows the FAILURE the ledger sent, naming why."""
+def inbound(ledger: Ledger, dead_letters: DeadLetterStore, task: Task, envelope: Any, node: Any,
+            ref: str) -> tuple[Envelope, StageNode]:
+    """The envelope and node of a message for stage `ref`. An invalid one, one whose node names another
+    stage, or one that came from another stage's queue is dead-lettered, its job ended (the rest of its
+    chain cannot run without it) and the message dropped: Ignore acknowledges it without an event of
+    Celery's, so Flower shows the FAILURE the ledger sent."""
     try:
-        return Envelope.model_validate(envelope), StageNode.model_validate(node)
+        job, parsed = Envelope.model_validate(envelope), StageNode.model_validate(node)
     except ValidationError as error:
         problems = "; ".join(str(p) for p in problems_of(error))
-        raw = json.dumps({"envelope": envelope, "node": node}, default=str).encode("utf-8", errors="backslashreplace")
-        request = task.request
-        named = {"task": task.name, "task_id": request.id, "root_id": request.root_id}
-        letter = DeadLetter.of(f"{task.name}: invalid envelope or node: {problems}", raw,
-                               str((request.delivery_info or {}).get("routing_key") or ""), MAX_RAW_BYTES,
-                               {k: v for k, v in named.items() if isinstance(v, str)}, source="task")
-        quarantine(ledger, dead_letters, letter, task.request.hostname)
-        raise Ignore() from None
+        refuse(ledger, dead_letters, task, f"invalid envelope or node: {problems}", envelope, node)
+    stage, named = split_ref(ref)[0], split_ref(parsed.stage)[0]
+    if named != stage:
+        refuse(ledger, dead_letters, task, f"its node names stage '{named}', not this task's stage '{stage}'",
+               envelope, node)
+    queue = str((task.request.delivery_info or {}).get("routing_key") or "")
+    if queue.startswith(STAGE_PREFIX) and queue != stage_queue(ref):
+        refuse(ledger, dead_letters, task, f"it came from queue '{queue}', not this stage's '{stage_queue(ref)}'",
+               envelope, node)
+    return job, parsed
+
+
+def refuse(ledger: Ledger, dead_letters: DeadLetterStore, task: Task, why: str, envelope: Any,
+           node: Any) -> NoReturn:
+    raw = json.dumps({"envelope": envelope, "node": node}, default=str).encode("utf-8", errors="backslashreplace")
+    request = task.request
+    named = {"task": task.name, "task_id": request.id, "root_id": request.root_id}
+    letter = DeadLetter.of(f"{task.name}: {why}", raw, str((request.delivery_info or {}).get("routing_key") or ""),
+                           MAX_RAW_BYTES, {k: v for k, v in named.items() if isinstance(v, str)}, source="task")
+    quarantine(ledger, dead_letters, letter, task.request.hostname)
+    raise Ignore()
 
 
 def _register_fused(app: Celery, fused: FusedExecutor, settings: Settings, ledger: Ledger) -> None:
