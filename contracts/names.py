@@ -154,6 +154,11 @@ def closed_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id + ":closed"
 
 
+def backlog_key(job_id: str) -> str:
+    """When the watchdog first found this stalled job with a backlog in the queues (it waits, up to a bound)."""
+    return JOB_KEY_PREFIX + job_id + ":backlog"
+
+
 def cancel_key(job_id: str) -> str:
     return CANCEL_KEY_PREFIX + job_id
 

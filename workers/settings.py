@@ -90,12 +90,15 @@ class Settings(BaseSettings):
                           "longest stage's hard limit + 60 (`stagecoach settings` shows the effective value; "
                           "docs/reliability.md)")
     watchdog_stall_seconds: float = Field(
-        30.0, gt=0, description="a job whose next stage has not started this long after the last one (and whose "
-                                "next message waits in no queue) is re-dispatched")
+        30.0, gt=0, description="a job whose next stage has not started this long after the last one (and no "
+                                "queue holds a backlog) is re-dispatched")
     lease_seconds: float = Field(
         15.0, gt=0, description="a running step's lease: its worker renews it every third of this; a job whose "
                                 "worker died is re-dispatched this long after its last renewal")
     watchdog_interval: float = Field(5.0, gt=0, description="seconds between two watchdog sweeps")
+    watchdog_backlog_seconds: float = Field(
+        3600.0, gt=0, description="a stalled job is given more time while the queues hold messages (a backlog), "
+                                  "for at most this long from its first such stall; then it is re-dispatched")
     watchdog_max_redispatches: int = Field(
         5, ge=0, description="a job re-dispatched this often without finishing ends as timed out")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
