@@ -6,13 +6,19 @@ increment per field, one LPUSH of their runtimes, one write per time bucket. `St
 batch as one Lua call together with the XACK of the stream entries it came from (monitor/store.py).
 """
 
+import time
 from collections import defaultdict
+from functools import lru_cache
 from typing import Any
 
-from contracts.names import monitor_key
+from contracts.names import monitor_key as _monitor_key
 from monitor.report import ErrorExample
 from monitor.settings import MonitorSettings
 
+# a job evicted from the trace index is remembered among the latest EVICTED_PER_TRACE x `traces` evicted
+# jobs, long enough for a burst's queued jobs to run: their events come after they fell out
+EVICTED_PER_TRACE = 10
+monitor_key = lru_cache(maxsize=8192)(_monitor_key)  # a batch names the same few keys thousands of times
 Command = list[str]  # one Redis command, every argument a string (decoded by the commit script's cjson)
 
 
@@ -98,13 +104,11 @@ class Batch:
         return out
 
     def _traces(self) -> list[tuple[Any, ...]]:
+        """One TRACE command per job (monitor/store.py: TRACE_LUA keeps the index and the lists bounded)."""
         settings = self.settings
-        out: list[tuple[Any, ...]] = []
-        for job_id, entries in self.traces.items():
-            key = monitor_key("trace", job_id)
-            out += [("RPUSH", key, *(entry for _, entry in entries[-settings.trace_events:])),
-                    ("LTRIM", key, -settings.trace_events, -1), ("EXPIRE", key, settings.trace_ttl),
-                    ("ZADD", monitor_key("jobs"), "NX", repr(min(at for at, _ in entries)), job_id)]
-        if self.traces:
-            out.append(("ZREMRANGEBYRANK", monitor_key("jobs"), 0, -settings.traces - 1))
-        return out
+        now = time.time()
+        return [("TRACE", monitor_key("jobs"), monitor_key("evicted"), monitor_key("trace", job_id), job_id,
+                 repr(min(at for at, _ in entries)), settings.traces, settings.trace_events, settings.trace_ttl,
+                 monitor_key("trace", ""), repr(now), EVICTED_PER_TRACE * settings.traces,
+                 *(entry for _, entry in entries[-settings.trace_events:]))
+                for job_id, entries in self.traces.items()]

@@ -9,7 +9,8 @@ Keys (prefix `contracts.names.MONITOR_KEY_PREFIX`):
   series:{stage|pipeline}:NAME:T     one time bucket {runs, errors, seconds}, expires with the window
   errors:GROUP:KIND                  latest error examples (JSON), newest first
   names:{stage|pipeline}, names:errors   what exists
-  trace:JOB, jobs                    a job's ordered events; the latest jobs by time
+  trace:JOB, jobs                    a job's ordered events; the latest `traces` jobs by time (older ones deleted)
+  evicted                            jobs that fell out of `jobs` lately (their late events are dropped)
 """
 
 import json
@@ -26,6 +27,32 @@ from monitor.settings import MonitorSettings
 from monitor.stats import summarize
 
 KINDS = ("stage", "pipeline")
+# One job's trace events (a batch's `TRACE` command): the job joins the index (scored by its first event)
+# unless it was evicted lately; jobs past the bound leave it and their trace lists are deleted in the same
+# step; the events are appended only to a job the index holds. So every trace list belongs to an indexed
+# job, and a late event of an evicted job never leaves an orphan behind (the number of traces, and so
+# their memory, stays bounded whatever the number of jobs).
+TRACE_LUA = """
+local function trace(index, evicted, key, job, score, traces, per_trace, ttl, prefix, now, evicted_kept, ...)
+  if redis.call('ZSCORE', evicted, job) then return end
+  redis.call('ZADD', index, 'NX', score, job)
+  local over = redis.call('ZCARD', index) - tonumber(traces)
+  if over > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', index, 0, over - 1)) do
+      redis.call('DEL', prefix .. old)
+      redis.call('ZADD', evicted, now, old)
+    end
+    redis.call('ZREMRANGEBYRANK', index, 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', evicted, 0, -tonumber(evicted_kept) - 1)
+    redis.call('EXPIRE', evicted, ttl)
+  end
+  redis.call('EXPIRE', index, ttl)
+  if not redis.call('ZSCORE', index, job) then return end
+  redis.call('RPUSH', key, ...)
+  redis.call('LTRIM', key, -tonumber(per_trace), -1)
+  redis.call('EXPIRE', key, ttl)
+end
+"""
 COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
 
 # Apply a batch of the monitor's writes and acknowledge the stream entries it came from, atomically, and only
@@ -42,7 +69,10 @@ for _, id in ipairs(ids) do
   if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then lost[#lost + 1] = id end
 end
 if #lost > 0 then return lost end
-for _, command in ipairs(commands) do redis.call(unpack(command)) end
+""" + TRACE_LUA + """
+for _, command in ipairs(commands) do
+  if command[1] == 'TRACE' then trace(unpack(command, 2)) else redis.call(unpack(command)) end
+end
 if #ids > 0 then redis.call('XACK', stream, group, unpack(ids)) end
 return lost
 """

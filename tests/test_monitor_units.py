@@ -155,3 +155,15 @@ def test_store_survives_a_new_store_object(consumer: Consumer, private_redis: st
     consumer.drain()
     again = Store(redis.Redis.from_url(private_redis, decode_responses=True), consumer.store.settings)
     assert again.report().stages[0].runs == 1
+
+
+def test_traces_are_kept_for_the_latest_jobs_only(private_redis: str, consumer: Consumer) -> None:
+    bounded = Consumer.connect(settings_for(private_redis, consumer="a", traces=5))
+    put(consumer, *(outcome(i, job_id=f"job{i}") for i in range(8)))
+    bounded.drain()
+    r = consumer.r
+    assert sorted(r.scan_iter(match=monitor_key("trace", "*"))) == \
+        [monitor_key("trace", f"job{i}") for i in range(3, 8)]
+    put(consumer, outcome(0, job_id="job0", at=2000.0))  # a late event of a job that fell out
+    bounded.drain()
+    assert not r.exists(monitor_key("trace", "job0")) and bounded.store.report().stages[0].runs == 9
