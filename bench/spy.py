@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.bare import bare_chain, bare_result
@@ -29,6 +30,25 @@ PARTS = [
     ("Celery and kombu (messages, tracing, events)", ("celery/", "kombu/", "billiard/", "vine/", "amqp/")),
 ]
 OURS = ("workers/", "routing/", "contracts/", "bench/bare.py")
+# where in a stage step a sample falls: the outermost of these frames in its stack
+STEPS = [
+    ("publishing the next message (Celery's chain)", "_dispatch_callbacks_and_chain"),
+    ("claim: begin script (1 round trip)", "Ledger.begin ("),
+    ("the stage call (contracts, DSPy, LM over HTTP)", "StageRunner.run ("),
+    ("the bare task's DSPy call", "BareCall.__call__ ("),
+    ("checkpoint and close: save transaction (1 round trip)", "Ledger.save ("),
+    ("a step that completed no stage", "Ledger.complete ("),
+    ("the lease renewal thread", "workers/lease.py"),
+    ("events and the envelope out (outcome, JSON)", "StageExecutor._told ("),
+    ("closing: the JobResult and its record (last stage)", "Ledger.closing ("),
+    ("handing the envelope on (model_dump)", "hand_on ("),
+    ("screening each message (workers/consumer.py, transport)", "workers/consumer.py"),
+    ("screening each message (workers/consumer.py, transport)", "workers/transport.py"),
+    ("the envelope in (validation)", "inbound ("),
+    ("the rest of the task (Stagecoach)", "workers/"),
+    ("Celery: the task's tracer (result, state, events)", "celery/app/trace.py"),
+    ("Celery/kombu: receiving, acking, the event dispatcher", "celery/"),
+]
 
 
 def part_of(stack: list[str]) -> str:
@@ -41,13 +61,20 @@ def part_of(stack: list[str]) -> str:
     return "other (threads, logging, interpreter)"
 
 
-def shares(raw: Path) -> Counter[str]:
-    """Samples by part from py-spy's raw (collapsed stacks) output."""
+def step_of(stack: list[str]) -> str:
+    for name, mark in STEPS:
+        if any(mark in frame for frame in stack):
+            return name
+    return "other (threads, logging, interpreter)"
+
+
+def shares(raw: Path, by: Callable[[list[str]], str] = part_of) -> Counter[str]:
+    """Samples by part (`by`) from py-spy's raw (collapsed stacks) output."""
     found: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            found[part_of(stack.split(";"))] += int(count)
+            found[by(stack.split(";"))] += int(count)
     return found
 
 
@@ -97,14 +124,19 @@ def main() -> None:
                 print(f"{label}: a burst of {args.jobs} jobs took {seconds:.1f} s ({args.jobs / seconds:.0f} jobs/s)")
         finally:
             fleet.stop()
+    report(out)
+
+
+def report(out: Path) -> None:
     for label in ("stagecoach", "bare"):
-        total: Counter[str] = Counter()
-        for raw in out.glob(f"{label}-*.txt"):
-            total += shares(raw)
-        samples = sum(total.values()) or 1
-        print(f"\n{label} stage workers: {samples} busy samples")
-        for name, count in total.most_common():
-            print(f"  {count / samples:6.1%}  {name}")
+        for title, by in (("by library", part_of), ("by part of the step", step_of)):
+            total: Counter[str] = Counter()
+            for raw in out.glob(f"{label}-*.txt"):
+                total += shares(raw, by)
+            samples = sum(total.values()) or 1
+            print(f"\n{label} stage workers, {title}: {samples} busy samples")
+            for name, count in total.most_common():
+                print(f"  {count / samples:6.1%}  {name}")
     print(f"\nraw profiles in {out}")
 
 
