@@ -72,7 +72,7 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
     ratios.append(Ratio("monitor: stage calls/s one process counts", ingest_series, None, 5000, "higher"))
     notes += _budget_part(bench, sizes["budget_jobs"], series, ratios)
     _backlog_part(bench, sizes, series, ratios)
-    curve = _curve_part(bench, scale, sizes["curve_burst"], series)
+    curve = _curve_part(bench, scale, sizes["curve_burst"], series, CURVE_PROCESSES if full else (1, 2))
     notes.append(f"curve (jobs/s, largest monitor lag in events): {curve}")
     _plot(curve, PNG if full else bench.logdir / "scale-curve.png")  # a smoke run leaves the docs' plot alone
     return ScenarioResult("scale", "Fleet scale: bursts vs bare Celery, the monitor, Redis per job, a deep backlog, "
@@ -101,7 +101,7 @@ def _healthy(port: int) -> bool:
     import urllib.request
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-            return response.status == 200
+            return bool(response.status == 200)
     except OSError:
         return False
 
@@ -115,10 +115,10 @@ def lag(client: redis.Redis) -> int:
 
 
 @contextmanager
-def lag_sampler(url: str) -> Iterator[list[int]]:
+def lag_sampler(url: str) -> Iterator[list[float]]:
     """The monitor's lag every 0.2 s while the block runs."""
     client = redis.Redis.from_url(url)
-    samples: list[int] = []
+    samples: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
@@ -195,7 +195,7 @@ def _one_bare(stack: Stack, round_: int, job: int) -> float:
 
 def _budget_part(bench: Bench, jobs: int, series: list[Series], ratios: list[Ratio]) -> list[str]:
     env = {"STAGECOACH_SUCCEEDED_KEEP_SECONDS": str(KEEP), "STAGECOACH_EVENTS_KEEP_SECONDS": str(KEEP)}
-    with bench.stack(0, [*stage_workers(STAGES, THREADS), routing_worker(8)], **env) as stack, \
+    with bench.stack(0, [*stage_workers(STAGES, THREADS), routing_worker(8)], False, **env) as stack, \
             monitor_process(stack):
         for start in range(0, jobs, 1000):
             _stagecoach_burst(stack, "qa", _qa(min(1000, jobs - start), start))
@@ -269,24 +269,28 @@ def _consumers(stack: Stack, workers: list[str], active: int) -> None:
 Curve = dict[str, list[tuple[int, float, int]]]  # label -> (processes, jobs/s, largest monitor lag)
 
 
-def _curve_part(bench: Bench, scale: Scale, burst: int, series: list[Series]) -> Curve:
-    names = [f"solver-{i}" for i in range(max(CURVE_PROCESSES))]
+def _curve_part(bench: Bench, scale: Scale, burst: int, series: list[Series], counts: tuple[int, ...]) -> Curve:
+    names = [f"solver-{i}" for i in range(max(counts))]
     plan = [*(WorkerPlan(n, [SOLVER], concurrency=2) for n in names), routing_worker(8)]
     curve: Curve = {}
     for latency in CURVE_LATENCIES:
         points = []
         with bench.stack(latency, plan) as stack, monitor_process(stack):
-            for processes in CURVE_PROCESSES:
+            for processes in counts:
                 _consumers(stack, names, processes)
                 with lag_sampler(stack.redis_url) as lags:
-                    rates = [burst / timed(lambda tag=f"{processes}/{r}": _solver_burst(stack, burst, tag))
+                    rates = [burst / _timed_solver(stack, burst, f"{processes}/{r}")
                              for r in range(max(1, scale.rounds // 2))]
                 rate = statistics.median(rates)
                 series.append(Series(f"curve {latency} ms LM: {processes} processes", "jobs/s", [rates]))
                 series.append(Series(f"curve {latency} ms LM: {processes} processes, monitor lag", "events", [lags]))
-                points.append((processes, rate, max(lags)))
+                points.append((processes, rate, int(max(lags))))
         curve[f"{latency} ms LM"] = points
     return curve
+
+
+def _timed_solver(stack: Stack, jobs: int, tag: str) -> float:
+    return timed(lambda: _solver_burst(stack, jobs, tag))
 
 
 def _solver_burst(stack: Stack, jobs: int, tag: str) -> None:
@@ -308,7 +312,7 @@ def _plot(curve: Curve, png: Path) -> None:
     for axis, title, unit in ((left, "throughput, one stage queue", "jobs/s"),
                               (right, "monitor lag (largest during the burst)", "events behind")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks(list(CURVE_PROCESSES), [str(p) for p in CURVE_PROCESSES])
+        axis.set_xticks(xs, [str(p) for p in xs])
         axis.set_xlabel("worker processes (2 threads each)")
         axis.set_ylabel(unit)
         axis.set_title(title)
