@@ -4,7 +4,8 @@
   a failed job keeps what `stagecoach resume` needs, and resume works; no key of any job lacks a TTL;
 - a Redis at maxmemory (noeviction) refuses writes: submitting is a clear error and writes nothing; a
   stage step whose checkpoint is refused leaves nothing half-written, and the job finishes once Redis
-  takes writes again (the watchdog re-dispatches it).
+  takes writes again (the watchdog re-dispatches it);
+- the watchdog gives a stalled job more time while the queues hold a backlog, for a bounded time.
 The 10,000-job version is the `scale` benchmark."""
 
 import subprocess
@@ -18,12 +19,15 @@ import pytest
 import redis
 
 from bench.budget import measure
-from contracts.names import checkpoint_key, job_key
+from contracts.names import WATCH_KEY, checkpoint_key, job_key, stage_queue
 from routing.client import Client
 from routing.errors import RedisFullError
+from routing.recovery import Recovery, sweep
+from routing.tasks import start_envelope
 from tests.reliability_kit import catalog_paths, qa_fleet, wait_for
 from tests.services import Fleet, client_for, worker_env
 from tests.services import test_lm as start_test_lm
+from workers.ledger import Ledger
 
 STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 KEEP = 2  # seconds a succeeded job's records and any ended job's event stream are kept, here
@@ -103,3 +107,27 @@ def test_redis_at_maxmemory_refuses_writes_and_no_job_is_half_written(
     assert f"job {running.id}: re-dispatched" in swept.stdout, swept.stdout
     result = running.get(timeout=60)
     assert result.ok and [t.stage for t in result.timings] == ["key_terms", "answer"]
+
+
+def test_a_stalled_job_waits_behind_a_backlog_for_a_bounded_time(client: Client, private_redis: str) -> None:
+    """The watchdog tells a backlog by one LLEN per queue (never reading the messages): a stalled job is
+    given more time while a queue holds messages, up to the allowance; then it is re-dispatched."""
+    db = redis.Redis.from_url(private_redis)
+    job_id = uuid.uuid4().hex
+    request = {"pipeline": "qa", "inputs": {"question": "Behind the backlog?"}}
+    first, _, pinned = start_envelope(client.runtime.catalog, request, job_id)
+    ledger = Ledger(client.app, db, client.runtime.catalog, 3600, STALL)  # the watchdog's stall, as `ENV` sets it
+    ledger.start(first, request, pinned, "client", "test", final=True)  # recorded, never sent: it stalls
+    recovery = Recovery(client.app, client.runtime.catalog, ledger, backlog_seconds=3)
+    db.lpush(stage_queue("rel_limited"), "a message nobody consumes here")  # a backlog
+    try:
+        time.sleep(STALL + 0.2)
+        assert (job_id, "re-dispatched (generation 1)") not in sweep(recovery)  # waits behind the backlog
+        assert db.zscore(WATCH_KEY, job_id) is not None
+        deadline = time.monotonic() + 30
+        while not (acted := [a for j, a in sweep(recovery) if j == job_id]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert acted == ["re-dispatched (generation 1)"]  # the allowance is over: treated as lost
+    finally:
+        db.delete(stage_queue("rel_limited"))
+    assert client.handle(job_id).get(timeout=60).ok
