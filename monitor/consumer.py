@@ -60,7 +60,7 @@ class Consumer:
         self.store = store
         self.r: Any = store.r  # the event log's Redis is the store's (one atomic commit needs one server)
         self.settings = settings
-        self.name = settings.consumer
+        self.name = settings.consumer_name
         self.stopped = threading.Event()
         self.live = threading.Event()  # in the group and reading: events from now on are counted
         self.seen = 0  # events this replica counted since it started

@@ -176,7 +176,7 @@ def serve(settings: MonitorSettings, stop: threading.Event) -> None:
     for thread in threads:
         thread.start()
     log.info("monitor on http://%s:%s (events from %s, as %s)", settings.host, settings.port, settings.store,
-             settings.consumer)
+             settings.consumer_name)
     try:
         stop.wait()
     finally:

@@ -28,8 +28,8 @@ class MonitorSettings(BaseSettings):
     trace_events: int = Field(2000, ge=10, description="events kept per job trace")
     traces: int = Field(1000, ge=1, description="job traces kept (the latest)")
     trace_ttl: int = Field(7 * 24 * 3600, description="seconds a job trace is kept")
-    consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description=(
-        "this replica's name in the consumer group on the fleet's event stream (default host-pid)"))
+    consumer: str = Field("", description="this replica's name in the consumer group on the fleet's event stream "
+                                          "(empty: host-pid)")
     batch: int = Field(500, ge=1, le=2000, description="events read and committed at once")
     block_ms: int = Field(1000, ge=1, description="how long one read waits for new events")
     claim_idle_seconds: float = Field(30.0, gt=0, description=(
@@ -40,6 +40,10 @@ class MonitorSettings(BaseSettings):
     @property
     def store(self) -> str:
         return self.store_url or self.broker_url
+
+    @property
+    def consumer_name(self) -> str:
+        return self.consumer or f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def window_seconds(self) -> int:
