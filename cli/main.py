@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 
 from cli import render
 from cli.cache import cache_app
@@ -38,7 +39,7 @@ def _root() -> None:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    render.err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    render.err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # text, not markup
     raise typer.Exit(code)
 
 

@@ -2,9 +2,12 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
+from contracts.errors import encodable
+from contracts.fields import UNENCODABLE, unencodable
 
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 # how a job ended: every ending goes through the one close path (workers/ledger.py)
@@ -23,6 +26,23 @@ class JobRequest(BaseModel):
     version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] | None = Field(None, description="only these declared outputs; stages feeding only others skip")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _encodable(cls, data: Any, handler: ModelWrapValidatorHandler["JobRequest"]) -> "JobRequest":
+        """Text UTF-8 cannot encode is refused by field. The inputs are left to the pipeline's input
+        contract (`Catalog.validate_inputs`), which checks them the same way and names them as declared."""
+        if isinstance(data, dict):
+            request = {key: value for key, value in data.items() if key != "inputs"}
+            errors = [_unencodable_error(loc, problem) for loc, problem in unencodable(request)]
+            if errors:
+                raise ValidationError.from_exception_data(cls.__name__, errors)
+        return handler(data)
+
+
+def _unencodable_error(loc: tuple[str | int, ...], problem: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(UNENCODABLE, "{problem}", {"problem": problem}),
+                            loc=tuple(encodable(p) if isinstance(p, str) else p for p in loc), input=None)
 
 
 class JobStatus(BaseModel):

@@ -196,9 +196,16 @@ class StageExecutor:
         return step
 
     def _once(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
-        """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, or run."""
+        """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, given up after
+        too many deliveries, or run."""
         if begun.cancelled:
             return Step(call.job.with_error(cancelled_record(call.path, self.spec.name), fatal=True))
+        deliveries = begun.claim.redeliveries + 1
+        if begun.done is None and deliveries > self.ledger.max_deliveries:  # a poison step: it kills its worker
+            return Step(self._failed(call, PermanentStageError(self.spec.name, (
+                f"its message was delivered {deliveries} times and its worker died each time (a hard time limit, "
+                f"out of memory, a crash in native code): the job ends here (STAGECOACH_MAX_DELIVERIES="
+                f"{self.ledger.max_deliveries})"))))
         done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})

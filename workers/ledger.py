@@ -100,11 +100,12 @@ class Closing:
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
                  stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
-                 keep: Keep | None = None) -> None:
+                 max_deliveries: int = 4, keep: Keep | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
         self.checkpoints = Checkpoints(client, ttl, stall_seconds, events, keep)
         self.lease_seconds = lease_seconds
+        self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
 
     @classmethod
@@ -113,7 +114,7 @@ class Ledger:
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
         keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
         return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
-                   settings.lease_seconds, keep)
+                   settings.lease_seconds, settings.max_deliveries, keep)
 
     @property
     def stall(self) -> float:

@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     watchdog_stall_seconds: float = Field(
         30.0, gt=0, description="a job whose next stage has not started this long after the last one (and no "
                                 "queue holds a backlog) is re-dispatched")
+    max_deliveries: int = Field(
+        4, ge=1, description="a step whose message was delivered this often (its worker died each time: a hard time "
+                             "limit, out of memory, a native crash) ends its job as failed instead of running again")
     lease_seconds: float = Field(
         15.0, gt=0, description="a running step's lease: its worker renews it every third of this; a job whose "
                                 "worker died is re-dispatched this long after its last renewal")

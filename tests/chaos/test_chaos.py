@@ -10,6 +10,7 @@ Each run prints its figures (kills, re-dispatches, redeliveries, wall time). Rea
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -80,8 +81,10 @@ class Chaos:
         self.fleet.stop()
 
     def redispatches(self) -> int:
-        """Jobs the watchdog re-dispatched (its `job ID: re-dispatched (generation N)` lines)."""
-        return self.watchdog_log.read_text(errors="replace").count(": re-dispatched (generation")
+        """Re-dispatches the watchdog made (its printed `HH:MM:SS job ID: re-dispatched (generation N)` lines;
+        its log lines say the same again)."""
+        text = self.watchdog_log.read_text(errors="replace")
+        return len(re.findall(r"^\d\d:\d\d:\d\d job \S+: re-dispatched \(generation", text, flags=re.M))
 
     def alive(self) -> bool:
         return all(w.proc.poll() is None for w in self.fleet.workers)
