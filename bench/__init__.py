@@ -15,4 +15,5 @@ SCENARIOS: dict[str, str] = {
     "fusion": "bench.fusion",          # a three-stage chain fused into one task (or one LM call fewer too) vs unfused
     "optimize": "bench.optimize",      # DSPy optimisers on the fleet vs in-process; a rerun's LM calls
     "answers": "bench.answers",        # the default local model's answers, each way of asking it (adapters)
+    "scale": "bench.scale",            # bursts vs bare Celery at 0 ms, the monitor, Redis per job, backlog, curve
 }
