@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from monitor.settings import MonitorSettings
     from monitor.stats import Summary
 
-monitor_app = typer.Typer(help="The monitor: Celery events aggregated per stage and pipeline, per-job traces, "
+monitor_app = typer.Typer(help="The monitor: the fleet's event stream per stage and pipeline, per-job traces, "
                                "JSON, Prometheus /metrics and a web page.", no_args_is_help=False)
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the report as JSON (what /api/stats serves)")]
 
@@ -49,7 +49,7 @@ def monitor(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = settings(port, host)
-    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.broker_url})")
+    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.store})")
     with stop_signals() as stop:
         serve(chosen, stop)
 
@@ -65,6 +65,8 @@ def report(as_json: JsonFlag = False) -> None:
         return
     render.out.print(figures_table("stages", figures.stages))
     render.out.print(figures_table("pipelines (jobs)", figures.pipelines))
+    if figures.pipeline_versions:
+        render.out.print(figures_table("pipeline versions (jobs)", figures.pipeline_versions))
     render.out.print(errors_table(figures.errors))
 
 

@@ -86,7 +86,7 @@ def recovery(settings: Settings) -> "Recovery":
 
     runtime = create_runtime(settings)
     return Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches,
-                    settings.sentinel)
+                    settings.watchdog_backlog_seconds, settings.sentinel)
 
 
 def watch(settings: Settings, interval: float, once: bool) -> None:

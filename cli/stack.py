@@ -1,5 +1,5 @@
 """The local stack: Redis, the local LM server, worker(s) per stage queue, a routing worker, Flower
-and the monitor (`stagecoach monitor`: Celery events aggregated, JSON, /metrics, web page).
+and the monitor (`stagecoach monitor`: the fleet's event stream aggregated, JSON, /metrics, web page).
 
 The broker is Redis (started here when none answers) or RabbitMQ (an amqp:// URL: it must be running;
 Redis is then the result backend only). `Settings.workers` asks for several workers on one stage queue.

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
 from contracts.errors import encodable
 from contracts.fields import UNENCODABLE, unencodable
@@ -26,6 +27,9 @@ class JobRequest(BaseModel):
     version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] | None = Field(None, description="only these declared outputs; stages feeding only others skip")
+    candidates: dict[str, StageCandidate] | None = Field(
+        None, description="optimisation: per stage name, a candidate state and LM settings for this job only; "
+                          "those stages also return their predictor traces")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -77,6 +81,8 @@ class JobResult(BaseModel):
         default_factory=dict, description="per stage: usage of calls served from the shared cache (not spent again)"
     )
     skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
+    traces: list[TraceStep] = Field(default_factory=list,
+                                    description="optimisation jobs: each predictor call of the candidate stages")
     submitted_at: float | None = None
     finished_at: float | None = None
 

@@ -34,6 +34,7 @@ CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
 WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
+CANDIDATE_KEY_PREFIX = KEY_PREFIX + "candidate:"  # optimisation: candidate stage states by sha256
 
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
 CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
@@ -89,8 +90,7 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams, and the
-# first two also as custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's)
+# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams
 STAGE_OUTCOME_EVENT = "stagecoach-stage-outcome"
 JOB_FINISHED_EVENT = "stagecoach-job-finished"
 JOB_QUEUED_EVENT = "stagecoach-job-queued"
@@ -100,6 +100,8 @@ FIELDS_EVENT = "stagecoach-fields"
 
 # the event log (workers/eventlog.py): every job's events on one bounded stream, read by the monitor
 EVENTS_STREAM = KEY_PREFIX + "events"
+# the monitor's consumer group on EVENTS_STREAM: its replicas share it, each entry counted by one of them
+MONITOR_GROUP = "stagecoach-monitor"
 
 
 def job_events_key(job_id: str) -> str:
@@ -151,6 +153,16 @@ def deliveries_key(claim: str) -> str:
 def closed_key(job_id: str) -> str:
     """The generation that closed the job: a job closes once per generation (a resume opens the next)."""
     return JOB_KEY_PREFIX + job_id + ":closed"
+
+
+def candidate_key(digest: str) -> str:
+    """A candidate stage state (JSON) stored once by its sha256 (contracts/candidates.py)."""
+    return CANDIDATE_KEY_PREFIX + digest
+
+
+def backlog_key(job_id: str) -> str:
+    """When the watchdog first found this stalled job with a backlog in the queues (it waits, up to a bound)."""
+    return JOB_KEY_PREFIX + job_id + ":backlog"
 
 
 def cancel_key(job_id: str) -> str:

@@ -138,6 +138,9 @@ class StageSpec(Model):
                            "'lm': also merged with an adjacent 'lm' stage into one signature and one LM call",
     )
     state_digest: str | None = Field(None, description="sha256 of the saved state; filled on load")
+    pinned_only: bool = Field(
+        False, description="served only to nodes that pin this version (an optimised version beside the old): "
+                           "unpinned references keep resolving to the newest other version")
 
     @property
     def identity(self) -> str:
@@ -422,7 +425,22 @@ class PipelineSpec(Model):
     outputs: list[str] = Field(default_factory=list, description="state fields reported as the answer")
     example: dict[str, Any] = Field(default_factory=dict)
     lazy: bool = Field(True, description="skip stages whose outputs nothing later reads and the job does not return")
+    traffic: dict[Version, int] | None = Field(
+        None, description="on the latest version: shares of unpinned jobs per version, e.g. {'1': 90, '2': 10} "
+                          "(chosen at submit from the job id, contracts/traffic.py)")
     root: Node
+
+    @field_validator("traffic")
+    @classmethod
+    def _shares(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is None:
+            return None
+        negative = sorted(version for version, share in value.items() if share < 0)
+        if negative:
+            raise ValueError(f"traffic shares must be >= 0; negative for version(s) {', '.join(negative)}")
+        if not value or sum(value.values()) <= 0:
+            raise ValueError("traffic needs at least one version with a share above 0")
+        return value
 
     @field_validator("root", mode="before")
     @classmethod

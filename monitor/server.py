@@ -1,4 +1,5 @@
-"""The monitor service: the event consumer in a thread and an HTTP server in the same process.
+"""The monitor service: the event consumer (a replica in the fleet stream's consumer group) in a thread
+and an HTTP server in the same process.
 
 Routes (all GET):
   /                     the web page (static/index.html; Chart.js served from static/vendor)
@@ -9,7 +10,7 @@ Routes (all GET):
   /api/graph/NAME.svg   the pipeline drawn by Graphviz (what `stagecoach graph NAME --format svg` prints)
   /api/schema/NAME      JSON Schemas of the pipeline's request and JobResult (`stagecoach schema NAME`)
   /api/jobs             the latest job ids with a trace;  /api/trace/JOB  one job's trace
-  /metrics              Prometheus text;  /healthz  ok;  /api/health  events seen since start
+  /metrics              Prometheus text;  /healthz  ok;  /api/health  events counted here, the stream's lag
 """
 
 import json
@@ -22,11 +23,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from celery import Celery
 from pydantic import BaseModel
 
 from contracts.catalog import Catalog, load_catalog
-from contracts.connections import is_sentinel
 from contracts.errors import StagecoachError
 from contracts.names import ROUTING_QUEUE, stage_queue
 from contracts.schema import pipeline_schemas
@@ -104,12 +103,11 @@ class Handler(BaseHTTPRequestHandler):
             self.static("index.html")
         elif path.startswith("/static/"):
             self.static(path[len("/static/"):])
-        elif path == "/healthz":  # ready once the event stream is subscribed
+        elif path == "/healthz":  # ready once the consumer reads the event stream in its group
             live = monitor.consumer.live.is_set()
             self.send(200 if live else 503, "text/plain", b"ok" if live else b"connecting to the event stream")
         elif path == "/api/health":
-            self.json({"events": monitor.consumer.seen, "malformed": monitor.consumer.malformed,
-                       "live": monitor.consumer.live.is_set()})
+            self.json(monitor.consumer.status())
         elif path == "/metrics":
             self.send(200, "text/plain; version=0.0.4; charset=utf-8", exposition(monitor.collector))
         elif path == "/api/stats":
@@ -170,17 +168,15 @@ def _int(query: dict[str, list[str]], name: str, default: int) -> int:
 def serve(settings: MonitorSettings, stop: threading.Event) -> None:
     """Run the consumer and the HTTP server until `stop` is set."""
     store = Store.connect(settings)
-    app = Celery("stagecoach-monitor", broker=settings.broker_url)
-    if is_sentinel(settings.broker_url):  # kombu's sentinel transport: the master's name, the sentinels' options
-        app.conf.broker_transport_options = settings.sentinel.transport_options()
-    consumer = Consumer(app, store)
+    consumer = Consumer(store, settings)
     handler = type("BoundHandler", (Handler,), {"monitor": Monitor(settings, store, load(settings), consumer)})
     server = ThreadingHTTPServer((settings.host, settings.port), handler)
     threads = [threading.Thread(target=consumer.run, name="events", daemon=True),
                threading.Thread(target=server.serve_forever, name="http", daemon=True)]
     for thread in threads:
         thread.start()
-    log.info("monitor on http://%s:%s (events from %s)", settings.host, settings.port, settings.broker_url)
+    log.info("monitor on http://%s:%s (events from %s, as %s)", settings.host, settings.port, settings.store,
+             settings.consumer_name)
     try:
         stop.wait()
     finally:

@@ -7,16 +7,18 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import redis
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
+from contracts.candidates import StageCandidate
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.specs import PipelineSpec
 from routing.compile import Compiler
-from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
+from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError, RedisFullError
 from routing.nodes import KINDS
 from routing.tasks import start_envelope
 from workers.checkpoint import BROKER_DOWN, Begin, Claim
@@ -106,15 +108,17 @@ class Client:
         self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
+               version: str | None = None, outputs: list[str] | None = None,
+               candidates: dict[str, StageCandidate] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
-        some declared outputs: stages that feed only the others are skipped."""
+        some declared outputs: stages that feed only the others are skipped. `candidates`: an optimiser's
+        candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
+        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
@@ -127,8 +131,14 @@ class Client:
         its chain, whose last task answers under the job id. A job id that was started already is refused."""
         job_id = envelope.job_id
         claims: list[Claim] = []
-        self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
-                                                                   final=True)))
+        try:
+            self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
+                                                                       final=True)))
+        except redis.exceptions.OutOfMemoryError as error:  # the start script writes all of its keys or none
+            raise RedisFullError(
+                f"job {job_id} not started: Redis at {safe_url(self.runtime.settings.backend_url)} refused the "
+                f"write ({error}); it is at maxmemory. Stagecoach needs maxmemory-policy noeviction and room "
+                "for its jobs' records (docs/reliability.md: Redis memory)", job_id) from None
         if claims[-1].begin is not Begin.RUN:
             raise ContractError("job request", [FieldProblem("job_id", f"job {job_id} was started already")])
         try:

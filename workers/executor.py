@@ -26,7 +26,6 @@ from workers.errors import PermanentStageError, StageError, StageTimeoutError
 from workers.jobs import JobStore, running_fields
 from workers.ledger import Closer, Closing, Finish, Ledger
 from workers.onerror import cancelled_record, recover
-from workers.outcome import tell_monitor
 from workers.ratelimit import RateLimiter
 from workers.stage import StageRun, StageRunner
 
@@ -133,8 +132,7 @@ class StageExecutor:
         as its checkpoint. The step's events go to the event log in those round trips."""
         report = self.report(call)
         if call.job.failed:  # a fatal error earlier (inside a fan-out member): pass through
-            tell_monitor(call.task, outcome.skipped(report))
-            return Step(call.job)
+            return self._passed_through(call, outcome.skipped(report))
         if self.guard is None:
             return self._told(report, self._unguarded(call))
         ledger = self.guard.ledger
@@ -154,14 +152,21 @@ class StageExecutor:
                                  closing, closer or Closer.of(call.task))
         return replace(step, closed=closed if closing else None, closing=closing)
 
+    def _passed_through(self, call: StageCall, skipped: StagecoachEvent) -> Step:
+        """A step that does not run: its `skipped` outcome goes to the event log now (no claim, so no round
+        trip to share), or with the fused task's events when this runs inside one."""
+        if self.guard is None:
+            return Step(call.job, events=[skipped])
+        self.ledger.events.append(call.job.job_id, [skipped])
+        return Step(call.job)
+
     def report(self, call: StageCall) -> outcome.StepReport:
         inputs = call.job.pick(list(self.spec.inputs), call.node.inputs)
         return outcome.StepReport(call.task, call.job, call.path, self.spec.name, inputs, time.time())
 
     def _told(self, report: outcome.StepReport, step: Step) -> Step:
-        """The step with its events: its outcome (also sent to the monitor) and the decisions it made."""
+        """The step with its events: its outcome and the decisions it made."""
         ended = outcome.ended(report, step.envelope)
-        tell_monitor(report.task, ended)
         return replace(step, events=[ended, *outcome.new_decisions(report.job, step.envelope)])
 
     def _claimed(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
@@ -204,7 +209,8 @@ class StageExecutor:
         done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})
-            return Step(call.job.with_output(call.path, done.outputs, timing, done.usage, call.node.outputs))
+            return Step(call.job.with_output(call.path, done.outputs, timing, done.usage, call.node.outputs,
+                                             trace=done.trace))
         return self._run(call, begun.claim.redeliveries, entered=True, report=report, claim=begun.claim)
 
     def _run(self, call: StageCall, redeliveries: int, entered: bool = False,
@@ -214,7 +220,8 @@ class StageExecutor:
             self.jobs.entered(call.job.job_id, call.path, self.spec.name)
         throttled = self._wait_turn()
         try:
-            run = self.runner.run(call.job.pick(list(self.spec.inputs), call.node.inputs), call.node.lm)
+            run = self.runner.run(call.job.pick(list(self.spec.inputs), call.node.inputs), call.node.lm,
+                                  call.job.candidates.get(self.spec.name))
         except SoftTimeLimitExceeded:
             return Step(self._failed(call, StageTimeoutError(self.spec.name, "time limit exceeded")))
         except StageError as error:
@@ -227,11 +234,12 @@ class StageExecutor:
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
         self._spent(run.usage)
         out, final = self._done(call, run, timing)
-        return Step(out, Done(run.outputs, timing, run.usage), published=final)
+        return Step(out, Done(run.outputs, timing, run.usage, run.trace), published=final)
 
     def _done(self, call: StageCall, run: StageRun, timing: StageTiming) -> tuple[Envelope, dict[str, Any]]:
         """Fold a successful run into the envelope; also the answer fields that are final now, to publish."""
-        done = call.job.with_output(call.path, run.outputs, timing, run.usage, call.node.outputs, run.cached_usage)
+        done = call.job.with_output(call.path, run.outputs, timing, run.usage, call.node.outputs, run.cached_usage,
+                                    run.trace)
         return done, final_fields(call.job, done, {call.node.outputs.get(name, name) for name in run.outputs})
 
     def _wait_turn(self) -> float:
@@ -254,11 +262,10 @@ class StageExecutor:
     def _retry(self, call: StageCall, error: StageError, report: "outcome.StepReport | None",
                claim: "Claim | None") -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope and told (its
-        claim done, the retry on the event log and to the monitor); `task.retry` raises Celery's Retry,
+        claim done, the retry on the event log); `task.retry` raises Celery's Retry,
         which ends this run."""
         if report is not None:
             retry = outcome.retried(report, error.kind, str(error))
-            tell_monitor(call.task, retry)
             if claim is not None:
                 self.ledger.complete(claim, call.job.job_id, [retry])
         logged = call.job.with_error(self.record(call, error), fatal=False)

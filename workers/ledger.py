@@ -10,8 +10,9 @@
   rejected by its contract, dead-lettered, timed out. It runs once per job generation (a script
   takes a close marker, writes the final status and stores the JobResult where Celery's result
   backend would, together), and only the call that closed the job announces it: one typed
-  `JobFinished` event (contracts/events.py) and the Celery task events that end the job's tasks in
-  Flower as the job ended. Whatever must happen at a job's end hangs off `Ledger.announce`.
+  `JobFinished` event (contracts/events.py), on the event log with the close, and the Celery task
+  events that end the job's tasks in Flower as the job ended. Whatever must happen at a job's end
+  hangs off `Ledger.announce`.
 """
 
 import logging
@@ -40,9 +41,9 @@ from contracts.events import (
 )
 from contracts.jobs import JobResult
 from contracts.specs import PipelineSpec
-from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
+from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Keep, Start, StoredResult, claims_of
 from workers.eventlog import EventLog
-from workers.events import end_task_event, send
+from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.lease import keeper
 from workers.onerror import cancelled_record
@@ -100,10 +101,10 @@ class Closing:
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
                  stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
-                 max_deliveries: int = 4) -> None:
+                 max_deliveries: int = 4, keep: Keep | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
-        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
+        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events, keep)
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
@@ -112,8 +113,9 @@ class Ledger:
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
         client = redis_client(settings.backend_url, settings.sentinel)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
+        keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
         return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
-                   settings.lease_seconds, settings.max_deliveries)
+                   settings.lease_seconds, settings.max_deliveries, keep)
 
     @property
     def stall(self) -> float:
@@ -177,7 +179,8 @@ class Ledger:
         failure before its last step has no answer; its inputs come from the catalog)."""
         inputs = finish.inputs if finish is not None else self._inputs_of(job)
         result = job_result(job, finish.outputs if finish is not None else [])
-        return self._closing(result, job.pick(inputs))
+        steps = [(t.node, t.attempts) for t in job.timings] + [(e.node, e.attempts) for e in job.errors]
+        return self._closing(result, job.pick(inputs), claims_of(job.generation, steps))
 
     def hand_on(self, task: Task, job: Envelope, finish: Finish | None) -> dict[str, Any]:
         """What a task of a job's chain returns: the envelope for the next step; or, when the job is over
@@ -217,11 +220,10 @@ class Ledger:
 
     def announce(self, closing: Closing, door: str, closer: Closer) -> None:
         """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
-        is on the event log already, written by the close itself): the monitor's copy of that event, and
-        Flower told how the job's tasks ended. Best effort: the job is closed already."""
+        is on the event log already, written by the close itself, where the monitor reads it): Flower told
+        how the job's tasks ended. Best effort: the job is closed already."""
         result = closing.result
         try:
-            send(self.app, closer.hostname, result.job_id, closing.finished)
             if closer.task_id is not None and not result.ok:  # a task that returns its result gets SUCCESS
                 extra = {"name": closer.task_name} if closer.task_name else None
                 end_task_event(self.app, closer.hostname, closer.task_id, result, extra)
@@ -230,10 +232,10 @@ class Ledger:
         except Exception:
             log.exception("job %s closed, but announcing its end failed", result.job_id)
 
-    def _closing(self, result: JobResult, inputs: dict[str, Any]) -> Closing:
+    def _closing(self, result: JobResult, inputs: dict[str, Any], claims: tuple[str, ...] = ()) -> Closing:
         payload = result.model_dump(mode="json")
         stored = stored_result(self.app, result.job_id, payload)
-        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs)))
+        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs), claims))
 
     def _cancelled_as_such(self, job: Envelope) -> Envelope:
         """A job that failed after an operator cancelled it (a fan-out whose members all stopped, say)
@@ -307,6 +309,7 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
         usage=job.usage,
         cached_usage=job.cached_usage,
         skipped=job.skipped,
+        traces=job.traces,
         submitted_at=job.submitted_at,
         finished_at=time.time(),
     )
@@ -318,7 +321,8 @@ def finished_event(result: JobResult, inputs: dict[str, Any]) -> JobFinished:
     trail = [d.model_dump(mode="json") for d in result.trail]
     finished = result.finished_at or time.time()
     return JobFinished(
-        job_id=result.job_id, pipeline=result.pipeline, at=finished, state="failed" if not result.ok else "succeeded",
+        job_id=result.job_id, pipeline=result.pipeline, version=result.pipeline_version, at=finished,
+        state="failed" if not result.ok else "succeeded",
         ending=result.ending, seconds=finished - (result.submitted_at or finished), submitted_at=result.submitted_at,
         kind=error.kind if error else None, message=error.message[:500] if error else None,
         error_node=error.node if error else None, inputs=inputs,
