@@ -117,37 +117,73 @@ class Client:
         candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
+        fresh = job_id is None
         job_id = job_id or uuid.uuid4().hex
         request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
         canvas = self.compiler.job(spec, envelope)
-        self._start(envelope, payload, pinned, canvas)
+        self._start(envelope, payload, pinned, canvas, fresh)
         return JobHandle(self, job_id)
 
-    def _start(self, envelope: Envelope, request: dict[str, Any], pinned: PipelineSpec, canvas: Signature) -> None:
+    def _start(self, envelope: Envelope, request: dict[str, Any], pinned: PipelineSpec, canvas: Signature,
+               fresh: bool) -> None:
         """Record the job in the ledger (request, pinned versions, queued status, watch deadline), then send
-        its chain, whose last task answers under the job id. A job id that was started already is refused."""
+        its chain, whose last task answers under the job id. The record is sent to Redis first; for a
+        `fresh` job id (one this client made) its reply is read after the chain is sent, so the round trips
+        overlap; a job id the caller chose is checked first: one that was started already is refused."""
         job_id = envelope.job_id
-        claims: list[Claim] = []
-        try:
-            self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
-                                                                       final=True)))
-        except redis.exceptions.OutOfMemoryError as error:  # the start script writes all of its keys or none
-            raise RedisFullError(
-                f"job {job_id} not started: Redis at {safe_url(self.runtime.settings.backend_url)} refused the "
-                f"write ({error}); it is at maxmemory. Stagecoach needs maxmemory-policy noeviction and room "
-                "for its jobs' records (docs/reliability.md: Redis memory)", job_id) from None
-        if claims[-1].begin is not Begin.RUN:
-            raise ContractError("job request", [FieldProblem("job_id", f"job {job_id} was started already")])
+        owner = f"client:{uuid.uuid4().hex}"  # this attempt: sent again after a lost reply, the same start
+
+        def record() -> Claim:
+            return self.ledger.start(envelope, request, pinned, "client", owner, final=True)
+
+        pending: Callable[[], Claim] | None = None
+        if fresh:
+            with contextlib.suppress(*BROKER_DOWN):  # Redis away: recorded below, with retries, before sending
+                pending = self.ledger.start_sent(envelope, request, pinned, "client", owner, final=True)
+        if pending is None:
+            self._claimed(job_id, self._recorded(job_id, record, again=record))
         try:
             self._with_retries(lambda: canvas.apply_async(task_id=job_id, root_id=job_id))
         except BrokerUnavailableError as error:  # recorded but never sent: end it, so nobody waits on it
-            record = ErrorRecord(node="", kind="message", error_type=type(error).__name__, message=str(error))
+            record_error = ErrorRecord(node="", kind="message", error_type=type(error).__name__, message=str(error))
             with contextlib.suppress(*BROKER_DOWN):
-                self.ledger.fail(job_id, record, Closer(local_hostname("client")), envelope.pipeline, {})
+                self._recorded(job_id, pending or record)
+                self.ledger.fail(job_id, record_error, Closer(local_hostname("client")), envelope.pipeline, {})
             raise
+        except redis.exceptions.OutOfMemoryError as error:  # Redis refused the message: and the record?
+            if pending is not None:
+                self._recorded(job_id, pending)
+            raise self._full(job_id, error) from None
+        if pending is not None:
+            self._claimed(job_id, self._recorded(job_id, pending, again=record))
+
+    def _recorded(self, job_id: str, read: Callable[[], Claim], again: Callable[[], Claim] | None = None) -> Claim:
+        """The start's claim, riding out a Redis restart (`again` sends the same start anew: idempotent)."""
+        try:
+            try:
+                return read()
+            except BROKER_DOWN:
+                if again is None:
+                    raise
+                claims: list[Claim] = []
+                self._with_retries(lambda: claims.append(again()))
+                return claims[-1]
+        except redis.exceptions.OutOfMemoryError as error:  # the start script writes all of its keys or none
+            raise self._full(job_id, error) from None
+
+    def _full(self, job_id: str, error: Exception) -> RedisFullError:
+        return RedisFullError(
+            f"job {job_id} not started: Redis at {safe_url(self.runtime.settings.backend_url)} refused the "
+            f"write ({error}); it is at maxmemory. Stagecoach needs maxmemory-policy noeviction and room "
+            "for its jobs' records (docs/reliability.md: Redis memory)", job_id)
+
+    @staticmethod
+    def _claimed(job_id: str, claim: Claim) -> None:
+        if claim.begin is not Begin.RUN:
+            raise ContractError("job request", [FieldProblem("job_id", f"job {job_id} was started already")])
 
     def _with_retries(self, publish: Callable[[], None]) -> None:
         """Retry while the broker is unreachable (a Redis restart), for at most STAGECOACH_PUBLISH_RETRY_SECONDS."""

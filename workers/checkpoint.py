@@ -188,8 +188,10 @@ return {'run', deliveries, cancelled, done}
 # -> 'run' | 'duplicate'
 _START = APPEND_LUA + """
 local owner = 'running:' .. ARGV[1]
+local held = redis.call('GET', KEYS[2])
+if held == ARGV[3] then return 'run' end  -- this very start, sent again (its reply was lost): done already
 local claimed = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4])
-if not claimed and ARGV[2] == '1' and redis.call('GET', KEYS[2]) == owner then
+if not claimed and ARGV[2] == '1' and held == owner then
   claimed = redis.call('SET', KEYS[2], owner, 'XX', 'EX', ARGV[4])
 end
 if not claimed then return 'duplicate' end
@@ -199,7 +201,9 @@ redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'generation', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('HSET', KEYS[3], unpack(ARGV, 16))
+if redis.call('HEXISTS', KEYS[3], 'state') == 0 then  -- a job that began already is never set back to queued
+  redis.call('HSET', KEYS[3], unpack(ARGV, 16))
+end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
 append(KEYS[5], KEYS[6], ARGV[12], ARGV[13], ARGV[5], ARGV[14], ARGV[15])
@@ -283,22 +287,29 @@ class Checkpoints:
     # --- the job ------------------------------------------------------------------------------
 
     def start(self, job: Envelope, start: Start, status: dict[str, str], owner: str, redelivered: bool,
-              final: bool, queued: JobQueued) -> Claim:
+              final: bool, queued: JobQueued) -> Callable[[], Claim]:
         """Record the job's start (first time only), its queued status, its watch deadline and its `queued`
-        event, and claim the start for `owner`; `final`: the claim is done at once (a sender that is never
-        redelivered)."""
+        event, and claim the start for `owner` (unique per attempt to start: sent again after a lost reply,
+        the same start answers `run`); `final`: the claim is done at once (a sender that is never
+        redelivered). The script is sent now; the returned function reads its reply, so a caller may send
+        the job's first message meanwhile (one round trip saved on every job)."""
         key = claim_key(job.job_id, f"{job.generation}:run")
         keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY,
                 *self.events.script_keys(job.job_id)]
-        value = "done" if final else f"running:{owner}"
+        value = f"done:{owner}" if final else f"running:{owner}"
         ttl = self.ttl if final else max(int(self.stall), 1)
         args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
                            start.door, json.dumps(start.spec), time.time() + self.stall, job.job_id,
                            *self.events.script_args(queued)]
         for field, encoded_value in status.items():
             args += [field, encoded_value]
-        outcome = _text(self._start(keys=keys, args=args))  # type: ignore[arg-type]
-        return Claim(Begin(outcome) if outcome == "run" else Begin.DUPLICATE, key if not final else "")
+        reply = send_script(self.client, self._start, keys, args)
+
+        def claim() -> Claim:
+            outcome = _text(reply())
+            return Claim(Begin(outcome) if outcome == "run" else Begin.DUPLICATE, key if not final else "")
+
+        return claim
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.client.hget(checkpoint_key(job_id), "request")
@@ -459,6 +470,33 @@ def claims_of(generation: int, steps: Sequence[tuple[str, int]]) -> tuple[str, .
     names += [f"{g}:{path}#{attempt}" for g in range(generation + 1) for path, attempts in most.items()
               for attempt in range(attempts)]
     return tuple(names)
+
+
+def send_script(client: redis.Redis, script: Any, keys: list[str], args: list[Any]) -> Callable[[], Any]:
+    """Send a script now on a connection of its own, and return a function that reads its reply (once):
+    the caller overlaps the round trip with its own work. A Redis that lost its script cache (restarted)
+    answers NOSCRIPT: then the script is run again, loaded, when the reply is read."""
+    pool = client.connection_pool
+    connection: Any = pool.get_connection("EVALSHA")
+    parse: Any = client.parse_response
+    try:
+        connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    except BaseException:
+        pool.release(connection)
+        raise
+
+    def reply() -> Any:
+        try:
+            return parse(connection, "EVALSHA")
+        except redis.exceptions.NoScriptError:
+            return script(keys=keys, args=args)
+        except BaseException:
+            connection.disconnect()  # a half-read reply must not be read by the next user of the connection
+            raise
+        finally:
+            pool.release(connection)
+
+    return reply
 
 
 def queue_script(pipe: "redis.client.Pipeline", script: Any, keys: list[str], args: list[Any]) -> None:

@@ -17,7 +17,7 @@
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -133,8 +133,17 @@ class Ledger:
               redelivered: bool = False, final: bool = False) -> Claim:
         """Record the job before its first message is sent: its request, and `spec`, the pipeline with every
         version pinned (the watchdog and `resume` run the same versions). The claim says whether this
-        caller starts it (`Begin.RUN`) or another start owns it. `final`: the sender is never redelivered
-        (the client), so the start is claimed done at once; otherwise call `sent` once the message is out."""
+        caller starts it (`Begin.RUN`) or another start owns it; `owner` names this attempt to start (the
+        same owner sending it again after a lost reply gets `Begin.RUN`). `final`: the sender is never
+        redelivered (the client), so the start is claimed done at once; otherwise call `sent` once the
+        message is out."""
+        return self.start_sent(job, request, spec, door, owner, redelivered, final)()
+
+    def start_sent(self, job: Envelope, request: dict[str, Any], spec: PipelineSpec, door: str, owner: str,
+                   redelivered: bool = False, final: bool = False) -> Callable[[], Claim]:
+        """`start`, its record sent to Redis at once and its answer read when the returned function is called:
+        a sender whose job id cannot have been started before (a fresh one) sends the job's first message
+        in between, so recording the job costs it no round trip of its own."""
         start = Start(request, spec.model_dump(mode="json"), door)
         status = encoded({"state": "queued", "pipeline": job.pipeline, "submitted_at": job.submitted_at,
                           "updated_at": time.time()})

@@ -113,8 +113,12 @@ def submit_all(client: Client, count: int, tag: str, pause: float = 0.0) -> list
     return handles
 
 
-def check_once(client: Client, results: list[JobResult], tag: str) -> None:
-    """Every job succeeded with its own answer, each stage exactly once in its result and its count."""
+def check_once(client: Client, results: list[JobResult], tag: str, submitted: int | None = None) -> None:
+    """Every job submitted (`submitted`: how many the test meant to: a submit that raised in the submitter
+    thread must not shrink the check) succeeded with its own answer, each stage exactly once in its result
+    and its count."""
+    if submitted is not None:
+        assert len(results) == submitted, f"{len(results)} of {submitted} jobs were submitted"
     for index, result in enumerate(results):
         assert result.ok, (result.job_id, result.error)
         assert result.answer["answer"] == f"answer of <{tag} {index}?>"
@@ -144,7 +148,7 @@ def test_sigkills_of_stage_workers_lose_no_job_and_repeat_none(tmp_path: Path) -
         submitter.join()
         results = [h.get(timeout=240) for h in handles]
         seconds = time.monotonic() - started
-        check_once(client, results, "Kill")
+        check_once(client, results, "Kill", 200)
         chaos.fleet.wait_ready()
         assert chaos.alive()
         timings = [t for r in results for t in r.timings]
@@ -173,7 +177,7 @@ def test_redis_restart_under_load_loses_and_repeats_nothing(tmp_path: Path) -> N
         submitter.join()
         results = [h.get(timeout=240) for h in handles]
         seconds = time.monotonic() - started
-        check_once(client, results, "Restart")
+        check_once(client, results, "Restart", 100)
         assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
         logs = "".join(w.log_text() for w in chaos.fleet.workers)
         assert "Unrecoverable error" not in logs
@@ -272,7 +276,7 @@ def test_killed_thread_pool_workers_jobs_finish_within_a_minute_with_defaults(tm
         last_fault = time.time()
         submitter.join()
         results = [h.get(timeout=300) for h in handles]
-        check_once(client, results, "Lease")
+        check_once(client, results, "Lease", 200)
         tail = recovery_figures("sigkill_defaults", results, last_fault, chaos, kills=len(killed))
         assert tail <= RECOVERY_BOUND, f"the last job ended {tail:.0f}s after the last kill"
 
@@ -292,7 +296,7 @@ def test_redis_restart_jobs_finish_within_a_minute_with_defaults(tmp_path: Path)
         last_fault = time.time()
         submitter.join()
         results = [h.get(timeout=300) for h in handles]
-        check_once(client, results, "Lease restart")
+        check_once(client, results, "Lease restart", 100)
         assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
         tail = recovery_figures("redis_restart_defaults", results, last_fault, chaos)
         assert tail <= RECOVERY_BOUND, f"the last job ended {tail:.0f}s after Redis came back"
