@@ -202,6 +202,18 @@ def iter_nodes(node: AnyNode) -> Iterator[AnyNode]:
         yield from iter_nodes(child)
 
 
+STATIC_KINDS = frozenset({"stage", "sequence", "parallel", "ensemble"})  # every stage in them runs, once
+
+
+def static_stage_count(spec: PipelineSpec) -> int | None:
+    """How many stage calls a job of `spec` makes, when the tree alone says (None: a branch, loop, map,
+    adaptive or sub-pipeline node decides at run time)."""
+    nodes = list(iter_nodes(spec.root))
+    if any(node.kind not in STATIC_KINDS for node in nodes):
+        return None
+    return sum(1 for node in nodes if node.kind == "stage")
+
+
 def _spec_files(paths: Iterable[Path | str]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:

@@ -5,6 +5,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
+from contracts.priority import MAX_PRIORITY, MIN_PRIORITY
+from contracts.webhooks import Webhook, WebhookDelivery
 
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 # how a job ended: every ending goes through the one close path (workers/ledger.py)
@@ -23,6 +25,10 @@ class JobRequest(BaseModel):
     version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] | None = Field(None, description="only these declared outputs; stages feeding only others skip")
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                                 description="0 (default, lowest) to 9 (most urgent): every stage message of the job")
+    webhook: Webhook | None = Field(None, description="called with the JobResult once the job ends, however it ends")
+    metadata: dict[str, Any] | None = Field(None, description="the caller's own data, kept with the job's status")
 
 
 class JobStatus(BaseModel):
@@ -32,8 +38,13 @@ class JobStatus(BaseModel):
     node: str | None = Field(None, description="node path the job is in now")
     stage: str | None = Field(None, description="stage the job is in now")
     stages_done: int = 0
+    stages_total: int | None = Field(None, description="stage calls the job makes, when its pipeline's tree alone "
+                                                       "says (None: branches, loops, maps decide at run time)")
     updated_at: float | None = None
     submitted_at: float | None = None
+    priority: int | None = None
+    metadata: dict[str, Any] | None = None
+    webhook: WebhookDelivery | None = Field(None, description="the completion webhook's delivery, if one was asked")
 
 
 class JobResult(BaseModel):

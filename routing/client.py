@@ -10,11 +10,14 @@ from urllib.parse import urlparse
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
+from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.specs import PipelineSpec
+from contracts.webhooks import Webhook
 from routing.compile import Compiler
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
 from routing.nodes import KINDS
@@ -106,19 +109,25 @@ class Client:
         self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None, outputs: list[str] | None = None) -> JobHandle:
+               version: str | None = None, outputs: list[str] | None = None, priority: int | None = None,
+               webhook: Webhook | None = None, metadata: dict[str, Any] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
-        some declared outputs: stages that feed only the others are skipped."""
+        some declared outputs: stages that feed only the others are skipped. `priority` 0-9 (9 most
+        urgent), `webhook` called once the job ends, `metadata` kept with its status."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs)
+        try:
+            request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs,
+                                 priority=priority, webhook=webhook, metadata=metadata)
+        except ValidationError as error:
+            raise ContractError("job request", problems_of(error)) from None
         check_size(request, self.runtime.settings.max_request_bytes)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
-        canvas = self.compiler.job(spec, envelope)
+        canvas = self.compiler.job(spec, envelope, priority)
         self._start(envelope, payload, pinned, canvas)
         return JobHandle(self, job_id)
 

@@ -19,6 +19,7 @@ from contracts.catalog import Catalog
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
 from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, stage_queue
+from contracts.priority import queue_lists
 from routing.compile import Compiler
 from routing.errors import PipelineError
 from routing.nodes import KINDS
@@ -61,7 +62,8 @@ class Recovery:
         envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
         self.checkpoints.push_deadline(job_id, time.time() + backoff)
-        job_canvas(self.compiler, pipeline, envelope).apply_async(root_id=job_id)  # finish answers as the job
+        canvas = job_canvas(self.compiler, pipeline, envelope, request.get("priority"))
+        canvas.apply_async(root_id=job_id)  # finish answers as the job
         return generation
 
     def resume(self, job_id: str) -> int:
@@ -100,7 +102,7 @@ class Recovery:
         broker = redis.Redis.from_url(str(self.app.conf.broker_url))
         queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
         found: set[str] = set()
-        for queue in queues:
+        for queue in [key for name in queues for key in queue_lists(name)]:  # one list per priority step
             for raw in broker.lrange(queue, 0, -1):
                 text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
                 found.update(_ROOT_ID.findall(text))

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.names import (
+    JOBS_INDEX_KEY,
     WATCH_KEY,
     cancel_key,
     checkpoint_key,
@@ -32,6 +33,8 @@ from contracts.names import (
     deliveries_key,
     job_fields_key,
     job_key,
+    open_jobs_key,
+    pipeline_jobs_key,
 )
 
 
@@ -143,10 +146,11 @@ end
 return {'run', deliveries, cancelled, done}
 """
 
-# Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch;
-# ARGV owner, redelivered (0/1), claim value ('running:<owner>', or 'done' for a sender that cannot be
-# redelivered), claim ttl, ttl, request, pipeline, door, pinned spec, deadline, job id, then the job's
-# status field/value pairs -> 'run' | 'duplicate'
+# Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch, job index,
+# the pipeline's job index, the pipeline's open jobs; ARGV owner, redelivered (0/1), claim value ('running:<owner>',
+# or 'done' for a sender that cannot be redelivered), claim ttl, ttl, request, pipeline, door, pinned spec, deadline,
+# job id, submit time, oldest submit time kept in the indexes, then the job's status field/value pairs
+# -> 'run' | 'duplicate'
 _START = """
 local owner = 'running:' .. ARGV[1]
 local claimed = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4])
@@ -160,15 +164,21 @@ redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'generation', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('HSET', KEYS[3], unpack(ARGV, 12))
+redis.call('HSET', KEYS[3], unpack(ARGV, 14))
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
+for i = 5, 7 do
+  redis.call('ZADD', KEYS[i], ARGV[12], ARGV[11])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[13])
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
+end
 return 'run'
 """
 
-# Close a job once per generation, its result stored with its final status: KEYS closed marker,
-# checkpoint, watch, job status, result; ARGV generation ('' for the current one), ttl, job id, now,
-# result record, result ttl (0: none), then the final status field/value pairs
+# Close a job once per generation, its result stored with its final status, and out of its pipeline's open
+# jobs: KEYS closed marker, checkpoint, watch, job status, result; ARGV generation ('' for the current one),
+# ttl, job id, now, result record, result ttl (0: none), prefix of the open-jobs keys, then the final status
+# field/value pairs
 # -> {'run' | 'stale' | 'duplicate', door}
 _CLOSE = """
 local current = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
@@ -181,7 +191,9 @@ if closed and tonumber(closed) >= generation then return {'duplicate', door} end
 redis.call('SET', KEYS[1], generation, 'EX', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'finished_at', ARGV[4]) end
-redis.call('HSET', KEYS[4], unpack(ARGV, 7))
+local pipeline = redis.call('HGET', KEYS[2], 'pipeline')
+if pipeline then redis.call('ZREM', ARGV[7] .. pipeline, ARGV[3]) end
+redis.call('HSET', KEYS[4], unpack(ARGV, 8))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 if tonumber(ARGV[6]) > 0 then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
@@ -231,11 +243,14 @@ class Checkpoints:
         """Record the job's start (first time only), its queued status and its watch deadline, and claim
         the start for `owner`; `final`: the claim is done at once (a sender that is never redelivered)."""
         key = claim_key(job.job_id, f"{job.generation}:run")
-        keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY]
+        keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY, JOBS_INDEX_KEY,
+                pipeline_jobs_key(job.pipeline), open_jobs_key(job.pipeline)]
         value = "done" if final else f"running:{owner}"
         ttl = self.ttl if final else max(int(self.stall), 1)
+        now = time.time()
         args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
-                           start.door, json.dumps(start.spec), time.time() + self.stall, job.job_id]
+                           start.door, json.dumps(start.spec), now + self.stall, job.job_id,
+                           job.submitted_at or now, now - self.ttl]
         for field, encoded_value in status.items():
             args += [field, encoded_value]
         outcome = _text(self._start(keys=keys, args=args))  # type: ignore[arg-type]
@@ -271,6 +286,9 @@ class Checkpoints:
         pipe.execute()
         if self.request(job_id) is not None:
             self.client.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
+            pipeline = self.client.hget(checkpoint_key(job_id), "pipeline")
+            if pipeline:  # open again: part of its pipeline's backlog
+                self.client.zadd(open_jobs_key(_text(pipeline)), {job_id: time.time()})
 
     def stalled(self, now: float | None = None) -> list[str]:
         """Jobs past their deadline of progress."""
@@ -319,7 +337,7 @@ class Checkpoints:
                     stored: StoredResult) -> tuple[list[Any], list[Any]]:
         keys = [closed_key(job_id), checkpoint_key(job_id), WATCH_KEY, job_key(job_id), stored.key]
         args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(), stored.value,
-                           stored.ttl]
+                           stored.ttl, open_jobs_key("")]
         for field, value in status.items():
             args += [field, value]
         return keys, args

@@ -17,12 +17,14 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
-from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
+from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, WEBHOOK_QUEUE, WEBHOOK_TASK, stage_queue
+from contracts.priority import MAX_PRIORITY, PRIORITY_STEPS, REDIS_PRIORITY_SEPARATOR
 from contracts.specs import Limits
 from workers.ledger import Ledger
 from workers.runtime import Runtime
 from workers.settings import Settings
 from workers.tasks import register_stage_tasks
+from workers.webhook_task import register_webhook_task
 
 Plugin = Callable[[Runtime], None]
 
@@ -38,6 +40,7 @@ def create_runtime(settings: Settings | None = None, catalog: Catalog | None = N
     shorter_reprs(app)
     runtime = Runtime(app, settings, catalog, Ledger.from_settings(app, settings, catalog))
     register_stage_tasks(app, catalog.stages, settings, runtime.ledger)
+    register_webhook_task(app, settings, runtime.jobs)
     for plugin in [*plugins, *(_load_plugin(path) for path in settings.plugins)]:
         plugin(runtime)
     return runtime
@@ -94,11 +97,15 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         # precedes it (job progress lives in the job's status record, workers/jobs.py)
         "result_extended": False,
         "task_track_started": False,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog)},
+        # priorities (contracts/priority.py): the job's first messages carry it, every later one inherits it
+        # from the task that sends it; on Redis one list per priority step, on RabbitMQ priority queues
+        "task_inherit_parent_priority": True,
+        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog),
+                                     "priority_steps": PRIORITY_STEPS, "sep": REDIS_PRIORITY_SEPARATOR},
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
-        "task_queues": [Queue(stage_queue(name)) for name in catalog.stages] + [Queue(ROUTING_QUEUE)],  # type: ignore[no-untyped-call]
+        "task_queues": [queue(name) for name in [*map(stage_queue, catalog.stages), ROUTING_QUEUE, WEBHOOK_QUEUE]],
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,
         "worker_hijack_root_logger": False,
@@ -106,10 +113,17 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
     }
 
 
+def queue(name: str) -> Queue:
+    """A queue as declared: on RabbitMQ a priority queue (`x-max-priority`; Redis ignores the argument)."""
+    return Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY})  # type: ignore[no-untyped-call]
+
+
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
-    """stage.<name> goes to its own queue; every routing task goes to the routing queue."""
+    """stage.<name> goes to its own queue, webhook deliveries to theirs; every routing task to the routing queue."""
     if name.startswith(STAGE_PREFIX):
         return {"queue": name}
+    if name == WEBHOOK_TASK:
+        return {"queue": WEBHOOK_QUEUE}
     return {"queue": ROUTING_QUEUE}
 
 

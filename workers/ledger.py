@@ -23,7 +23,7 @@ import redis
 from celery import Celery, Task, states
 from celery.exceptions import Ignore
 
-from contracts.catalog import Catalog
+from contracts.catalog import Catalog, static_stage_count
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.events import FinishedError, FinishedNode, JobFinished, preview
 from contracts.jobs import JobResult
@@ -33,6 +33,7 @@ from workers.events import end_task_event, send
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.onerror import cancelled_record
 from workers.settings import Settings
+from workers.webhooks import Deliveries
 
 log = logging.getLogger(__name__)
 TRAIL_CHARS = 20_000  # a job-finished event drops a longer decision trail (the JobResult keeps it)
@@ -87,6 +88,7 @@ class Ledger:
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
         self.checkpoints = Checkpoints(client, ttl, stall_seconds)
         self.jobs = JobStore(client, ttl)
+        self.deliveries = Deliveries(app, self.jobs, catalog)  # completion webhooks, queued at the close
 
     @classmethod
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
@@ -106,8 +108,11 @@ class Ledger:
         caller starts it (`Begin.RUN`) or another start owns it. `final`: the sender is never redelivered
         (the client), so the start is claimed done at once; otherwise call `sent` once the message is out."""
         start = Start(request, spec.model_dump(mode="json"), door)
+        total = static_stage_count(spec)
         status = encoded({"state": "queued", "pipeline": job.pipeline, "submitted_at": job.submitted_at,
-                          "updated_at": time.time()})
+                          "updated_at": time.time(), "priority": request.get("priority"),
+                          "metadata": request.get("metadata"),
+                          "stages_total": None if total is None else total - len(job.skipped)})
         return self.checkpoints.start(job, start, status, owner, redelivered, final)
 
     def sent(self, claim: Claim) -> None:
@@ -164,11 +169,12 @@ class Ledger:
         return closing
 
     def fail(self, job_id: str, record: ErrorRecord, closer: Closer, pipeline: str | None = None,
-             inputs: dict[str, Any] | None = None) -> bool:
+             inputs: dict[str, Any] | None = None, rejected: Any = None) -> bool:
         """End a job that has no envelope at hand (rejected, dead-lettered, cancelled while no stage runs,
-        given up by the watchdog) as failed with `record`; whichever generation is current. Returns
-        whether this call closed it."""
-        request = self.checkpoints.request(job_id) or {}
+        given up by the watchdog) as failed with `record`; whichever generation is current. `rejected`: the
+        request of a job refused before it started (no checkpoint holds it; its webhook is still called).
+        Returns whether this call closed it."""
+        request = self.checkpoints.request(job_id) or (rejected if isinstance(rejected, dict) else {})
         name = pipeline if pipeline is not None else str(request.get("pipeline") or self.jobs.status(job_id).pipeline
                                                          or "")
         result = JobResult(job_id=job_id, pipeline=name.partition("@")[0], pipeline_version="", state="failed",
@@ -176,12 +182,14 @@ class Ledger:
         closing = self._closing(result, inputs if inputs is not None else dict(request.get("inputs") or {}))
         closed, door = self.checkpoints.close(job_id, None, closing.status, closing.stored)
         if closed:
-            self.announce(closing, door, closer)
+            self.announce(closing, door, closer, request)
         return closed
 
-    def announce(self, closing: Closing, door: str, closer: Closer) -> None:
+    def announce(self, closing: Closing, door: str, closer: Closer, request: dict[str, Any] | None = None) -> None:
         """What happens once a job has ended (only the call that closed it gets here): one JobFinished
-        event, and Flower told how the job's tasks ended. Best effort: the job is closed already."""
+        event, Flower told how the job's tasks ended, and the job's completion webhook queued (`request`:
+        the job's request when the caller has it at hand, else read from the checkpoint). Best effort:
+        the job is closed already."""
         result = closing.result
         try:
             send(self.app, closer.hostname, result.job_id, finished_event(result, closing.inputs))
@@ -192,6 +200,10 @@ class Ledger:
                 end_task_event(self.app, closer.hostname, result.job_id, result)
         except Exception:
             log.exception("job %s closed, but announcing its end failed", result.job_id)
+        try:
+            self.deliveries.after_close(result, request if request is not None else self.request(result.job_id))
+        except Exception:
+            log.exception("job %s closed, but queueing its webhook failed", result.job_id)
 
     def _closing(self, result: JobResult, inputs: dict[str, Any]) -> Closing:
         payload = result.model_dump(mode="json")

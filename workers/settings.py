@@ -6,6 +6,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.webhooks import LOOPBACK
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = PROJECT_ROOT / "pipelines"
 LOCAL_MODEL = "openai/smollm2-135m-instruct"
@@ -64,6 +66,19 @@ class CacheSettings(BaseSettings):
     max_entry_bytes: int = Field(1024 * 1024, gt=0, description="a larger stage output is not cached")
 
 
+class WebhookSettings(BaseSettings):
+    """Completion webhooks (workers/webhooks.py): delivered by the `webhook` worker, never by a stage worker."""
+
+    model_config = SettingsConfigDict(env_prefix="STAGECOACH_WEBHOOK_", extra="ignore")
+
+    attempts: int = Field(5, ge=1, description="deliveries tried (errors, timeouts, non-2xx) before a dead letter")
+    timeout: float = Field(10.0, gt=0, description="seconds one delivery may take")
+    backoff: float = Field(1.0, gt=0, description="seconds before the first retry; doubles each retry")
+    backoff_max: float = Field(60.0, gt=0, description="longest pause between two retries")
+    allow: list[str] = Field(default_factory=lambda: list(LOOPBACK), description=(
+        "hosts (exact or *.domain) and IP networks webhooks may call, JSON list; default: loopback only"))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_", extra="ignore")
 
@@ -107,6 +122,7 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
+    webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings())
 
     @model_validator(mode="after")
     def _resolve_urls(self) -> "Settings":
