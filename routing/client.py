@@ -17,7 +17,7 @@ from contracts.errors import ContractError, FieldProblem
 from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.specs import PipelineSpec
-from contracts.webhooks import Webhook
+from contracts.webhooks import Webhook, refused
 from routing.compile import Compiler
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
 from routing.nodes import KINDS
@@ -125,6 +125,7 @@ class Client:
         except ValidationError as error:
             raise ContractError("job request", problems_of(error)) from None
         check_size(request, self.runtime.settings.max_request_bytes)
+        check_webhook(request, self.runtime.settings.webhook.allow)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
         canvas = self.compiler.job(spec, envelope, priority)
@@ -202,6 +203,13 @@ def safe_url(url: str) -> str:
         return url
     netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
     return parsed._replace(netloc=netloc).geturl()
+
+
+def check_webhook(request: JobRequest, allowed: list[str]) -> None:
+    """Refuse a webhook URL off the allow-list (STAGECOACH_WEBHOOK_ALLOW) now, not when the job ends."""
+    problem = refused(request.webhook.url, allowed) if request.webhook is not None else None
+    if problem is not None:
+        raise ContractError("job request", [FieldProblem("webhook.url", problem)])
 
 
 def check_size(request: JobRequest, max_bytes: int) -> None:
