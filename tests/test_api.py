@@ -333,7 +333,7 @@ def test_idempotency_key(api: str, tokens: dict[str, str]) -> None:
     key2 = uuid.uuid4().hex
     error_of(submit(api, user, {"pipeline": "qa", "inputs": {}}, **{"Idempotency-Key": key2}), 422, "contract")
     assert submit(api, user, body, **{"Idempotency-Key": key2}).status_code == 202
-    error_of(both("POST", f"{api}/v1/jobs", user, body, {"Idempotency-Key": "é" * 3}), 400, "bad-request")
+    error_of(both("POST", f"{api}/v1/jobs", user, body, {"Idempotency-Key": "k" * 201}), 400, "bad-request")
 
 
 def test_rate_limit_and_backlog_answer_429_with_retry_after(api: str, tokens: dict[str, str]) -> None:
