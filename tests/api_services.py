@@ -31,7 +31,8 @@ def api_server(env: dict[str, str], logdir: Path, name: str = "api", **settings:
 
     def up() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"stagecoach api exited ({proc.returncode}): {(logdir / f'{name}.log').read_text()[-3000:]}")
+            output = (logdir / f"{name}.log").read_text()[-3000:]
+            raise RuntimeError(f"stagecoach api exited ({proc.returncode}): {output}")
         try:
             return httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200
         except httpx.HTTPError:

@@ -21,35 +21,38 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--hide-scrollbars"]
 
 
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def get(url: str, token: str | None = None) -> bytes:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return bytes(response.read())
 
 
-def get_json(url: str) -> Any:
-    return json.loads(get(url))
+def get_json(url: str, token: str | None = None) -> Any:
+    return json.loads(get(url, token))
 
 
-def _up(url: str) -> bool:
+def _up(url: str, token: str | None = None) -> bool:
     try:
-        get(url)
+        get(url, token)
         return True
     except OSError:
         return False
 
 
 @contextmanager
-def monitor_service(redis_url: str, lm_url: str, logdir: Path) -> Iterator[str]:
-    """`stagecoach monitor` on a free port; yields its base URL once it receives events."""
+def monitor_service(redis_url: str, lm_url: str, logdir: Path, token: str | None = None,
+                    **extra: str) -> Iterator[str]:
+    """`stagecoach monitor` on a free port; yields its base URL once it receives events (`token`: what to
+    read it with when `extra` turns its auth on)."""
     port = free_port()
-    env = {**worker_env(redis_url, lm_url), "STAGECOACH_MONITOR_PORT": str(port)}
+    env = {**worker_env(redis_url, lm_url), "STAGECOACH_MONITOR_PORT": str(port), **extra}
     log = (logdir / "monitor.log").open("wb")
     proc = subprocess.Popen([STAGECOACH, "monitor"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz"), 60, "monitor HTTP")
+        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz", token), 60, "monitor HTTP")
         # workers' heartbeats arrive every 2 s: once one is seen, the event subscription is live
-        wait_until(lambda: get_json(f"{url}/api/health")["events"] > 0, 60, "monitor event stream")
+        wait_until(lambda: get_json(f"{url}/api/health", token)["events"] > 0, 60, "monitor event stream")
         yield url
     finally:
         proc.terminate()
