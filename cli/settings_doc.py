@@ -6,21 +6,23 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from workers.settings import PROJECT_ROOT, CacheSettings, LMSettings, Settings
+from api.settings import APISettings
+from workers.settings import PROJECT_ROOT, CacheSettings, LMSettings, Settings, WebhookSettings
 
 Row = tuple[str, str, str, str]
 
 
 def rows() -> list[Row]:
-    return (_rows(Settings, "STAGECOACH_", skip={"lm", "cache"}) + _rows(LMSettings, "STAGECOACH_LM_")
-            + _rows(CacheSettings, "STAGECOACH_CACHE_"))
+    return (_rows(Settings, "STAGECOACH_", skip={"lm", "cache", "webhook"}) + _rows(LMSettings, "STAGECOACH_LM_")
+            + _rows(CacheSettings, "STAGECOACH_CACHE_") + _rows(APISettings, "STAGECOACH_API_")
+            + _rows(WebhookSettings, "STAGECOACH_WEBHOOK_"))
 
 
 def monitor_rows() -> list[Row]:
     """The monitor's own settings (docs/monitor.md); it shares the broker and catalog settings above."""
     from monitor.settings import MonitorSettings
 
-    return _rows(MonitorSettings, "STAGECOACH_MONITOR_", skip={"broker_url", "catalog"})
+    return _rows(MonitorSettings, "STAGECOACH_MONITOR_", skip={"broker_url", "catalog", "admin_token"})
 
 
 def _rows(model: type[BaseModel], prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> list[Row]:
