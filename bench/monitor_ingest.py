@@ -34,7 +34,7 @@ def call_events(i: int, now: float) -> list[dict[str, Any]]:
         {"type": "task-received", "name": stage_task("answer"), "timestamp": now + 0.001, "hostname": "w@h",
          **common},
         {"type": "task-started", "timestamp": now + 0.002, "hostname": "w@h", **common},
-        {"type": STAGE_OUTCOME_EVENT, "timestamp": now + 0.1, **outcome.fields(), **common},
+        {"type": STAGE_OUTCOME_EVENT, "timestamp": now + 0.1, **outcome.payload(), **common},
         {"type": "task-succeeded", "timestamp": now + 0.101, "runtime": 0.1, "hostname": "w@h", **common},
     ]
 

@@ -175,7 +175,7 @@ class Fleet:
             self.start(f"stage-{stage}", [stage_queue(stage)], concurrency=concurrency)
         self.start("routing", [ROUTING_QUEUE], concurrency=routing_concurrency)
 
-    def wait_ready(self, timeout: float = 90) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
         for worker in self.workers:
             wait_until(lambda w=worker: self._ready(w), timeout, f"worker {worker.name}")  # type: ignore[misc]
 

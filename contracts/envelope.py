@@ -6,6 +6,9 @@ monitor. Methods return new envelopes; an envelope is never mutated in place.
 """
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -160,6 +163,9 @@ class Envelope(BaseModel):
         return self.model_copy(update=update)
 
     def with_decision(self, decision: Decision) -> "Envelope":
+        collected = _decisions.get()
+        if collected is not None:
+            collected.append(decision)
         return self.model_copy(update={"trail": [*self.trail, decision]})
 
     def absorb(self, member: "Envelope") -> "Envelope":
@@ -179,6 +185,21 @@ class Envelope(BaseModel):
         return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
                                        "timings": [], "trail": [], "usage": {},
                                        "cached_usage": {}, "skipped": [], "member_of": member_of})
+
+
+_decisions: ContextVar[list[Decision] | None] = ContextVar("stagecoach_decisions", default=None)
+
+
+@contextmanager
+def decisions_made() -> Iterator[list[Decision]]:
+    """The decisions `with_decision` records in this context meanwhile: what a routing task decided, for
+    its events (the envelope carrying them may leave inside a canvas the task was replaced with)."""
+    made: list[Decision] = []
+    token = _decisions.set(made)
+    try:
+        yield made
+    finally:
+        _decisions.reset(token)
 
 
 def _add(usages: dict[str, Usage], stage: str, usage: Usage) -> dict[str, Usage]:

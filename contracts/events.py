@@ -1,9 +1,15 @@
-"""The events Stagecoach sends besides Celery's own: one per stage outcome, one per finished job.
+"""The events Stagecoach sends besides Celery's own: a job's life, typed.
 
-Workers build them, the monitor validates them (a malformed one is counted and logged, never a
-crash) and the benchmarks send them; all three use these models. They travel as custom Celery
-events (`STAGE_OUTCOME_EVENT`, `JOB_FINISHED_EVENT` in contracts/names.py): the model's fields are
-the event's fields, next to what Celery adds (hostname, timestamp, clock...), which the models ignore.
+A job is queued (`JobQueued`); each stage step starts (`StageStarted`) and ends with an outcome
+(`StageOutcome`: ok, an error of some kind, a retry, skipped); runtime nodes decide (`DecisionMade`:
+a branch taken, a loop iteration, a map fanned out, a recovery); answer fields become final early
+(`FieldsPublished`); the job finishes (`JobFinished`, once, from the ledger's close).
+
+Workers build them, readers validate them (a malformed one is counted and logged, never a crash),
+and the benchmarks send them; all use these models. They are written to the event log's Redis
+streams (workers/eventlog.py: one per job, one for the monitor) as `{type, data}` entries, in the
+Redis round trips the workers make anyway; `StageOutcome` and `JobFinished` also travel as custom
+Celery events, whose fields are the model's next to what Celery adds (ignored here).
 """
 
 import json
@@ -12,7 +18,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts.jobs import Ending
-from contracts.names import JOB_FINISHED_EVENT, STAGE_OUTCOME_EVENT
+from contracts.names import (
+    DECISION_EVENT,
+    FIELDS_EVENT,
+    JOB_FINISHED_EVENT,
+    JOB_QUEUED_EVENT,
+    STAGE_OUTCOME_EVENT,
+    STAGE_STARTED_EVENT,
+)
 
 # marks the Celery task events the job ledger sends to end a job's tasks in Flower (FAILURE, REVOKED),
 # so the monitor does not count them as crashes of the task
@@ -39,9 +52,41 @@ class _Event(BaseModel):
     pipeline: str
     at: float = Field(description="unix seconds when the worker sent it")
 
-    def fields(self) -> dict[str, Any]:
+    def payload(self) -> dict[str, Any]:
         """The event's fields as sent (JSON values)."""
         return self.model_dump(mode="json")
+
+
+class JobQueued(_Event):
+    """A job recorded by the ledger, before its first message is sent."""
+
+    door: str = Field(description="who started it: client (the Python client) or run (a `pipeline.run` task)")
+    pipeline_version: str = ""
+    skipped: list[str] = Field(default_factory=list, description="node paths the lazy plan skips")
+
+
+class StageStarted(_Event):
+    """A stage step that this delivery runs (claimed once, whatever the broker redelivers)."""
+
+    stage: str
+    node: str
+    attempt: int = Field(1, description="1 for the first try, +1 per retry")
+    worker: str = ""
+
+
+class DecisionMade(_Event):
+    """What a runtime node (or a stage's on_error recovery) decided."""
+
+    node: str
+    kind: str
+    choice: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class FieldsPublished(_Event):
+    """Answer fields final before the job ends (`JobHandle.output`)."""
+
+    fields: dict[str, Any]
 
 
 class StageOutcome(_Event):
@@ -100,12 +145,22 @@ class JobFinished(_Event):
     answer: str = Field("", description="preview of the answer (JSON, cut)")
 
 
-StagecoachEvent = StageOutcome | JobFinished
-EVENT_MODELS: dict[str, type[StageOutcome] | type[JobFinished]] = {
+StagecoachEvent = JobQueued | StageStarted | StageOutcome | DecisionMade | FieldsPublished | JobFinished
+EVENT_MODELS: dict[str, type[StagecoachEvent]] = {
+    JOB_QUEUED_EVENT: JobQueued,
+    STAGE_STARTED_EVENT: StageStarted,
     STAGE_OUTCOME_EVENT: StageOutcome,
+    DECISION_EVENT: DecisionMade,
+    FIELDS_EVENT: FieldsPublished,
     JOB_FINISHED_EVENT: JobFinished,
 }
+_NAMES = {model: name for name, model in EVENT_MODELS.items()}
 
 
 def event_name(event: StagecoachEvent) -> str:
-    return STAGE_OUTCOME_EVENT if isinstance(event, StageOutcome) else JOB_FINISHED_EVENT
+    return _NAMES[type(event)]
+
+
+def parse_event(name: str, data: str | bytes) -> StagecoachEvent:
+    """An event from its type name and JSON (raises KeyError for an unknown name, ValidationError for bad data)."""
+    return EVENT_MODELS[name].model_validate_json(data)

@@ -96,9 +96,22 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-# Custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's own).
+# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams, and the
+# first two also as custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's)
 STAGE_OUTCOME_EVENT = "stagecoach-stage-outcome"
 JOB_FINISHED_EVENT = "stagecoach-job-finished"
+JOB_QUEUED_EVENT = "stagecoach-job-queued"
+STAGE_STARTED_EVENT = "stagecoach-stage-started"
+DECISION_EVENT = "stagecoach-decision"
+FIELDS_EVENT = "stagecoach-fields"
+
+# the event log (workers/eventlog.py): every job's events on one bounded stream, read by the monitor
+EVENTS_STREAM = KEY_PREFIX + "events"
+
+
+def job_events_key(job_id: str) -> str:
+    """A job's own event stream (bounded, expiring with the job): what SSE readers and traces replay."""
+    return JOB_KEY_PREFIX + job_id + ":events"
 
 
 def monitor_key(*parts: str) -> str:

@@ -147,7 +147,7 @@ class Consumer:
             return
         if isinstance(parsed, StageOutcome):
             self.on_stage_outcome(parsed, event)
-        else:
+        elif isinstance(parsed, JobFinished):
             self.on_job_finished(parsed, event)
 
     def on_stage_outcome(self, event: StageOutcome, raw: Event) -> None:

@@ -32,7 +32,7 @@ from contracts.names import ROUTING_QUEUE, rescue_task
 from contracts.specs import AnyNode, LMOverride, StageNode, SubPipelineNode, map_children
 from routing.compile import Compiler, bind_input
 from routing.errors import RoutingError
-from routing.guard import failed, handed_on
+from routing.guard import failed, handed_on, told
 from routing.kinds import Routing
 
 
@@ -165,14 +165,17 @@ def register_fanin(routing: Routing, body_task: str, fold: Fold) -> None:
     def fan_in(self: Task, results: list[Any] | None, node: dict[str, Any], path: str, base: dict[str, Any],
                members: list[list[str]], rescued: str | None = None) -> Any:
         job = Envelope.model_validate(base)
-        try:
-            found = results if results is not None else read_results(self.app, [m[2] for m in members])
-            folded = fold_results(fold, node, path, job, members, found).model_dump(mode="json")
-        except (Ignore, Retry):
-            raise
-        except Exception as error:
-            folded = failed(job, path, error)
-        return handed_on(routing, self, folded)
+
+        def gather(task: Task) -> dict[str, Any]:
+            try:
+                found = results if results is not None else read_results(task.app, [m[2] for m in members])
+                return fold_results(fold, node, path, job, members, found).model_dump(mode="json")
+            except (Ignore, Retry):
+                raise
+            except Exception as error:
+                return failed(job, path, error)
+
+        return handed_on(routing, self, told(routing, self, base, gather))
 
     # bind=False and three arguments: Celery calls it in place with the failed body's request
     @app.task(name=rescue_task(body_task), shared=False, queue=ROUTING_QUEUE)

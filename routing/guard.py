@@ -5,15 +5,17 @@ job ledger then ends the job as failed (at the job's top level; inside a fan-out
 judges), instead of leaving it hanging.
 """
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
 
-from contracts.envelope import Envelope, ErrorRecord
+from contracts.envelope import Decision, Envelope, ErrorRecord, decisions_made
 from contracts.names import ROUTING_QUEUE
 from routing.compile import Compiler
 from routing.kinds import Routing, RuntimeHandler
+from workers.outcome import decisions
 
 
 def routing_record(path: str, error: BaseException) -> ErrorRecord:
@@ -47,9 +49,43 @@ def handed_on(routing: Routing, task: Task, out: Any) -> Any:
     return out
 
 
+class Telling:
+    """A routing task as its handler sees it: the decisions the handler records (`Envelope.with_decision`)
+    go to the job's event log before the canvas it chose is sent (`replace`) or its envelope handed on,
+    so they come before what they started."""
+
+    def __init__(self, routing: Routing, task: Task, envelope: dict[str, Any], made: list[Decision]) -> None:
+        self._routing, self._task, self._made, self._told = routing, task, made, 0
+        self._job_id, self._pipeline = str(envelope.get("job_id") or ""), str(envelope.get("pipeline") or "")
+
+    def replace(self, sig: Any) -> Any:
+        self.tell()
+        return self._task.replace(sig)
+
+    def tell(self) -> None:
+        fresh = self._made[self._told:]
+        if fresh and self._job_id:
+            self._routing.ledger.events.append(self._job_id, decisions(self._job_id, self._pipeline, fresh))
+            self._told += len(fresh)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+
+def told(routing: Routing, task: Task, envelope: dict[str, Any], decide: Callable[[Task], Any]) -> Any:
+    """`decide(task)` with the decisions it makes told (see Telling)."""
+    with decisions_made() as made:
+        teller = Telling(routing, task, envelope, made)
+        out = decide(cast(Task, teller))
+        teller.tell()
+    return out
+
+
 def register_routing_task(routing: Routing, name: str, handler: RuntimeHandler) -> None:
     """A task `name(envelope, node=..., path=...)` on the routing queue that runs `handler` guarded."""
 
     @routing.app.task(name=name, shared=False, bind=True, queue=ROUTING_QUEUE, acks_late=True)
     def route(self: Task, envelope: dict[str, Any], node: dict[str, Any], path: str) -> Any:
-        return handed_on(routing, self, guarded(handler, self, routing.compiler, envelope, node, path))
+        out = told(routing, self, envelope, lambda task: guarded(handler, task, routing.compiler, envelope, node,
+                                                                 path))
+        return handed_on(routing, self, out)

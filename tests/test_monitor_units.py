@@ -36,7 +36,7 @@ def outcome(i: int, outcome: str = "ok", **extra: object) -> dict[str, object]:
               "seconds": i / 10, "at": 1000.0 + i, "prompt_tokens": 3, "completion_tokens": 2, "input_bytes": 10,
               "output_bytes": 5, **extra}
     celery = {key: fields.pop(key) for key in ("uuid",) if key in fields}
-    event = StageOutcome.model_validate(fields).fields()
+    event = StageOutcome.model_validate(fields).payload()
     return {"type": STAGE_OUTCOME_EVENT, "uuid": f"t{i}", "timestamp": 1000.0 + i, **event, **celery}
 
 

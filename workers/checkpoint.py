@@ -12,7 +12,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from contracts.envelope import Envelope, StageTiming, Usage
+from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
     JOBS_INDEX_KEY,
     WATCH_KEY,
@@ -36,6 +37,7 @@ from contracts.names import (
     open_jobs_key,
     pipeline_jobs_key,
 )
+from workers.eventlog import APPEND_EACH_LUA, APPEND_LUA, EventLog
 
 
 class Begin(enum.Enum):
@@ -59,6 +61,16 @@ class StoredResult:
     key: str
     value: str | bytes
     ttl: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """What closing a job writes in one script: its final status, its JobResult stored as Celery stores a
+    result, and its JobFinished event."""
+
+    status: dict[str, str]
+    stored: StoredResult
+    finished: JobFinished
 
 
 @dataclass(frozen=True)
@@ -108,22 +120,36 @@ def outage_requeues(what: str) -> Iterator[None]:
         raise Reject(f"broker unavailable: {error}", requeue=True) from None
 
 
-# KEYS checkpoint, job status; ARGV field, value: record a stage's first completion and count it
-_FIRST_DONE = """
+# Record a stage's first completion, count it and append its events (only the first time, so a repeated
+# save appends nothing twice): KEYS checkpoint, job status, job event stream, fleet event stream;
+# ARGV field, value, per-job bound, fleet bound, ttl, then per event: type, JSON, on the fleet stream (0/1)
+_FIRST_DONE = APPEND_EACH_LUA + """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'stages_done', 1)
+  append_each(KEYS[3], KEYS[4], 3)
   return 1
 end
 return 0
 """
 
+# A step's claim done, with the events of a step that completed no stage (failed, skipped, retried) appended
+# once: KEYS claim, job event stream, fleet event stream; ARGV ttl, per-job bound, fleet bound, then per
+# event: type, JSON, on the fleet stream (0/1)
+_COMPLETE = APPEND_EACH_LUA + """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 8) ~= 'running:' then return 0 end
+redis.call('SET', KEYS[1], 'done', 'EX', ARGV[1])
+append_each(KEYS[2], KEYS[3], 2)
+return 1
+"""
+
 
 # The start of a stage step in one round trip (it runs on every stage call, so round trips count):
-# KEYS checkpoint, claim, deliveries, cancel, watch, job status
-# ARGV generation, owner, claim ttl, ttl, redelivered (0/1), done field, deadline, job id, then
-#      field/value pairs of the job's status for a step that runs
+# KEYS checkpoint, claim, deliveries, cancel, watch, job status, job event stream, fleet event stream
+# ARGV generation, owner, claim ttl, ttl, redelivered (0/1), done field, deadline, job id, the event's
+#      bounds, type and JSON (StageStarted), then field/value pairs of the job's status for a step that runs
 # -> {begin, deliveries, cancelled (0/1), done record or false}
-_BEGIN = """
+_BEGIN = APPEND_LUA + """
 local generation = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
 if tonumber(ARGV[1]) < generation then return {'stale', 0, 0, false} end
 local deliveries = redis.call('INCR', KEYS[3])
@@ -138,20 +164,22 @@ local cancelled = redis.call('EXISTS', KEYS[4])
 local done = redis.call('HGET', KEYS[1], ARGV[6])
 if cancelled == 0 and not done then
   redis.call('ZADD', KEYS[5], 'XX', ARGV[7], ARGV[8])
-  if #ARGV > 8 then
-    redis.call('HSET', KEYS[6], unpack(ARGV, 9))
+  append(KEYS[7], KEYS[8], ARGV[9], ARGV[10], ARGV[4], ARGV[11], ARGV[12])
+  if #ARGV > 12 then
+    redis.call('HSET', KEYS[6], unpack(ARGV, 13))
     redis.call('EXPIRE', KEYS[6], ARGV[4])
   end
 end
 return {'run', deliveries, cancelled, done}
 """
 
-# Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch, job index,
-# the pipeline's job index, the pipeline's open jobs; ARGV owner, redelivered (0/1), claim value ('running:<owner>',
-# or 'done' for a sender that cannot be redelivered), claim ttl, ttl, request, pipeline, door, pinned spec, deadline,
-# job id, submit time, oldest submit time kept in the indexes, then the job's status field/value pairs
+# Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch, job
+# event stream, fleet event stream, job index, the pipeline's job index, the pipeline's open jobs; ARGV owner,
+# redelivered (0/1), claim value ('running:<owner>', or 'done' for a sender that cannot be redelivered), claim
+# ttl, ttl, request, pipeline, door, pinned spec, deadline, job id, the event's bounds, type and JSON
+# (JobQueued), submit time, oldest submit time kept in the indexes, then the job's status field/value pairs
 # -> 'run' | 'duplicate'
-_START = """
+_START = APPEND_LUA + """
 local owner = 'running:' .. ARGV[1]
 local claimed = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4])
 if not claimed and ARGV[2] == '1' and redis.call('GET', KEYS[2]) == owner then
@@ -164,23 +192,24 @@ redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'generation', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('HSET', KEYS[3], unpack(ARGV, 14))
+redis.call('HSET', KEYS[3], unpack(ARGV, 18))
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
-for i = 5, 7 do
-  redis.call('ZADD', KEYS[i], ARGV[12], ARGV[11])
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[13])
+append(KEYS[5], KEYS[6], ARGV[12], ARGV[13], ARGV[5], ARGV[14], ARGV[15])
+for i = 7, 9 do
+  redis.call('ZADD', KEYS[i], ARGV[16], ARGV[11])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[17])
   redis.call('EXPIRE', KEYS[i], ARGV[5])
 end
 return 'run'
 """
 
 # Close a job once per generation, its result stored with its final status, and out of its pipeline's open
-# jobs: KEYS closed marker, checkpoint, watch, job status, result; ARGV generation ('' for the current one),
-# ttl, job id, now, result record, result ttl (0: none), prefix of the open-jobs keys, then the final status
-# field/value pairs
+# jobs: KEYS closed marker, checkpoint, watch, job status, result, job event stream, fleet event stream; ARGV
+# generation ('' for the current one), ttl, job id, now, result record, result ttl (0: none), the event's
+# bounds, type and JSON (JobFinished), prefix of the open-jobs keys, then the final status field/value pairs
 # -> {'run' | 'stale' | 'duplicate', door}
-_CLOSE = """
+_CLOSE = APPEND_LUA + """
 local current = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
 local door = redis.call('HGET', KEYS[2], 'door') or ''
 local generation = current
@@ -192,8 +221,8 @@ redis.call('SET', KEYS[1], generation, 'EX', ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'finished_at', ARGV[4]) end
 local pipeline = redis.call('HGET', KEYS[2], 'pipeline')
-if pipeline then redis.call('ZREM', ARGV[7] .. pipeline, ARGV[3]) end
-redis.call('HSET', KEYS[4], unpack(ARGV, 8))
+if pipeline then redis.call('ZREM', ARGV[11] .. pipeline, ARGV[3]) end
+redis.call('HSET', KEYS[4], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 if tonumber(ARGV[6]) > 0 then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
@@ -201,6 +230,7 @@ else
   redis.call('SET', KEYS[5], ARGV[5])
 end
 redis.call('PUBLISH', KEYS[5], ARGV[5])
+append(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[2], ARGV[9], ARGV[10])
 return {'run', door}
 """
 
@@ -223,11 +253,13 @@ class Start:
 class Checkpoints:
     """The Redis side of the job ledger (workers/ledger.py): scripts and keys; nothing else calls it."""
 
-    def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float, events: EventLog | None = None) -> None:
         self.client = client
         self.ttl = ttl
         self.stall = stall_seconds
+        self.events = events or EventLog(client, ttl)
         self._first_done = client.register_script(_FIRST_DONE)
+        self._complete = client.register_script(_COMPLETE)
         self._begin = client.register_script(_BEGIN)
         self._start = client.register_script(_START)
         self._close = client.register_script(_CLOSE)
@@ -239,18 +271,20 @@ class Checkpoints:
     # --- the job ------------------------------------------------------------------------------
 
     def start(self, job: Envelope, start: Start, status: dict[str, str], owner: str, redelivered: bool,
-              final: bool) -> Claim:
-        """Record the job's start (first time only), its queued status and its watch deadline, and claim
-        the start for `owner`; `final`: the claim is done at once (a sender that is never redelivered)."""
+              final: bool, queued: JobQueued) -> Claim:
+        """Record the job's start (first time only), its queued status, its watch deadline and its `queued`
+        event, and claim the start for `owner`; `final`: the claim is done at once (a sender that is never
+        redelivered)."""
         key = claim_key(job.job_id, f"{job.generation}:run")
-        keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY, JOBS_INDEX_KEY,
-                pipeline_jobs_key(job.pipeline), open_jobs_key(job.pipeline)]
+        keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY,
+                *self.events.script_keys(job.job_id), JOBS_INDEX_KEY, pipeline_jobs_key(job.pipeline),
+                open_jobs_key(job.pipeline)]
         value = "done" if final else f"running:{owner}"
         ttl = self.ttl if final else max(int(self.stall), 1)
         now = time.time()
         args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
                            start.door, json.dumps(start.spec), now + self.stall, job.job_id,
-                           job.submitted_at or now, now - self.ttl]
+                           *self.events.script_args(queued), job.submitted_at or now, now - self.ttl]
         for field, encoded_value in status.items():
             args += [field, encoded_value]
         outcome = _text(self._start(keys=keys, args=args))  # type: ignore[arg-type]
@@ -301,18 +335,18 @@ class Checkpoints:
     # --- once-only steps ---------------------------------------------------------------------------
 
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
-              deadline: float, status: dict[str, str]) -> Begun:
+              deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
         """Claim (job, generation, step) for the message `owner` (its task id); `step` names the node path
         and attempt. The broker handing the same message back (`redelivered`: its consumer died, or the
         visibility timeout passed) takes over its own claim; any other copy is a duplicate. Also what
         the step needs to know before it runs (cancelled? done by an earlier generation?), and for a
         step that runs: its deadline in the watch index and `status` (encoded job-status fields)
-        written. One round trip."""
+        written and its `started` event appended. One round trip."""
         key = claim_key(job.job_id, f"{job.generation}:{step}")
         keys = [checkpoint_key(job.job_id), key, deliveries_key(key), cancel_key(job.job_id), WATCH_KEY,
-                job_key(job.job_id)]
+                job_key(job.job_id), *self.events.script_keys(job.job_id)]
         args: list[Any] = [job.generation, owner, max(int(ttl), 1), self.ttl, int(redelivered), f"done:{path}",
-                           deadline, job.job_id]
+                           deadline, job.job_id, *self.events.script_args(started)]
         for field, value in status.items():
             args += [field, value]
         begin, deliveries, cancelled, done = self._begin(keys=keys, args=args)
@@ -320,46 +354,51 @@ class Checkpoints:
         claim = Claim(outcome, key if outcome is Begin.RUN else "", max(int(deliveries) - 1, 0))
         return Begun(claim, bool(cancelled), Done.load(done) if done else None)
 
-    def close(self, job_id: str, generation: int | None, status: dict[str, str],
-              stored: StoredResult) -> tuple[bool, str]:
+    def close(self, job_id: str, generation: int | None, ending: Close) -> tuple[bool, str]:
         """Close the job once per generation (None: whichever is current), marking it finished (checkpoint,
-        watch index, `status`) and storing its result in one atomic step. Returns (closed, door):
-        closed is False for a duplicate or a stale generation (another delivery answers for the job)."""
-        keys, args = self._close_call(job_id, generation, status, stored)
-        return closed(self._close(keys=keys, args=args))
+        watch index, status), storing its result and appending its JobFinished event in one atomic step.
+        Returns (closed, door): closed is False for a duplicate or a stale generation (another delivery
+        answers for the job)."""
+        replies = execute_with_scripts(self.client, lambda pipe: self.queue_close(pipe, job_id, generation, ending),
+                                       [self._close])
+        return closed(replies[-1])
 
-    def queue_close(self, pipe: "redis.client.Pipeline", job_id: str, generation: int | None,
-                    status: dict[str, str], stored: StoredResult) -> None:
+    def queue_close(self, pipe: "redis.client.Pipeline", job_id: str, generation: int | None, ending: Close) -> None:
         """`close` queued on the caller's pipeline (the caller reads the reply with `closed`)."""
-        queue_script(pipe, self._close, *self._close_call(job_id, generation, status, stored))
-
-    def _close_call(self, job_id: str, generation: int | None, status: dict[str, str],
-                    stored: StoredResult) -> tuple[list[Any], list[Any]]:
-        keys = [closed_key(job_id), checkpoint_key(job_id), WATCH_KEY, job_key(job_id), stored.key]
-        args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(), stored.value,
-                           stored.ttl, open_jobs_key("")]
-        for field, value in status.items():
+        keys = [closed_key(job_id), checkpoint_key(job_id), WATCH_KEY, job_key(job_id), ending.stored.key,
+                *self.events.script_keys(job_id)]
+        args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(),
+                           ending.stored.value, ending.stored.ttl, *self.events.script_args(ending.finished),
+                           open_jobs_key("")]
+        for field, value in ending.status.items():
             args += [field, value]
-        return keys, args
+        queue_script(pipe, self._close, keys, args)
 
-    def complete(self, claim: Claim) -> None:
-        if claim.key:
-            self.client.set(claim.key, "done", ex=self.ttl)
+    def complete(self, claim: Claim, job_id: str = "", events: Sequence[StagecoachEvent] = ()) -> None:
+        """The step's claim done (a retry or a redelivery of it is a duplicate now), with the `events` of a
+        step that completed no stage (failed, cancelled, retried) appended once."""
+        if not claim.key:
+            return
+        keys = [claim.key, *self.events.script_keys(job_id)]
+        args = [self.ttl, *self.events.each_args(events)]
+        execute_with_scripts(self.client, lambda pipe: queue_script(pipe, self._complete, keys, args),
+                             [self._complete])
 
     # --- stage checkpoints -------------------------------------------------------------------------
 
-    def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None,
-             close: tuple[dict[str, str], StoredResult] | None = None,
-             publish: dict[str, Any] | None = None) -> tuple[bool, str]:
+    def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None, close: Close | None = None,
+             publish: dict[str, Any] | None = None, events: Sequence[StagecoachEvent] = ()) -> tuple[bool, str]:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
-        The job's `stages_done` counts the stage in the same atomic step, once however often it ran.
-        In the same round trip: the step's `claim` completed, the answer fields it made final published
-        (`publish`, as JobStore.publish), and with `close` (the job's final status and result) the job
-        closed as `close` does; returns `close`'s reply ((True, door) when not asked to close)."""
+        The job's `stages_done` counts the stage and its `events` are appended in the same atomic step,
+        once however often it ran. In the same round trip: the step's `claim` completed, the answer
+        fields it made final published (`publish`, as JobStore.publish), and with `close` (the job's
+        ending) the job closed as `close` does; returns `close`'s reply ((True, "") when not asked)."""
         key = checkpoint_key(job.job_id)
+        first_done = [f"done:{path}", done.dump(), *self.events.each_args(events)]
 
         def build(pipe: "redis.client.Pipeline") -> None:
-            queue_script(pipe, self._first_done, [key, job_key(job.job_id)], [f"done:{path}", done.dump()])
+            queue_script(pipe, self._first_done, [key, job_key(job.job_id), *self.events.script_keys(job.job_id)],
+                         first_done)
             pipe.hset(key, mapping={"envelope": job.model_dump_json(), "node": path, "updated_at": time.time()})
             pipe.expire(key, self.ttl)
             pipe.zadd(WATCH_KEY, {job.job_id: time.time() + self.stall}, xx=True)
@@ -369,7 +408,7 @@ class Checkpoints:
             if claim is not None and claim.key:
                 pipe.set(claim.key, "done", ex=self.ttl)
             if close is not None:  # last: every write before it is idempotent if a redelivery repeats it
-                self.queue_close(pipe, job.job_id, job.generation, *close)
+                self.queue_close(pipe, job.job_id, job.generation, close)
 
         replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
         return closed(replies[-1]) if close is not None else (True, "")

@@ -75,7 +75,8 @@ def fail_waiters(ledger: Ledger, letter: DeadLetter, hostname: str | None) -> No
     if letter.task_id and letter.task_id != job_id and not AsyncResult(letter.task_id, app=ledger.app).ready():
         error = PoisonMessageError(f"message dead-lettered: {letter.reason}")
         ledger.app.backend.mark_as_failure(letter.task_id, error)
-        task_failed_event(ledger.app, hostname, letter.task_id, repr(error), {"name": letter.task})
+        if job_id is None:  # else the ledger's close told Flower how this task ended, naming the job's error
+            task_failed_event(ledger.app, hostname, letter.task_id, repr(error), {"name": letter.task})
 
 
 def poisoned_record(reason: str) -> ErrorRecord:

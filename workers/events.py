@@ -103,7 +103,7 @@ def sender() -> EventSender:
 
 def send(app: Celery, hostname: str | None, task_id: str | None, event: StagecoachEvent) -> None:
     """One of Stagecoach's own events, typed."""
-    sender().put(Outgoing(app, hostname, task_id, event_name(event), event.fields()))
+    sender().put(Outgoing(app, hostname, task_id, event_name(event), event.payload()))
 
 
 def end_task_event(app: Celery, hostname: str | None, task_id: str, result: JobResult,

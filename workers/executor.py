@@ -9,7 +9,7 @@ logged in the envelope; when retries are spent the stage's `on_error` strategy d
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from celery import Task
@@ -17,13 +17,16 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from contracts.envelope import Envelope, ErrorRecord, StageTiming, Usage
 from contracts.errors import UnknownVersionError
+from contracts.events import StagecoachEvent
 from contracts.names import stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
-from workers.checkpoint import BROKER_DOWN, Begin, Begun, Done, delivery
+from workers import outcome
+from workers.checkpoint import BROKER_DOWN, Begin, Begun, Claim, Done, delivery
 from workers.errors import PermanentStageError, StageError, StageTimeoutError
 from workers.jobs import JobStore, running_fields
 from workers.ledger import Closer, Closing, Finish, Ledger
 from workers.onerror import cancelled_record, recover
+from workers.outcome import tell_monitor
 from workers.ratelimit import RateLimiter
 from workers.stage import StageRun, StageRunner
 
@@ -71,14 +74,15 @@ class Guard:
 @dataclass(frozen=True)
 class Step:
     """What a stage step leaves: the envelope; `done`, the completed run to checkpoint (None when the
-    stage did not run: failed, cancelled, replayed, passed through); `closed`, whether saving it closed
-    the job (None: closing was not asked for)."""
+    stage did not run: failed, cancelled, replayed, passed through); `events`, what it tells the event
+    log; `closed`, whether saving it closed the job (None: closing was not asked for)."""
 
     envelope: Envelope
     done: Done | None = None
     published: dict[str, Any] = field(default_factory=dict)  # answer fields final now (`JobHandle.output`)
     closed: bool | None = None
     closing: Closing | None = None
+    events: list[StagecoachEvent] = field(default_factory=list)
 
     def ended(self) -> Closing | None:
         """How saving this step closed the job; None when it did not try; Ignore when another delivery
@@ -126,37 +130,56 @@ class StageExecutor:
     def execute(self, call: StageCall, finish: Finish | None = None, closer: Closer | None = None) -> Step:
         """Run the stage once per (job, generation, node path, attempt), however often it is delivered.
         With `finish` (the job's last step), a run that completes closes the job in the same round trip
-        as its checkpoint."""
-        if call.job.failed:
-            return Step(call.job)  # a fatal error earlier (inside a fan-out member): pass through
+        as its checkpoint. The step's events go to the event log in those round trips."""
+        report = self.report(call)
+        if call.job.failed:  # a fatal error earlier (inside a fan-out member): pass through
+            tell_monitor(call.task, outcome.skipped(report))
+            return Step(call.job)
         if self.guard is None:
-            return self._unguarded(call)
+            return self._told(report, self._unguarded(call))
         ledger = self.guard.ledger
         # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
         deadline = time.time() + self.hard_limit + ledger.stall
         begun = ledger.begin(call.job, f"{call.path}#{call.attempt}", call.path, self.hard_limit,
-                             *delivery(call.task), deadline, running_fields(call.path, self.spec.name))
+                             *delivery(call.task), deadline, running_fields(call.path, self.spec.name),
+                             outcome.started(report))
         if begun.claim.begin is not Begin.RUN:
             raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
+        step = self._told(report, self._claimed(call, begun, report))
+        if step.done is None:
+            ledger.complete(begun.claim, call.job.job_id, step.events)
+            return step
+        closing = ledger.closing(step.envelope, finish) if finish is not None else None
+        closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, step.events, closing,
+                             closer or Closer.of(call.task))
+        return replace(step, closed=closed if closing else None, closing=closing)
+
+    def report(self, call: StageCall) -> outcome.StepReport:
+        inputs = call.job.pick(list(self.spec.inputs), call.node.inputs)
+        return outcome.StepReport(call.task, call.job, call.path, self.spec.name, inputs, time.time())
+
+    def _told(self, report: outcome.StepReport, step: Step) -> Step:
+        """The step with its events: its outcome (also sent to the monitor) and the decisions it made."""
+        ended = outcome.ended(report, step.envelope)
+        tell_monitor(report.task, ended)
+        return replace(step, events=[ended, *outcome.new_decisions(report.job, step.envelope)])
+
+    def _claimed(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
+        """The step, run by the delivery that claimed it; whatever it raises other than how tasks end ends the
+        job as failed (the worker keeps serving)."""
+        ledger = self.ledger
         try:
-            step = self._once(call, begun)
+            return self._once(call, begun, report)
         except PASSED_ON:
-            ledger.complete(begun.claim)
+            ledger.complete(begun.claim, call.job.job_id)
             raise
         except Exception as error:  # a bug, or an input nobody foresaw: the job ends with it, the worker lives
             log.exception("stage %s crashed on job %s", self.spec.name, call.job.job_id)
-            step = Step(self._failed(call, PermanentStageError(
+            return Step(self._failed(call, PermanentStageError(
                 self.spec.name, f"the stage crashed: {type(error).__name__}: {error}")))
         except BaseException:
-            ledger.complete(begun.claim)
+            ledger.complete(begun.claim, call.job.job_id)
             raise
-        if step.done is None:
-            ledger.complete(begun.claim)
-            return step
-        closing = ledger.closing(step.envelope, finish) if finish is not None else None
-        closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, closing,
-                             closer or Closer.of(call.task))
-        return Step(step.envelope, step.done, step.published, closed if closing else None, closing)
 
     def _unguarded(self, call: StageCall) -> Step:
         step = self._run(call, 0)
@@ -165,7 +188,7 @@ class StageExecutor:
             self.jobs.left(call.job.job_id)
         return step
 
-    def _once(self, call: StageCall, begun: Begun) -> Step:
+    def _once(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
         """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, or run."""
         if begun.cancelled:
             return Step(call.job.with_error(cancelled_record(call.path, self.spec.name), fatal=True))
@@ -173,9 +196,10 @@ class StageExecutor:
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})
             return Step(call.job.with_output(call.path, done.outputs, timing, done.usage, call.node.outputs))
-        return self._run(call, begun.claim.redeliveries, entered=True)
+        return self._run(call, begun.claim.redeliveries, entered=True, report=report, claim=begun.claim)
 
-    def _run(self, call: StageCall, redeliveries: int, entered: bool = False) -> Step:
+    def _run(self, call: StageCall, redeliveries: int, entered: bool = False,
+             report: "outcome.StepReport | None" = None, claim: "Claim | None" = None) -> Step:
         """The stage call; `entered`: the job's status already names this step (written with the claim)."""
         if not entered:
             self.jobs.entered(call.job.job_id, call.path, self.spec.name)
@@ -188,7 +212,7 @@ class StageExecutor:
             if isinstance(error.__cause__, SoftTimeLimitExceeded):  # the runner wraps what the module raised
                 return Step(self._failed(call, StageTimeoutError(self.spec.name, "time limit exceeded")))
             if error.retryable and call.attempt < self.spec.retry.max_retries:
-                self._retry(call, error)
+                self._retry(call, error, report, claim)
             return Step(self._failed(call, error))
         timing = self.timing(call, call.path, run, self.spec).model_copy(
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
@@ -218,9 +242,16 @@ class StageExecutor:
                            started_at=run.started_at, seconds=run.seconds, attempts=call.attempt + 1,
                            cached=run.cached, cache=run.cache, shared_call=shared)
 
-    def _retry(self, call: StageCall, error: StageError) -> NoReturn:
-        """Send the task again after a backoff, with this attempt logged in the envelope; `task.retry`
-        raises Celery's Retry, which ends this run."""
+    def _retry(self, call: StageCall, error: StageError, report: "outcome.StepReport | None",
+               claim: "Claim | None") -> NoReturn:
+        """Send the task again after a backoff, with this attempt logged in the envelope and told (its
+        claim done, the retry on the event log and to the monitor); `task.retry` raises Celery's Retry,
+        which ends this run."""
+        if report is not None:
+            retry = outcome.retried(report, error.kind, str(error))
+            tell_monitor(call.task, retry)
+            if claim is not None:
+                self.ledger.complete(claim, call.job.job_id, [retry])
         logged = call.job.with_error(self.record(call, error), fatal=False)
         policy = self.spec.retry
         countdown = min(policy.backoff_seconds * 2 ** call.attempt, policy.backoff_max_seconds)

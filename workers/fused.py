@@ -6,20 +6,23 @@ LM call (workers/fusion.py).
 """
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 from celery import Task
 
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import UnknownVersionError
+from contracts.events import StagecoachEvent
 from contracts.names import split_ref
 from contracts.specs import StageNode, StageSpec
+from workers import outcome
 from workers.cache import StageCache
-from workers.executor import StageCall, StageExecutor, final_fields
+from workers.executor import StageCall, StageExecutor, Step, final_fields
 from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
 from workers.jobs import JobStore
 from workers.ledger import Ledger
-from workers.outcome import stage_outcome
+from workers.outcome import StepReport, tell_monitor
 from workers.settings import Settings
 from workers.stage import StageRun
 
@@ -59,20 +62,17 @@ class FusedExecutor:
         return job
 
     def _run_one(self, call: StageCall, executor: StageExecutor) -> Envelope:
-        spec = executor.spec
-        inputs = call.job.pick(list(spec.inputs), call.node.inputs)
-        with stage_outcome(call.task, spec.name, call.job, call.path, inputs) as report:
-            return report(executor.execute(call).envelope)
+        return executor.execute(call).envelope
 
     def _run_pair(self, task: Task, job: Envelope, pair: "PairExecutor", calls: list[tuple[StageNode, str]],
                   resume: dict[str, Any]) -> Envelope:
-        """One merged call, reported to the monitor as the two stages it stands for."""
-        (node_a, path_a), (node_b, path_b) = calls
-        a, b = pair.pair
-        with stage_outcome(task, a.name, job, path_a, job.pick(list(a.inputs), node_a.inputs)) as report_a, \
-                stage_outcome(task, b.name, job, path_b, job.pick(list(b.inputs), node_b.inputs)) as report_b:
-            step = pair.execute(StageCall(task, job, merged_call(pair.spec, node_a, node_b), path_a, resume))
-            return report_b(report_a(step.envelope))
+        """One merged call, told (event log, monitor) as the two stages it stands for. A merged call has no
+        claim of its own (its stages' outputs are the fused task's to keep): its events go in a round trip
+        of their own."""
+        (node_a, _), (node_b, _) = calls
+        step = pair.execute(StageCall(task, job, merged_call(pair.spec, node_a, node_b), calls[0][1], resume))
+        self.ledger.checkpoints.events.append(job.job_id, step.events)
+        return step.envelope
 
     def _pair(self, calls: list[tuple[StageNode, str]], executors: list[StageExecutor | None]) -> "PairExecutor | None":
         if len(calls) < 2 or executors[1] is None or executors[0] is None:
@@ -112,6 +112,17 @@ class PairExecutor(StageExecutor):
         super().__init__(runner, jobs, versions)
         self.pair = (runner.first, runner.second)
         self.nodes = nodes
+
+    def _told(self, report: StepReport, step: Step) -> Step:
+        """Each of the two stages told as if it had run alone."""
+        events: list[StagecoachEvent] = []
+        for (node, path), spec in zip(self.nodes, self.pair, strict=True):
+            part = StepReport(report.task, report.job, path, spec.name, report.job.pick(list(spec.inputs), node.inputs),
+                              report.at)
+            ended = outcome.ended(part, step.envelope)
+            tell_monitor(report.task, ended)
+            events.append(ended)
+        return replace(step, events=events)
 
     def _done(self, call: StageCall, run: StageRun, timing: Any) -> tuple[Envelope, dict[str, Any]]:
         done = split(call, call.job, run, self.pair, self.nodes, self.timing)

@@ -16,6 +16,7 @@
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,20 @@ from celery.exceptions import Ignore
 
 from contracts.catalog import Catalog, static_stage_count
 from contracts.envelope import Envelope, ErrorRecord
-from contracts.events import FinishedError, FinishedNode, JobFinished, preview
+from contracts.events import (
+    FieldsPublished,
+    FinishedError,
+    FinishedNode,
+    JobFinished,
+    JobQueued,
+    StagecoachEvent,
+    StageStarted,
+    preview,
+)
 from contracts.jobs import JobResult
 from contracts.specs import PipelineSpec
-from workers.checkpoint import Begun, Checkpoints, Claim, Done, Start, StoredResult
+from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
+from workers.eventlog import EventLog
 from workers.events import end_task_event, send
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.onerror import cancelled_record
@@ -73,31 +84,41 @@ class Closer:
 
 @dataclass(frozen=True)
 class Closing:
-    """A job's end, ready to write: its JobResult, the final status fields and the stored result."""
+    """A job's end, ready to write: its JobResult and what the close script writes for it (the final
+    status, the stored result, the JobFinished event)."""
 
     result: JobResult
-    inputs: dict[str, Any]
-    status: dict[str, str]
-    stored: StoredResult
+    record: Close
+
+    @property
+    def finished(self) -> JobFinished:
+        return self.record.finished
 
 
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
-                 stall_seconds: float) -> None:
+                 stall_seconds: float, events: EventLog | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
-        self.checkpoints = Checkpoints(client, ttl, stall_seconds)
+        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
         self.jobs = JobStore(client, ttl)
         self.deliveries = Deliveries(app, self.jobs, catalog)  # completion webhooks, queued at the close
 
     @classmethod
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
         client = redis.Redis.from_url(settings.backend_url)
-        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds)
+        events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
+        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events)
 
     @property
     def stall(self) -> float:
         return self.checkpoints.stall
+
+    @property
+    def events(self) -> EventLog:
+        """The job's events (workers/eventlog.py): the ledger appends in its own round trips; other writers
+        (a routing task's decisions) append here."""
+        return self.checkpoints.events
 
     # --- start --------------------------------------------------------------------------------
 
@@ -113,7 +134,9 @@ class Ledger:
                           "updated_at": time.time(), "priority": request.get("priority"),
                           "metadata": request.get("metadata"),
                           "stages_total": None if total is None else total - len(job.skipped)})
-        return self.checkpoints.start(job, start, status, owner, redelivered, final)
+        queued = JobQueued(job_id=job.job_id, pipeline=job.pipeline, at=time.time(), door=door,
+                           pipeline_version=job.pipeline_version, skipped=job.skipped)
+        return self.checkpoints.start(job, start, status, owner, redelivered, final, queued)
 
     def sent(self, claim: Claim) -> None:
         self.checkpoints.complete(claim)
@@ -121,21 +144,23 @@ class Ledger:
     # --- steps ----------------------------------------------------------------------------------
 
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
-              deadline: float, status: dict[str, str]) -> Begun:
-        return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status)
+              deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
+        return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status, started)
 
-    def complete(self, claim: Claim) -> None:
-        self.checkpoints.complete(claim)
+    def complete(self, claim: Claim, job_id: str = "", events: Sequence[StagecoachEvent] = ()) -> None:
+        """A step that completed no stage (failed, cancelled, retried, replayed): its claim done, its events
+        appended once."""
+        self.checkpoints.complete(claim, job_id, events)
 
     def save(self, job: Envelope, path: str, done: Done, claim: Claim, publish: dict[str, Any],
-             closing: Closing | None, closer: Closer) -> bool:
-        """Checkpoint a completed step; with `closing` (the job's last step) close the job in the same
-        round trip. Returns whether this call closed it (True when not asked to close)."""
-        if closing is None:
-            self.checkpoints.save(job, path, done, claim, None, publish)
-            return True
-        closed, door = self.checkpoints.save(job, path, done, claim, (closing.status, closing.stored), publish)
-        if closed:
+             events: Sequence[StagecoachEvent], closing: Closing | None, closer: Closer) -> bool:
+        """Checkpoint a completed step with its events; with `closing` (the job's last step) close the job in
+        the same round trip. Returns whether this call closed it (True when not asked to close)."""
+        published = [FieldsPublished(job_id=job.job_id, pipeline=job.pipeline, at=time.time(), fields=publish)]
+        events = [*events, *(published if publish else [])]
+        closed, door = self.checkpoints.save(job, path, done, claim, closing.record if closing else None, publish,
+                                             events)
+        if closing is not None and closed:
             self.announce(closing, door, closer)
         return closed
 
@@ -162,7 +187,7 @@ class Ledger:
     def close_step(self, job: Envelope, finish: Finish | None, closer: Closer) -> Closing | None:
         """Close the job from a task of its chain; None when another delivery closed it already."""
         closing = self.closing(self._cancelled_as_such(job), finish)
-        closed, door = self.checkpoints.close(job.job_id, job.generation, closing.status, closing.stored)
+        closed, door = self.checkpoints.close(job.job_id, job.generation, closing.record)
         if not closed:
             return None
         self.announce(closing, door, closer)
@@ -180,19 +205,20 @@ class Ledger:
         result = JobResult(job_id=job_id, pipeline=name.partition("@")[0], pipeline_version="", state="failed",
                            error=record, errors=[record], finished_at=time.time())
         closing = self._closing(result, inputs if inputs is not None else dict(request.get("inputs") or {}))
-        closed, door = self.checkpoints.close(job_id, None, closing.status, closing.stored)
+        closed, door = self.checkpoints.close(job_id, None, closing.record)
         if closed:
             self.announce(closing, door, closer, request)
         return closed
 
     def announce(self, closing: Closing, door: str, closer: Closer, request: dict[str, Any] | None = None) -> None:
-        """What happens once a job has ended (only the call that closed it gets here): one JobFinished
-        event, Flower told how the job's tasks ended, and the job's completion webhook queued (`request`:
-        the job's request when the caller has it at hand, else read from the checkpoint). Best effort:
-        the job is closed already."""
+        """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
+        is on the event log already, written by the close itself): the monitor's copy of that event, Flower
+        told how the job's tasks ended, and the job's completion webhook queued (`request`: the job's
+        request when the caller has it at hand, else read from the checkpoint). Best effort: the job is
+        closed already."""
         result = closing.result
         try:
-            send(self.app, closer.hostname, result.job_id, finished_event(result, closing.inputs))
+            send(self.app, closer.hostname, result.job_id, closing.finished)
             if closer.task_id is not None and not result.ok:  # a task that returns its result gets SUCCESS
                 extra = {"name": closer.task_name} if closer.task_name else None
                 end_task_event(self.app, closer.hostname, closer.task_id, result, extra)
@@ -207,7 +233,8 @@ class Ledger:
 
     def _closing(self, result: JobResult, inputs: dict[str, Any]) -> Closing:
         payload = result.model_dump(mode="json")
-        return Closing(result, inputs, finished_fields(result.state), stored_result(self.app, result.job_id, payload))
+        stored = stored_result(self.app, result.job_id, payload)
+        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs)))
 
     def _cancelled_as_such(self, job: Envelope) -> Envelope:
         """A job that failed after an operator cancelled it (a fan-out whose members all stopped, say)

@@ -1,66 +1,86 @@
-"""The stage-outcome event: what one stage call did (ok, an error of some kind, a retry, skipped).
+"""The events of one stage step (contracts/events.py): it started, it ended (ok, an error of some kind,
+a retry, skipped), and what it decided on the way (an on_error recovery).
 
 Errors are values here: a stage that fails records an ErrorRecord in the envelope and its task
-returns normally, so the stage task says what happened in a `StageOutcome` (contracts/events.py).
-The job's own end is the ledger's `JobFinished` (workers/ledger.py).
+returns normally, so the step says what happened in a `StageOutcome`. The executor hands these to
+the job ledger, which appends them to the event log in the round trips it makes anyway, and sends
+the outcome as a Celery event for the monitor.
 """
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry
 
-from contracts.envelope import Envelope
-from contracts.events import StageOutcome, preview
+from contracts.envelope import Decision, Envelope
+from contracts.events import DecisionMade, StageOutcome, StageStarted, preview
 from workers.events import send
 
 
-@contextmanager
-def stage_outcome(task: Task, stage: str, job: Envelope, path: str,
-                  inputs: dict[str, Any]) -> Iterator[Callable[[Envelope], Envelope]]:
-    """Around one stage call: yields `report(done) -> done`; a Celery retry is reported as a retry."""
-    base = _base(task, stage, job, path, inputs)
-    try:
-        yield lambda done: _report(task, base, job, done, path)
-    except Retry as retry:
-        cause = retry.__cause__  # the StageError the executor retries on
-        _send(task, base.model_copy(update={"outcome": "retry", "kind": getattr(cause, "kind", "stage"),
-                                            "message": str(cause)[:500]}))
-        raise
+@dataclass(frozen=True)
+class StepReport:
+    """What the events of one step are built from: its task, job (as the step began), node path and stage,
+    the inputs it read, and when it began."""
+
+    task: Task
+    job: Envelope
+    path: str
+    stage: str
+    inputs: dict[str, Any]
+    at: float
+
+    def base(self, outcome: str, **fields: Any) -> StageOutcome:
+        text, size = preview(self.inputs)
+        return StageOutcome(stage=self.stage, pipeline=self.job.pipeline, job_id=self.job.job_id, node=self.path,
+                            outcome=outcome, attempts=self.task.request.retries + 1, input_bytes=size, inputs=text,
+                            at=self.at, elapsed=time.time() - self.at, **fields)  # type: ignore[arg-type]
 
 
-def _send(task: Task, event: StageOutcome) -> None:
-    send(task.app, task.request.hostname, task.request.id, event)
+def started(report: StepReport) -> StageStarted:
+    return StageStarted(job_id=report.job.job_id, pipeline=report.job.pipeline, at=report.at, stage=report.stage,
+                        node=report.path, attempt=report.task.request.retries + 1,
+                        worker=str(report.task.request.hostname or ""))
 
 
-def _base(task: Task, stage: str, job: Envelope, path: str, inputs: dict[str, Any]) -> StageOutcome:
-    text, size = preview(inputs)
-    return StageOutcome(stage=stage, pipeline=job.pipeline, job_id=job.job_id, node=path, outcome="ok",
-                        attempts=task.request.retries + 1, input_bytes=size, inputs=text, at=time.time())
-
-
-def _report(task: Task, base: StageOutcome, before: Envelope, done: Envelope, path: str) -> Envelope:
-    if before.failed:  # passed through after an earlier fatal error: the stage did not run
-        _send(task, base.model_copy(update={"outcome": "skipped"}))
-        return done
-    update: dict[str, Any] = {**_timing(before, done), **_tokens(before, done, base.stage),
-                              "elapsed": time.time() - base.at}
+def ended(report: StepReport, done: Envelope) -> StageOutcome:
+    """The step's outcome from the envelope before and after it: ok, or its newest error."""
+    before = report.job
+    fields: dict[str, Any] = {**_timing(before, done, report.path), **_tokens(before, done, report.stage)}
     new_errors = done.errors[len(before.errors):]
     if new_errors:
         error = new_errors[-1]
-        update.update(outcome="error", kind=error.kind, message=error.message[:500], fatal=done.failed)
-    else:
-        text, size = preview(done.outputs.get(path, {}))
-        update.update(outcome="ok", outputs=text, output_bytes=size)
-    _send(task, base.model_copy(update=update))
-    return done
+        return report.base("error", kind=error.kind, message=error.message[:500], fatal=done.failed, **fields)
+    text, size = preview(done.outputs.get(report.path, {}))
+    return report.base("ok", outputs=text, output_bytes=size, **fields)
 
 
-def _timing(before: Envelope, done: Envelope) -> dict[str, Any]:
-    new = done.timings[len(before.timings):]
+def retried(report: StepReport, kind: str, message: str) -> StageOutcome:
+    return report.base("retry", kind=kind, message=message[:500])
+
+
+def skipped(report: StepReport) -> StageOutcome:
+    """A step that passed the job through: it had failed before (inside a fan-out member)."""
+    return report.base("skipped")
+
+
+def decisions(job_id: str, pipeline: str, made: list[Decision]) -> list[DecisionMade]:
+    return [DecisionMade(job_id=job_id, pipeline=pipeline, at=time.time(), node=d.node, kind=d.kind,
+                         choice=d.choice, detail=d.detail) for d in made]
+
+
+def new_decisions(before: Envelope, after: Envelope) -> list[DecisionMade]:
+    """The decisions a step added to the job's trail (an on_error recovery)."""
+    return decisions(after.job_id, after.pipeline, after.trail[len(before.trail):])
+
+
+def tell_monitor(task: Task, outcome: StageOutcome) -> None:
+    """The outcome as a Celery event too, which the monitor counts."""
+    send(task.app, task.request.hostname, task.request.id, outcome)
+
+
+def _timing(before: Envelope, done: Envelope, path: str) -> dict[str, Any]:
+    new = [t for t in done.timings[len(before.timings):] if t.node == path]
     if not new:  # an error: the call's time is what passed since the task started
         return {"seconds": None, "cached": False}
     timing = new[-1]

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1024 * 1024, gt=0,
                                    description="a job request (inputs as JSON) above this is refused")
     dead_letter_max: int = Field(1000, gt=0, description="dead letters kept in Redis (oldest dropped)")
+    events_per_job: int = Field(1000, gt=0, description="events kept on a job's own event stream (about; oldest go)")
+    events_maxlen: int = Field(100_000, ge=0, description="events kept on the fleet's event stream the monitor "
+                                                          "reads (about; oldest go; 0: none written)")
     publish_retry_seconds: float = Field(
         30.0, ge=0, description="a client retries publishing a job this long while the broker is down, then fails")
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")

@@ -4,8 +4,8 @@ Tasks are thin: validate the envelope, run the step (workers/executor.py), hand 
 Errors become values in the envelope (its error log, and `failure` when fatal) rather than
 exceptions across task boundaries, so a chain or chord never hangs on a failed member and the job
 result explains what went wrong. Where the job ends (its last step, or a fatal error at the job's
-top level), the job ledger closes it (workers/ledger.py). Each stage call's outcome is also sent as
-an event for the monitor (workers/outcome.py).
+top level), the job ledger closes it (workers/ledger.py). Each step's events (started, outcome,
+decisions) go to the event log and the monitor (workers/outcome.py).
 """
 
 import json
@@ -27,7 +27,6 @@ from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.executor import Guard, StageCall, StageExecutor
 from workers.fused import FusedExecutor
 from workers.ledger import Closer, Finish, Ledger, end_task
-from workers.outcome import stage_outcome
 from workers.ratelimit import RateLimiter
 from workers.settings import Settings
 from workers.stage import StageRunner
@@ -73,12 +72,9 @@ def _register(app: Celery, ref: str, executor: StageExecutor, limits: Limits, le
         if parsed.version is not None and parsed.version != spec.version:
             return ledger.hand_on(self, executor.hand_over(call, finish), ending)
         with outage_requeues(f"{self.name} of job {job.job_id}"):
-            inputs = job.pick(list(spec.inputs), parsed.inputs)
-            with stage_outcome(self, spec.name, job, path, inputs) as report:
-                step = executor.execute(call, ending, Closer.of(self))
-                out = report(step.envelope)
+            step = executor.execute(call, ending, Closer.of(self))
             closing = step.ended()  # closed by the step's own checkpoint round trip
-            return end_task(closing.result) if closing is not None else ledger.hand_on(self, out, ending)
+            return end_task(closing.result) if closing is not None else ledger.hand_on(self, step.envelope, ending)
 
 
 def inbound(app: Celery, ledger: Ledger, dead_letters: DeadLetterStore, task: Task, envelope: Any,
