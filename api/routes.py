@@ -5,6 +5,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
 
 from api.deps import (
     Idempotency,
@@ -16,6 +17,7 @@ from api.deps import (
     readable_job,
 )
 from api.errors import ApiError, ErrorBody, conflict
+from api.events import job_events
 from api.models import JobPage, PipelineDetail, PipelineInfo, Resumed, Submitted
 from api.pipelines import detail, info, names
 from contracts.errors import FieldProblem
@@ -130,6 +132,12 @@ def resume(job_id: str, request: Request, svc: ServicesDep, status: Annotated[Jo
         raise conflict(str(error)) from None
     return Resumed(**links(request, job_id), generation=generation)
 
+
+router.add_api_route(
+    "/jobs/{job_id}/events", job_events, methods=["GET"], name="job_events", response_class=EventSourceResponse,
+    responses={**errors(403, 404, 422), 200: {"content": {"text/event-stream": {}},
+                                              "description": "server-sent events; the last one is the JobResult"},
+               204: {"description": "Last-Event-ID was the result: nothing follows"}})
 
 pipelines = APIRouter(prefix="/v1", tags=["pipelines"])
 

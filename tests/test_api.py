@@ -463,3 +463,75 @@ def test_urgent_jobs_overtake_a_backlog_on_a_busy_stage(api: str, tokens: dict[s
     positions = [order.index(job_id) for job_id in urgent]
     # at most the backlog's first two (taken before the urgent jobs arrived) finish before an urgent job
     assert max(positions) <= 4, (positions, order)
+
+
+# --- server-sent events ---------------------------------------------------------------------------------------
+
+
+def sse(lines: Iterator[str]) -> Iterator[dict[str, str]]:
+    """Server-sent events parsed from a response's lines (comments, the pings, skipped)."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            event[name] = event.get(name, "") + value.removeprefix(" ")
+
+
+def read_events(url: str, token: str, last_id: str | None = None, stop_after: int | None = None
+                ) -> list[dict[str, str]]:
+    """The events of a stream, until it ends or `stop_after` of them came (then the client hangs up)."""
+    headers = {**auth(token), **({"Last-Event-ID": last_id} if last_id else {})}
+    got: list[dict[str, str]] = []
+    with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(60, read=60)) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for event in sse(response.iter_lines()):
+            got.append(event)
+            if stop_after is not None and len(got) == stop_after:
+                break
+    return got
+
+
+def test_events_stream_in_order_resume_exactly_and_replay_for_late_clients(api: str, tokens: dict[str, str]) -> None:
+    user = tokens["user"]
+    job_id = submit(api, user, {"pipeline": "qa", "inputs": question("[[lm:sleep=700]]")}).json()["job_id"]
+    url = f"{api}/v1/jobs/{job_id}/events"
+    first = read_events(url, user, stop_after=3)  # hang up midway: queued, started, ...
+    rest = read_events(url, user, last_id=first[-1]["id"])
+    seen = first + rest
+    ids = [e["id"] for e in seen]
+    assert len(ids) == len(set(ids)), ids  # every event exactly once
+    stream_ids = [tuple(map(int, i.split("-"))) for i in ids[:-1]]
+    assert stream_ids == sorted(stream_ids)  # in order
+    kinds = [e["event"] for e in seen]
+    assert kinds[0] == "stagecoach-job-queued" and kinds[-2:] == ["stagecoach-job-finished", "result"], kinds
+    started = [json.loads(e["data"])["stage"] for e in seen if e["event"] == "stagecoach-stage-started"]
+    outcomes = [json.loads(e["data"]) for e in seen if e["event"] == "stagecoach-stage-outcome"]
+    assert started == ["key_terms", "answer"] and [(o["stage"], o["outcome"]) for o in outcomes] == \
+        [("key_terms", "ok"), ("answer", "ok")]
+    final = json.loads(seen[-1]["data"])
+    assert final["job_id"] == job_id and final["state"] == "succeeded" and seen[-1]["id"] == ids[-2] + ":result"
+    # a late client gets the whole history, the same events with the same ids
+    late = read_events(url, user)
+    assert [(e["id"], e["event"], e["data"]) for e in late] == [(e["id"], e["event"], e["data"]) for e in seen]
+    # after the result nothing follows: 204 tells an EventSource to stop reconnecting
+    done = httpx.get(url, headers={**auth(user), "Last-Event-ID": seen[-1]["id"]}, timeout=30)
+    assert done.status_code == 204
+    bad = both("GET", url, user, headers={"Last-Event-ID": "yesterday"})
+    assert error_of(bad, 422, "contract")["problems"][0]["field"] == "Last-Event-ID"
+    # curl -N reads the same stream
+    text = subprocess.run(["curl", "-sSN", "--max-time", "60", "-H", f"Authorization: Bearer {user}", url],
+                          capture_output=True, text=True, check=True).stdout
+    assert [e["id"] for e in sse(iter(text.splitlines()))] == ids
+
+
+def test_events_of_a_failed_job_end_with_its_result(api: str, tokens: dict[str, str]) -> None:
+    user = tokens["user"]
+    job_id = submit(api, user, {"pipeline": "qa", "inputs": question("[[lm:status=400]]")}).json()["job_id"]
+    seen = read_events(f"{api}/v1/jobs/{job_id}/events", user)
+    outcome = [json.loads(e["data"]) for e in seen if e["event"] == "stagecoach-stage-outcome"]
+    assert outcome and outcome[-1]["outcome"] == "error" and outcome[-1]["fatal"] is True
+    assert json.loads(seen[-1]["data"])["state"] == "failed" and seen[-1]["event"] == "result"
