@@ -535,3 +535,28 @@ def test_events_of_a_failed_job_end_with_its_result(api: str, tokens: dict[str, 
     outcome = [json.loads(e["data"]) for e in seen if e["event"] == "stagecoach-stage-outcome"]
     assert outcome and outcome[-1]["outcome"] == "error" and outcome[-1]["fatal"] is True
     assert json.loads(seen[-1]["data"])["state"] == "failed" and seen[-1]["event"] == "result"
+
+
+# --- clients in other languages --------------------------------------------------------------------------------
+
+HTTP_EXAMPLES = ROOT / "examples" / "http"
+
+
+def run_client(command: list[str], api: str, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "STAGECOACH_API": api, "STAGECOACH_TOKEN": token}
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("command", [["node", str(HTTP_EXAMPLES / "client.mjs")], [str(HTTP_EXAMPLES / "client.sh")]],
+                         ids=["node-fetch", "shell-curl"])
+def test_clients_in_other_languages_submit_stream_and_read(command: list[str], api: str,
+                                                            tokens: dict[str, str]) -> None:
+    done = run_client(command, api, tokens["user"], "qa", json.dumps(question("[[lm:sleep=200]]")))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["state"] == "succeeded" and result["answer"]["answer"]
+    assert "stagecoach-stage-started" in done.stderr and "stagecoach-job-finished" in done.stderr
+    refused = run_client(command, api, tokens["user"], "qa", json.dumps({"question": ["not", "text"]}))
+    assert refused.returncode == 2 and "422" in refused.stderr and "question" in refused.stderr
+    failed = run_client(command, api, tokens["user"], "qa", json.dumps(question("[[lm:status=400]]")))
+    assert failed.returncode == 1 and json.loads(failed.stdout)["state"] == "failed"
