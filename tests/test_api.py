@@ -560,3 +560,20 @@ def test_clients_in_other_languages_submit_stream_and_read(command: list[str], a
     assert refused.returncode == 2 and "422" in refused.stderr and "question" in refused.stderr
     failed = run_client(command, api, tokens["user"], "qa", json.dumps(question("[[lm:status=400]]")))
     assert failed.returncode == 1 and json.loads(failed.stdout)["state"] == "failed"
+
+
+# --- generated requests --------------------------------------------------------------------------------------
+
+
+def test_schemathesis_finds_no_server_error_and_no_hang(api: str, logdir: Path) -> None:
+    """schemathesis generates requests from /openapi.json (valid and invalid, every operation): none may get a
+    5xx or take longer than the request timeout."""
+    report = logdir / "schemathesis.xml"
+    done = subprocess.run(
+        [str(Path(apis.STAGECOACH).with_name("schemathesis")), "run", f"{api}/openapi.json",
+         "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {ADMIN}",
+         "--max-examples", "25", "--request-timeout", "30", "--workers", "2", "--generation-deterministic",
+         "--suppress-health-check", "all", "--report", "junit", "--report-junit-path", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "No issues found" in done.stdout or "passed" in done.stdout.lower(), done.stdout[-3000:]
