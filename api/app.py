@@ -1,7 +1,10 @@
 """The FastAPI application: routes, the one error shape, the request size limit, and /healthz."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,8 +20,15 @@ get called back when they end. Every error is JSON: `{status, error, message, pr
 Authenticate with `Authorization: Bearer <token>` (`stagecoach tokens create NAME --scope submit,read`)."""
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # handlers that wait (a result's long poll) hold a thread each: more than AnyIO's default 40
+    anyio.to_thread.current_default_thread_limiter().total_tokens = app.state.services.api.threads
+    yield
+
+
 def create_app(services: Services) -> FastAPI:
-    app = FastAPI(title="Stagecoach API", version="1", description=DESCRIPTION)
+    app = FastAPI(title="Stagecoach API", version="1", description=DESCRIPTION, lifespan=lifespan)
     app.state.services = services
     errors.install(app)
     app.include_router(router)

@@ -10,8 +10,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
@@ -182,14 +184,15 @@ async def idempotent(request: Request, svc: ServicesDep, who: Annotated[Caller, 
     redis_key = idempotency_key(who.name, key)
     fresh = Idempotency(_new_id())
     record = json.dumps({"job_id": fresh.job_id, "body": digest})
-    if svc.redis.set(redis_key, record, nx=True, ex=svc.settings.result_expires):
+    reserve = partial(svc.redis.set, redis_key, record, nx=True, ex=svc.settings.result_expires)
+    if await anyio.to_thread.run_sync(reserve):  # Redis calls off the event loop
         try:
             yield fresh
         except Exception:
-            svc.redis.delete(redis_key)
+            await anyio.to_thread.run_sync(svc.redis.delete, redis_key)
             raise
         return
-    yield _replayed(svc.redis.get(redis_key), digest, key)
+    yield _replayed(await anyio.to_thread.run_sync(svc.redis.get, redis_key), digest, key)
 
 
 def _replayed(raw: Any, digest: str, key: str) -> Idempotency:

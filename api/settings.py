@@ -20,7 +20,7 @@ class APISettings(BaseSettings):
     backlog_retry_after: int = Field(5, ge=1, description="Retry-After seconds of a 429 for a pipeline at max_queued")
     max_wait: float = Field(60.0, gt=0, description="longest `?wait=` of GET /v1/jobs/{id}/result, seconds")
     list_max: int = Field(200, ge=1, description="most jobs one page of GET /v1/jobs returns")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes")
+    threads: int = Field(200, ge=1, description="requests handled at once (a long poll holds one while it waits)")
 
 
 def is_loopback(host: str) -> bool:

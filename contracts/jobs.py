@@ -2,7 +2,7 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
 from contracts.priority import MAX_PRIORITY, MIN_PRIORITY
@@ -29,6 +29,15 @@ class JobRequest(BaseModel):
                                  description="0 (default, lowest) to 9 (most urgent): every stage message of the job")
     webhook: Webhook | None = Field(None, description="called with the JobResult once the job ends, however it ends")
     metadata: dict[str, Any] | None = Field(None, description="the caller's own data, kept with the job's status")
+
+
+def requested_priority(request: Any) -> int | None:
+    """The priority a raw request (as a Celery client sent it, or as the checkpoint keeps it) asks for, as
+    validated (`"7"` is 7); None when it asks for none or is not a valid request."""
+    try:
+        return JobRequest.model_validate(request).priority
+    except ValidationError:
+        return None
 
 
 class JobStatus(BaseModel):

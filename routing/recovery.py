@@ -18,6 +18,7 @@ from celery.result import AsyncResult
 from contracts.catalog import Catalog
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
+from contracts.jobs import requested_priority
 from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, stage_queue
 from contracts.priority import queue_lists
 from routing.compile import Compiler
@@ -62,7 +63,7 @@ class Recovery:
         envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
         self.checkpoints.push_deadline(job_id, time.time() + backoff)
-        canvas = job_canvas(self.compiler, pipeline, envelope, request.get("priority"))
+        canvas = job_canvas(self.compiler, pipeline, envelope, requested_priority(request))
         canvas.apply_async(root_id=job_id)  # finish answers as the job
         return generation
 

@@ -17,7 +17,7 @@ from contracts.catalog import Catalog, iter_nodes, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem, StagecoachError
 from contracts.fields import problems_of
-from contracts.jobs import JobRequest
+from contracts.jobs import JobRequest, requested_priority
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, finish_task_id, routing_task
 from contracts.specs import PipelineSpec, StageNode
 from routing.compile import Compiler
@@ -62,7 +62,7 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, ledger: Led
             claim = ledger.start(envelope, request, pinned, "run", *delivery(self))
             if claim.begin is not Begin.RUN:
                 raise Ignore()  # a duplicate `pipeline.run` of a started job starts nothing
-            canvas = job_canvas(compiler, spec, envelope, request.get("priority"))
+            canvas = job_canvas(compiler, spec, envelope, requested_priority(request))
             return replace_once(self, canvas, ledger, claim)
 
 

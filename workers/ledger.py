@@ -36,7 +36,7 @@ from contracts.events import (
     StageStarted,
     preview,
 )
-from contracts.jobs import JobResult
+from contracts.jobs import JobResult, requested_priority
 from contracts.specs import PipelineSpec
 from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
 from workers.eventlog import EventLog
@@ -131,7 +131,7 @@ class Ledger:
         start = Start(request, spec.model_dump(mode="json"), door)
         total = static_stage_count(spec)
         status = encoded({"state": "queued", "pipeline": job.pipeline, "submitted_at": job.submitted_at,
-                          "updated_at": time.time(), "priority": request.get("priority"),
+                          "updated_at": time.time(), "priority": requested_priority(request),
                           "metadata": request.get("metadata"),
                           "stages_total": None if total is None else total - len(job.skipped)})
         queued = JobQueued(job_id=job.job_id, pipeline=job.pipeline, at=time.time(), door=door,
