@@ -177,8 +177,8 @@ return {'run', deliveries, cancelled, done}
 # event stream, fleet event stream, job index, the pipeline's job index, the pipeline's open jobs; ARGV owner,
 # redelivered (0/1), claim value ('running:<owner>', or 'done' for a sender that cannot be redelivered), claim
 # ttl, ttl, request, pipeline, door, pinned spec, deadline, job id, the event's bounds, type and JSON
-# (JobQueued), submit time, oldest submit time kept in the indexes, then the job's status field/value pairs
-# -> 'run' | 'duplicate'
+# (JobQueued), submit time, oldest submit time kept in the indexes, the webhook's JSON ('' for none), then the
+# job's status field/value pairs -> 'run' | 'duplicate'
 _START = APPEND_LUA + """
 local owner = 'running:' .. ARGV[1]
 local claimed = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[4])
@@ -192,7 +192,8 @@ redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'generation', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('HSET', KEYS[3], unpack(ARGV, 18))
+if ARGV[18] ~= '' then redis.call('HSETNX', KEYS[1], 'webhook', ARGV[18]) end
+redis.call('HSET', KEYS[3], unpack(ARGV, 19))
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
 append(KEYS[5], KEYS[6], ARGV[12], ARGV[13], ARGV[5], ARGV[14], ARGV[15])
@@ -248,6 +249,7 @@ class Start:
     request: dict[str, Any]  # the request as received (the watchdog and `resume` start again from it)
     spec: dict[str, Any]  # the pipeline as the job runs it, every version pinned (resumed on the same)
     door: str  # who started it: "client" (the Python client) or "run" (a `pipeline.run` task)
+    webhook: dict[str, Any] | None = None  # the completion webhook the request names (read back at the close)
 
 
 class Checkpoints:
@@ -284,7 +286,8 @@ class Checkpoints:
         now = time.time()
         args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
                            start.door, json.dumps(start.spec), now + self.stall, job.job_id,
-                           *self.events.script_args(queued), job.submitted_at or now, now - self.ttl]
+                           *self.events.script_args(queued), job.submitted_at or now, now - self.ttl,
+                           json.dumps(start.webhook) if start.webhook else ""]
         for field, encoded_value in status.items():
             args += [field, encoded_value]
         outcome = _text(self._start(keys=keys, args=args))  # type: ignore[arg-type]
@@ -292,6 +295,11 @@ class Checkpoints:
 
     def request(self, job_id: str) -> dict[str, Any] | None:
         raw = self.client.hget(checkpoint_key(job_id), "request")
+        return json.loads(raw) if raw else None
+
+    def webhook(self, job_id: str) -> dict[str, Any] | None:
+        """The completion webhook the job's request named (None: it named none)."""
+        raw = self.client.hget(checkpoint_key(job_id), "webhook")
         return json.loads(raw) if raw else None
 
     def spec(self, job_id: str) -> dict[str, Any] | None:

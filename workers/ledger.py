@@ -44,7 +44,7 @@ from workers.events import end_task_event, send
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.onerror import cancelled_record
 from workers.settings import Settings
-from workers.webhooks import Deliveries
+from workers.webhooks import Deliveries, webhook_of
 
 log = logging.getLogger(__name__)
 TRAIL_CHARS = 20_000  # a job-finished event drops a longer decision trail (the JobResult keeps it)
@@ -128,7 +128,7 @@ class Ledger:
         version pinned (the watchdog and `resume` run the same versions). The claim says whether this
         caller starts it (`Begin.RUN`) or another start owns it. `final`: the sender is never redelivered
         (the client), so the start is claimed done at once; otherwise call `sent` once the message is out."""
-        start = Start(request, spec.model_dump(mode="json"), door)
+        start = Start(request, spec.model_dump(mode="json"), door, request.get("webhook"))
         total = static_stage_count(spec)
         status = encoded({"state": "queued", "pipeline": job.pipeline, "submitted_at": job.submitted_at,
                           "updated_at": time.time(), "priority": requested_priority(request),
@@ -213,9 +213,9 @@ class Ledger:
     def announce(self, closing: Closing, door: str, closer: Closer, request: dict[str, Any] | None = None) -> None:
         """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
         is on the event log already, written by the close itself): the monitor's copy of that event, Flower
-        told how the job's tasks ended, and the job's completion webhook queued (`request`: the job's
-        request when the caller has it at hand, else read from the checkpoint). Best effort: the job is
-        closed already."""
+        told how the job's tasks ended, and the job's completion webhook queued (the one `request` names when
+        the caller has the request at hand, else the one recorded at start). Best effort: the job is closed
+        already."""
         result = closing.result
         try:
             send(self.app, closer.hostname, result.job_id, closing.finished)
@@ -227,7 +227,8 @@ class Ledger:
         except Exception:
             log.exception("job %s closed, but announcing its end failed", result.job_id)
         try:
-            self.deliveries.after_close(result, request if request is not None else self.request(result.job_id))
+            named = request.get("webhook") if request is not None else self.checkpoints.webhook(result.job_id)
+            self.deliveries.after_close(result, webhook_of(named))
         except Exception:
             log.exception("job %s closed, but queueing its webhook failed", result.job_id)
 

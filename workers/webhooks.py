@@ -1,7 +1,7 @@
 """Completion webhooks, the ledger's side: once a job has ended, its webhook's delivery is queued.
 
 `Ledger.announce` (the one place a job's end is acted on) calls `Deliveries.after_close`: the job's
-webhook is the one its request named (recorded at start, in the request the checkpoint keeps), else
+webhook is the one its request named (recorded at start in the job's checkpoint, field `webhook`), else
 its pipeline's default. The delivery itself is a task on the webhook queue (workers/webhook_task.py),
 so no stage worker ever waits on a receiver. The delivery state shows in the job's status.
 """
@@ -22,10 +22,9 @@ from workers.jobs import JobStore
 log = logging.getLogger(__name__)
 
 
-def webhook_of(request: Any) -> Webhook | None:
-    """The webhook a request names; None when it names none or one that is not a webhook (a rejected
+def webhook_of(raw: Any) -> Webhook | None:
+    """A request's `webhook` as a Webhook; None when it names none or one that is not a webhook (a rejected
     request may hold anything)."""
-    raw = request.get("webhook") if isinstance(request, dict) else None
     if raw is None:
         return None
     try:
@@ -40,9 +39,10 @@ class Deliveries:
         self.jobs = jobs
         self.catalog = catalog
 
-    def after_close(self, result: JobResult, request: dict[str, Any] | None) -> None:
-        """Queue the delivery of the job's webhook, if it has one: its status says `pending` until then."""
-        webhook = webhook_of(request) or self._default(result.pipeline)
+    def after_close(self, result: JobResult, named: Webhook | None) -> None:
+        """Queue the delivery of the job's webhook (the one its request `named`, else its pipeline's default),
+        if it has one: its status says `pending` until the delivery task reports."""
+        webhook = named or self._default(result.pipeline)
         if webhook is None:
             return
         self.jobs.webhook(result.job_id, WebhookDelivery(state="pending", url=webhook.url, updated_at=time.time()))
