@@ -105,7 +105,8 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
-        "task_queues": [queue(name) for name in [*map(stage_queue, catalog.stages), ROUTING_QUEUE, WEBHOOK_QUEUE]],
+        "task_queues": [*(stage_queue_of(stage_queue(name)) for name in catalog.stages),
+                        Queue(ROUTING_QUEUE), Queue(WEBHOOK_QUEUE)],  # type: ignore[no-untyped-call]
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,
         "worker_hijack_root_logger": False,
@@ -113,8 +114,10 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
     }
 
 
-def queue(name: str) -> Queue:
-    """A queue as declared: on RabbitMQ a priority queue (`x-max-priority`; Redis ignores the argument)."""
+def stage_queue_of(name: str) -> Queue:
+    """A stage queue as declared: on RabbitMQ a priority queue (`x-max-priority`; Redis ignores the argument).
+    The routing queue is not: clients in other languages (celery-node) declare it when they publish
+    `pipeline.run`, without arguments, and RabbitMQ refuses a declaration whose arguments differ."""
     return Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY})  # type: ignore[no-untyped-call]
 
 
