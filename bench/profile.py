@@ -25,6 +25,7 @@ from pathlib import Path
 from bench.bare import bare_chain, bare_result
 from bench.harness import CATALOG, PLUGINS
 from cli.fleet import CELERY, PYTHON, ROOT, client_for, private_redis, test_lm_server, wait_until, worker_env
+from cli.workercmd import WorkerCommand
 from contracts.names import ROUTING_QUEUE, bench_bare_task, stage_queue
 from routing.client import Client
 
@@ -124,9 +125,9 @@ def _stages(client: Client, pipeline: str) -> list[str]:
 
 
 def _start(name: str, queue: str, env: dict[str, str], out: Path) -> tuple[str, subprocess.Popen[bytes]]:
-    cmd = [PYTHON, "-m", "cProfile", "-o", str(out / f"{name}.prof"), CELERY, "-A", "workers.app", "worker",
-           "-Q", queue, "-n", f"profile-{name}@%h", "--pool", "solo", "--loglevel", "INFO",
-           "--without-gossip", "--without-mingle", "--logfile", str(out / f"{name}.log")]
+    worker = WorkerCommand(f"profile-{name}", (queue,), pool="solo", concurrency=1, program=CELERY,
+                           logfile=str(out / f"{name}.log"))
+    cmd = [PYTHON, "-m", "cProfile", "-o", str(out / f"{name}.prof"), *worker.argv()]
     return name, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

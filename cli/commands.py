@@ -3,6 +3,8 @@
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from cli import render
 from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_OK, EXIT_PENDING
 from cli.inputs import parse_pairs
@@ -46,7 +48,7 @@ def print_result(result: JobResult, as_json: bool) -> int:
         if result.usage or result.cached_usage:
             render.out.print(render.usage_table(result))
     if result.error is not None:
-        render.err.print(f"[red]job {result.job_id} failed:[/] {result.error.message}", highlight=False)
+        render.err.print(f"[red]job {result.job_id} failed:[/] {escape(result.error.message)}", highlight=False)
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -54,7 +56,8 @@ def submit_file(client: Client, pipeline: str, path: Path, wait: bool, as_json: 
     """Submit every line, report bad lines on stderr; exit 2 when any line was bad, else 1 if a job failed."""
     submitted = submit_lines(client, pipeline, path)
     for bad in (s for s in submitted if s.problem is not None):
-        render.err.print(f"[red]error:[/] {path}: line {bad.line}: {bad.problem}", highlight=False, soft_wrap=True)
+        render.err.print(f"[red]error:[/] {escape(f'{path}: line {bad.line}: {bad.problem}')}", highlight=False,
+                         soft_wrap=True)
     good = [s for s in submitted if s.handle is not None]
     results = wait_all([s.handle for s in good if s.handle], timeout) if wait else []
     _print_lines(submitted, good, results, as_json)
@@ -71,8 +74,19 @@ def _print_lines(submitted: list[Submitted], good: list[Submitted], results: lis
         render.print_json(rows)
         return
     for row in rows:
-        state = row.get("result", {}).get("state") if "result" in row else row.get("error", "queued")
-        render.out.print(f"line {row['line']}: {row.get('job_id') or '-'} {state}", highlight=False)
+        render.out.print(f"line {row['line']}: {row.get('job_id') or '-'} {_outcome(row)}", highlight=False,
+                         markup=False, soft_wrap=True)
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    """`queued`, the job's final state (a failed job's error after it), or `error: WHY`."""
+    if "error" in row:
+        return f"error: {row['error']}"
+    if "result" not in row:
+        return "queued"
+    result = row["result"]
+    error = result.get("error") or {}
+    return f"{result['state']}: {error['message']}" if error.get("message") else str(result["state"])
 
 
 def _line_row(item: Submitted, result: JobResult | str | None) -> dict[str, Any]:

@@ -15,15 +15,24 @@ from typing import Any
 import yaml
 
 from cli import settings_doc
+from cli.deployment import (
+    API_COMMAND,
+    API_PORT,
+    DATA_DIR,
+    FLOWER_COMMAND,
+    FLOWER_PORT,
+    HOTPOTQA_FILE,
+    LM_COMMAND,
+    LM_PORT,
+    MONITOR_COMMAND,
+    MONITOR_PORT,
+    WATCHDOG_COMMAND,
+    worker_services,
+)
+from cli.workercmd import WorkerCommand
 from contracts.catalog import Catalog
-from contracts.names import ROUTING_QUEUE, WEBHOOK_QUEUE, service_name, stage_queue
-from workers.settings import LOCAL_MODEL
+from workers.settings import LOCAL_MODEL, Settings
 
-DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
-MONITOR_PORT = 8095
-API_PORT = 8000
-FLOWER_PORT = 5555
-LM_PORT = 8090
 REQUIRED = ":?set it in .env (cp .env.example .env)"
 
 # Settings whose value inside the compose network differs from the one on a single machine.
@@ -46,16 +55,13 @@ HEAD = """\
 """
 
 
-def render(catalog: Catalog) -> str:
+def render(catalog: Catalog, settings: Settings | None = None) -> str:
     parts = [HEAD, "\n", _block({"x-stagecoach": base()}).replace("x-stagecoach:", "x-stagecoach: &stagecoach", 1),
              "\nservices:\n", _service("redis", redis(), shared=False), _service("rabbitmq", rabbitmq(), shared=False),
              _service("lm", lm()), _service("flower", flower()), _service("monitor", monitor()),
-             _service("watchdog", watchdog()), _service("api", api()),
-             _service("webhook", worker("webhook", [WEBHOOK_QUEUE], concurrency=8)),
-             _service("routing", worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], concurrency=8))]
-    for ref in sorted(catalog.stages):
-        name = f"worker-{service_name(ref)}"  # `answer@1` -> worker-answer-v1
-        parts.append(_service(name, worker(name, [stage_queue(ref)])))
+             _service("watchdog", watchdog()), _service("api", api())]
+    for service in worker_services(catalog, settings or Settings()):  # answer@1: worker-answer-v1; the webhook worker
+        parts.append(_service(service.name, worker(service.command)))
     parts.append("\n" + _block({"volumes": {"redis-data": {}, "rabbitmq-data": {}}}))
     return "".join(parts)
 
@@ -70,6 +76,8 @@ def base() -> dict[str, Any]:
         "restart": "unless-stopped",
         "env_file": ".env",
         "environment": stagecoach_env(),
+        # data that stages read (the HotPotQA corpus): a folder of the host, read-only (docs/deploy.md)
+        "volumes": [f"{_var('STAGECOACH_DATA_DIR', ':-./data')}:{DATA_DIR}:ro"],
         "depends_on": {"redis": {"condition": "service_healthy"}},
     }
 
@@ -83,6 +91,7 @@ def stagecoach_env(**extra: str) -> dict[str, str]:
         "STAGECOACH_LM_MODEL": _var("STAGECOACH_LM_MODEL", f":-{LOCAL_MODEL}"),
         # `-` not `:-`: an empty STAGECOACH_LM_API_BASE means the provider's own endpoint
         "STAGECOACH_LM_API_BASE": _var("STAGECOACH_LM_API_BASE", f"-{COMPOSE_VALUES['STAGECOACH_LM_API_BASE']}"),
+        "STAGECOACH_HOTPOTQA_PATH": _var("STAGECOACH_HOTPOTQA_PATH", f":-{DATA_DIR}/{HOTPOTQA_FILE}"),
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         # the API's and the monitor's way in: registered as an admin token at their start
         "STAGECOACH_API_ADMIN_TOKEN": _var("STAGECOACH_API_ADMIN_TOKEN", REQUIRED),
@@ -105,12 +114,21 @@ def redis() -> dict[str, Any]:
     }
 
 
+# The broker's password cannot be required with `:?` (both Compose versions interpolate every profile's
+# services, so everyone would need it); the container refuses to start without it instead.
+RABBITMQ_NEEDS_PASSWORD = (
+    '[ -n "$$RABBITMQ_DEFAULT_PASS" ] || { echo "STAGECOACH_RABBITMQ_PASSWORD is not set: '
+    'set it in .env (cp .env.example .env); RabbitMQ refuses to start without a password" >&2; exit 1; }; '
+    "exec docker-entrypoint.sh rabbitmq-server")
+
+
 def rabbitmq() -> dict[str, Any]:
     """Started only with COMPOSE_PROFILES=rabbitmq; workers retry the broker until it is up."""
     return {
         "image": "rabbitmq:3-alpine",
         "profiles": ["rabbitmq"],
         "restart": "unless-stopped",
+        "entrypoint": ["sh", "-c", RABBITMQ_NEEDS_PASSWORD],
         "environment": {"RABBITMQ_DEFAULT_USER": "stagecoach",
                         "RABBITMQ_DEFAULT_PASS": _var("STAGECOACH_RABBITMQ_PASSWORD", ":-")},
         "volumes": ["rabbitmq-data:/var/lib/rabbitmq"],
@@ -121,17 +139,18 @@ def rabbitmq() -> dict[str, Any]:
 
 def lm() -> dict[str, Any]:
     return {
-        "command": f"python -m workers.local_lm --host 0.0.0.0 --port {LM_PORT}",
+        "command": LM_COMMAND,
         "healthcheck": _health(http_check(f"http://127.0.0.1:{LM_PORT}/v1/models"), start_period="120s"),
     }
 
 
 def flower() -> dict[str, Any]:
-    """Basic auth from the environment; /healthcheck answers without it."""
+    """Basic auth from the environment; /healthcheck answers without it. Published on this host only unless
+    STAGECOACH_FLOWER_PUBLISH_ADDRESS opens it (its login then travels in clear HTTP: put TLS in front)."""
     return {
-        "command": f"celery -A workers.app flower --port={FLOWER_PORT}",
+        "command": FLOWER_COMMAND,
         "environment": stagecoach_env(FLOWER_BASIC_AUTH=_var("STAGECOACH_FLOWER_BASIC_AUTH", REQUIRED)),
-        "ports": [f"{FLOWER_PORT}:{FLOWER_PORT}"],
+        "ports": [f"{_var('STAGECOACH_FLOWER_PUBLISH_ADDRESS', ':-127.0.0.1')}:{FLOWER_PORT}:{FLOWER_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{FLOWER_PORT}/healthcheck")),
     }
 
@@ -140,41 +159,42 @@ def monitor() -> dict[str, Any]:
     """`stagecoach monitor` (issue 10): Celery events from the broker, its store in the Redis result backend,
     HTTP on STAGECOACH_MONITOR_PORT."""
     return {
-        "command": "stagecoach monitor",
+        "command": MONITOR_COMMAND,
         "environment": stagecoach_env(STAGECOACH_MONITOR_HOST=COMPOSE_VALUES["STAGECOACH_MONITOR_HOST"],
                                       STAGECOACH_MONITOR_PORT=str(MONITOR_PORT),
                                       STAGECOACH_MONITOR_AUTH=COMPOSE_VALUES["STAGECOACH_MONITOR_AUTH"]),
-        "ports": [f"{MONITOR_PORT}:{MONITOR_PORT}"],
+        # job inputs and outputs (traces), behind the API's tokens; published on this host only unless
+        # STAGECOACH_MONITOR_PUBLISH_ADDRESS opens it (tokens travel in clear HTTP: put TLS in front)
+        "ports": [f"{_var('STAGECOACH_MONITOR_PUBLISH_ADDRESS', ':-127.0.0.1')}:{MONITOR_PORT}:{MONITOR_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{MONITOR_PORT}/healthz")),
     }
 
 
 def api() -> dict[str, Any]:
     """`stagecoach api` (issue 19): the HTTP API, auth on (its admin token from .env; more with
-    `docker compose exec api stagecoach tokens create NAME`)."""
+    `docker compose exec api stagecoach tokens create NAME`). Other containers reach it at api:8000; the
+    host on 127.0.0.1 unless STAGECOACH_API_PUBLISH_ADDRESS opens it (put TLS in front)."""
     return {
-        "command": "stagecoach api",
+        "command": API_COMMAND,
         "environment": stagecoach_env(STAGECOACH_API_HOST=COMPOSE_VALUES["STAGECOACH_API_HOST"],
                                       STAGECOACH_API_PORT=str(API_PORT), STAGECOACH_API_AUTH="true"),
-        "ports": [f"{API_PORT}:{API_PORT}"],
+        "ports": [f"{_var('STAGECOACH_API_PUBLISH_ADDRESS', ':-127.0.0.1')}:{API_PORT}:{API_PORT}"],
         "healthcheck": _health(http_check(f"http://127.0.0.1:{API_PORT}/openapi.json")),
     }
 
 
 def watchdog() -> dict[str, Any]:
     """`stagecoach watchdog` (issue 9): re-dispatches jobs whose messages were lost, from their checkpoints."""
-    return {"command": "stagecoach watchdog",  # healthy when a sweep (idempotent) runs against Redis
+    return {"command": WATCHDOG_COMMAND,  # healthy when a sweep (idempotent) runs against Redis
             "healthcheck": _health(["CMD", "stagecoach", "watchdog", "--once"], interval="60s")}
 
 
-def worker(name: str, queues: list[str], pool: str = "threads", concurrency: int = 4) -> dict[str, Any]:
+def worker(command: WorkerCommand) -> dict[str, Any]:
     """A worker named `<name>@<container>`, so each scaled replica has its own name; its health
     check pings exactly that name through the broker (workers/health.py)."""
-    command = (f"celery -A workers.app worker -Q {','.join(queues)} -n {name}@%h --pool {pool} "
-               f"--concurrency {concurrency}")
     return {
-        "command": command,
-        "healthcheck": _health(["CMD-SHELL", f"python -m workers.health {name}@$$HOSTNAME"], interval="60s"),
+        "command": command.text(),
+        "healthcheck": _health(["CMD-SHELL", f"python -m workers.health {command.name}@$$HOSTNAME"], interval="60s"),
     }
 
 
@@ -221,10 +241,22 @@ STAGECOACH_FLOWER_BASIC_AUTH=
 # print('sc_' + secrets.token_urlsafe(32))"`); create narrower ones with `stagecoach tokens create`
 STAGECOACH_API_ADMIN_TOKEN=
 
-# RabbitMQ as broker instead of Redis (Redis stays the result backend): uncomment these three
+# RabbitMQ as broker instead of Redis (Redis stays the result backend): uncomment these three; the
+# rabbitmq container refuses to start while STAGECOACH_RABBITMQ_PASSWORD is empty
 # COMPOSE_PROFILES=rabbitmq
 # STAGECOACH_BROKER_URL=amqp://stagecoach@rabbitmq:5672//
 # STAGECOACH_RABBITMQ_PASSWORD=
+
+# Data that stages read, mounted read-only at /data in every Stagecoach container: the HotPotQA corpus
+# (STAGECOACH_HOTPOTQA_PATH, default /data/hotpotqa_dev_hard_200.jsonl) for multihop_hotpotqa
+# STAGECOACH_DATA_DIR=./data
+
+# Flower (basic auth above), the monitor and the HTTP API (both behind bearer tokens) are published on
+# 127.0.0.1 only. Any of them on every interface of this host (logins and tokens travel in clear HTTP:
+# put TLS in front):
+# STAGECOACH_FLOWER_PUBLISH_ADDRESS=0.0.0.0
+# STAGECOACH_MONITOR_PUBLISH_ADDRESS=0.0.0.0
+# STAGECOACH_API_PUBLISH_ADDRESS=0.0.0.0
 """
 ENV_LISTED = frozenset({"STAGECOACH_REDIS_PASSWORD", "STAGECOACH_RABBITMQ_PASSWORD", "STAGECOACH_API_ADMIN_TOKEN"})
 

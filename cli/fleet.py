@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli import stack
+from cli.workercmd import Autoscale, WorkerCommand, stage_worker_name
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from workers.factory import create_runtime
@@ -158,13 +159,12 @@ class Fleet:
     workers: list[Worker] = field(default_factory=list)
 
     def start(self, name: str, queues: list[str], pool: str = "threads", concurrency: int = 4,
-              extra: list[str] | None = None) -> Worker:
+              extra: list[str] | None = None, autoscale: Autoscale | None = None) -> Worker:
         log = self.logdir / f"{name}.log"
-        cmd = [CELERY, "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", f"{name}@%h",
-               "--pool", pool, "--concurrency", str(concurrency), "--loglevel", "INFO",
-               "--without-gossip", "--without-mingle", "--logfile", str(log), *(extra or [])]
+        command = WorkerCommand(name, tuple(queues), pool=pool, concurrency=concurrency, autoscale=autoscale,
+                                logfile=str(log), program=CELERY, extra=tuple(extra or ()))
         with open(self.logdir / f"{name}.err", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(command.argv(), cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=err)
         worker = Worker(name, queues, proc, log)
         self.workers.append(worker)
         return worker
@@ -172,7 +172,7 @@ class Fleet:
     def start_per_stage(self, stages: Iterable[str], concurrency: int = 4, routing_concurrency: int = 8) -> None:
         """One worker `stage-<name>` per stage queue and the routing worker, as `stagecoach up` runs them."""
         for stage in stages:
-            self.start(f"stage-{stage}", [stage_queue(stage)], concurrency=concurrency)
+            self.start(stage_worker_name(stage), [stage_queue(stage)], concurrency=concurrency)
         self.start("routing", [ROUTING_QUEUE], concurrency=routing_concurrency)
 
     def wait_ready(self, timeout: float = 300) -> None:

@@ -10,10 +10,9 @@ from rich.progress import Progress
 from cli import render
 from cli.inputs import InputError, Line, read_lines
 from cli.stack import broker_reachable, redact, redis_reachable
-from contracts.errors import StagecoachError
+from contracts.errors import StagecoachError, encodable
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
-from routing.errors import JobTimeoutError
 from workers.factory import create_runtime
 from workers.settings import Settings
 
@@ -72,12 +71,16 @@ def submit_file(client: Client, pipeline: str, path: Path) -> list[Submitted]:
 
 
 def _submit_line(client: Client, pipeline: str, line: Line) -> Submitted:
+    """The line's job, or why it has none. Whatever one line raises is that line's outcome: the next
+    line is still submitted, and every line is reported."""
     if line.inputs is None:
         return Submitted(line.number, None, line.problem)
     try:
         return Submitted(line.number, client.submit(pipeline, line.inputs))
     except StagecoachError as error:
         return Submitted(line.number, None, str(error))
+    except Exception as error:  # not one of ours (a serialiser, the broker client): still this line's alone
+        return Submitted(line.number, None, encodable(f"{type(error).__name__}: {error}"))
 
 
 def wait_all(handles: list[JobHandle], timeout: float) -> list[JobResult | str]:
@@ -92,7 +95,10 @@ def wait_all(handles: list[JobHandle], timeout: float) -> list[JobResult | str]:
 
 
 def _wait(handle: JobHandle, timeout: float) -> JobResult | str:
+    """The job's result, or why there is none (one job's trouble never hides the others' results)."""
     try:
         return handle.get(timeout=timeout)
-    except JobTimeoutError as error:
+    except StagecoachError as error:
         return str(error)
+    except Exception as error:
+        return encodable(f"{type(error).__name__}: {error}")

@@ -4,10 +4,12 @@ Exit codes: 0 done, 1 a job failed, 2 bad input (unknown pipeline, bad field, ba
 3 not finished in time / unknown job, 4 services unreachable or the stack failed.
 """
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.markup import escape
 
 from cli import render
 from cli.api_cmd import api, tokens_app
@@ -40,7 +42,7 @@ def _root() -> None:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    render.err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    render.err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # text, not markup
     raise typer.Exit(code)
 
 
@@ -72,6 +74,9 @@ def _settings(**overrides: Any) -> Any:
 def up(
     workers: Annotated[str | None, typer.Option(help="worker processes per stage queue: retrieve=3,synthesize=2 "
                                                      "(default STAGECOACH_WORKERS, else 1 each)")] = None,
+    autoscale: Annotated[str | None, typer.Option(
+        help="Celery's pool autoscaling for these stages' workers, MIN..MAX processes: key_terms=1..8 (a prefork "
+             "pool; default STAGECOACH_AUTOSCALE)")] = None,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
     """Run the local stack in the foreground: Redis (if none is reachable), the local LM server
@@ -80,12 +85,15 @@ def up(
     Ctrl-C stops all of it."""
     from cli.inputs import InputError
     from cli.stack import StackError, worker_counts
-    from cli.up import parse_worker_counts
+    from cli.up import parse_autoscale_option, parse_worker_counts
     from cli.up import up as run_up
     from contracts.catalog import load_catalog
 
     try:
-        settings = _settings(**({"workers": parse_worker_counts(workers)} if workers is not None else {}))
+        overrides: dict[str, Any] = {"workers": parse_worker_counts(workers)} if workers is not None else {}
+        if autoscale is not None:
+            overrides["autoscale"] = parse_autoscale_option(autoscale)
+        settings = _settings(**overrides)
         worker_counts(load_catalog(settings.catalog), settings)  # an unknown stage: bad input, nothing started
     except (InputError, StackError, StagecoachError) as error:
         fail(str(error), EXIT_INPUT)
@@ -235,7 +243,40 @@ def compose_file(
     if env_example:
         print(render_env(), end="")
         return
-    print(render_compose(load_catalog(_settings().catalog)), end="")
+    settings = _settings()
+    print(render_compose(load_catalog(settings.catalog), settings), end="")
+
+
+@app.command("k8s")
+def k8s_manifests(
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="write one file per service here (and kustomization.yaml); default: one YAML "
+                               "stream on stdout")] = None,
+    namespace: Annotated[str, typer.Option(help="namespace of every resource (kustomization)")] = "stagecoach",
+    image: Annotated[str, typer.Option(help="the Stagecoach image (Dockerfile)")] = "stagecoach:latest",
+    broker_url: Annotated[str, typer.Option(help="broker URL inside the cluster (no password: it comes from the "
+                                                 "Secret)")] = "redis://redis:6379/0",
+    result_backend: Annotated[str | None, typer.Option(help="Redis URL of the result backend inside the cluster; "
+                                                            "default: the broker URL")] = None,
+) -> None:
+    """Kubernetes manifests for the catalog: a Deployment, PodDisruptionBudget and KEDA ScaledObject per stage
+    queue, the routing worker, watchdog, monitor, Flower and local LM with Services, a ConfigMap of the settings,
+    Secret references; `kubectl apply -k DIR` (docs/deploy.md)."""
+    from cli.k8s import K8sOptions, render, stream, write
+    from contracts.catalog import load_catalog
+
+    settings = _settings()
+    options = K8sOptions(namespace=namespace, image=image, broker_url=broker_url, result_backend=result_backend)
+    try:
+        texts = render(load_catalog(settings.catalog), settings, options)
+    except ValueError as error:
+        fail(str(error), EXIT_INPUT)
+    if output is None:
+        print(stream(texts), end="")
+        return
+    removed = write(texts, output)
+    render_out = f"wrote {len(texts)} files to {output}" + (f"; removed {', '.join(removed)}" if removed else "")
+    print(render_out, file=sys.stderr)
 
 
 @app.command("schema")

@@ -92,8 +92,8 @@ def watch(settings: Settings, interval: float, once: bool) -> None:
     from routing.recovery import sweep
 
     carer = recovery(settings)  # builds the app without touching Redis
-    render.err.print(f"watchdog: a job is re-dispatched {settings.watchdog_stall_seconds:.0f}s after its "
-                     f"deadline of progress; sweeping every {interval:.1f}s", highlight=False)
+    render.err.print(f"watchdog: a running step's lease is {settings.lease_seconds:g}s; a job between steps gets "
+                     f"{settings.watchdog_stall_seconds:g}s; sweeping every {interval:g}s", highlight=False)
     while True:
         try:
             for job_id, action in sweep(carer):

@@ -27,13 +27,12 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 
+from cli.workercmd import Autoscale, WorkerCommand, routing_worker, stage_worker, webhook_worker
 from contracts.catalog import Catalog, load_catalog
-from contracts.names import ROUTING_QUEUE, WEBHOOK_QUEUE, service_name, stage_queue
 from workers.settings import Settings
 
 BIN = Path(sys.executable).parent
 CELERY = str(BIN / "celery")
-DEFAULT_CELERY_QUEUE = "celery"  # where naive clients that name no queue send tasks
 STOP_SECONDS = 20.0
 
 
@@ -131,7 +130,8 @@ def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = N
         token_env, token_file = _api_token(state_dir)
         env = child_env(broker_url, backend_url, {**lm_env, **token_env})
         _workers(catalog, settings, env, logdir, services)
-        services.append(_worker("webhook", [WEBHOOK_QUEUE], settings, env, logdir))  # completion webhooks
+        services.append(_worker(webhook_worker(pool=settings.pool, concurrency=settings.concurrency, program=CELERY),
+                                logdir, env))  # completion webhooks
         _watchdog(env, logdir, services)
         flower_url = _flower(settings, env, logdir, services)
         monitor_url = _monitor(env, logdir, services)
@@ -251,32 +251,38 @@ def _local_lm(settings: Settings, logdir: Path, services: list[Service]) -> tupl
 
 def worker_counts(catalog: Catalog, settings: Settings) -> dict[str, int]:
     """Worker processes per stage queue: 1 each unless `Settings.workers` says more."""
-    unknown = sorted(set(settings.workers) - set(catalog.stages))
-    if unknown:
-        known = ", ".join(sorted(catalog.stages))
-        raise StackError(f"workers: unknown stage(s) {', '.join(unknown)}; known stages: {known}")
+    for what, stages in (("workers", settings.workers), ("autoscale", settings.autoscale)):
+        unknown = sorted(set(stages) - set(catalog.stages))
+        if unknown:
+            known = ", ".join(sorted(catalog.stages))
+            raise StackError(f"{what}: unknown stage(s) {', '.join(unknown)}; known stages: {known}")
     return {name: settings.workers.get(name, 1) for name in catalog.stages}
 
 
-def worker_name(stage: str, index: int) -> str:
-    """`stage-<name>` for the first worker of a queue, `stage-<name>-2`, `-3`... for the others."""
-    return f"stage-{service_name(stage)}" if index == 1 else f"stage-{service_name(stage)}-{index}"
+def stage_pool(name: str, settings: Settings) -> tuple[str, Autoscale | None]:
+    """The pool of a stage's worker: the setting's, or prefork growing and shrinking within the stage's
+    autoscale range (Celery's autoscaler resizes process pools only: its threads pool cannot grow or shrink)."""
+    if name not in settings.autoscale:
+        return settings.pool, None
+    return "prefork", Autoscale(*settings.autoscale[name])
 
 
 def _workers(catalog: Catalog, settings: Settings, env: dict[str, str], logdir: Path,
              services: list[Service]) -> None:
     for name, count in worker_counts(catalog, settings).items():
         for index in range(1, count + 1):
-            services.append(_worker(worker_name(name, index), [stage_queue(name)], settings, env, logdir))
-    services.append(_worker("routing", [ROUTING_QUEUE, DEFAULT_CELERY_QUEUE], settings, env, logdir))
+            pool, autoscale = stage_pool(name, settings)
+            command = stage_worker(name, index, pool=pool, concurrency=settings.concurrency, autoscale=autoscale,
+                                   program=CELERY)
+            services.append(_worker(command, logdir, env))
+    routing = routing_worker(pool=settings.pool, concurrency=settings.concurrency, program=CELERY)
+    services.append(_worker(routing, logdir, env))
 
 
-def _worker(name: str, queues: list[str], settings: Settings, env: dict[str, str], logdir: Path) -> Service:
-    cmd = [CELERY, "-A", "workers.app", "worker", "-Q", ",".join(queues), "-n", f"{name}@%h",
-           "--pool", settings.pool, "--concurrency", str(settings.concurrency), "--loglevel", "INFO",
-           "--without-gossip", "--without-mingle"]
-    log = logdir / f"{name}.log"
-    return _spawn(name, "worker", ",".join(queues), cmd, logdir, env, lambda: " ready." in _read(log))
+def _worker(command: WorkerCommand, logdir: Path, env: dict[str, str]) -> Service:
+    log = logdir / f"{command.name}.log"
+    return _spawn(command.name, "worker", ",".join(command.queues), command.argv(), logdir, env,
+                  lambda: " ready." in _read(log))
 
 
 def _watchdog(env: dict[str, str], logdir: Path, services: list[Service]) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cli import render
 from cli.inputs import InputError
 from cli.stack import Service, Stack, redact, start_stack
-from workers.settings import Settings
+from workers.settings import Settings, parse_autoscale
 
 READY_SECONDS = 180.0
 
@@ -24,6 +24,14 @@ def parse_worker_counts(text: str) -> dict[str, int]:
             raise InputError(f"--workers {item!r}: expected STAGE=N with N >= 1 (e.g. retrieve=3,synthesize=2)")
         counts[stage.strip()] = int(raw)
     return counts
+
+
+def parse_autoscale_option(text: str) -> dict[str, tuple[int, int]]:
+    """`key_terms=1..8` -> {"key_terms": (1, 8)}; a bad item names itself."""
+    try:
+        return parse_autoscale(text)
+    except ValueError as error:
+        raise InputError(f"--autoscale: {error}") from None
 
 
 @contextmanager

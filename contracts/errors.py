@@ -4,7 +4,12 @@ from dataclasses import dataclass
 
 
 class StagecoachError(Exception):
-    """Root of every error Stagecoach raises on purpose."""
+    """Root of every error Stagecoach raises on purpose. Its message is always encodable text: a lone
+    surrogate from the input it names is shown escaped (`\\ud800`), so printing, logging or storing
+    the error never fails in turn."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(encodable(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ContractError(StagecoachError):
@@ -15,6 +20,13 @@ class ContractError(StagecoachError):
         self.problems = problems
         detail = "; ".join(str(p) for p in problems)
         super().__init__(f"{where}: {detail}")
+
+
+def encodable(text: str) -> str:
+    """The text with every code point UTF-8 cannot encode (a lone surrogate) written as `\\udXXX`."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.errors import encodable
 from contracts.jobs import Ending
 from contracts.names import (
     DECISION_EVENT,
@@ -38,9 +39,8 @@ Outcome = Literal["ok", "error", "retry", "skipped"]
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> tuple[str, int]:
     """JSON text of a value cut to `limit` characters, and its full size in bytes. A string that is not
     valid Unicode (a lone surrogate) is escaped, never an error: an event must not fail a stage."""
-    text = json.dumps(value, default=str, ensure_ascii=False)
-    size = len(text.encode("utf-8", errors="backslashreplace"))
-    text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    text = encodable(json.dumps(value, default=str, ensure_ascii=False))
+    size = len(text.encode("utf-8"))
     return (text if len(text) <= limit else text[:limit] + "..."), size
 
 

@@ -8,8 +8,9 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic_core import to_json
 
-from contracts.errors import ContractError, FieldProblem, SpecError
+from contracts.errors import ContractError, FieldProblem, SpecError, encodable
 
 _SCALARS: dict[str, Any] = {"str": str, "int": int, "float": float, "bool": bool, "any": Any, "dict": dict[str, Any]}
 
@@ -75,11 +76,77 @@ def _cached_model(name: str, frozen_fields: tuple[tuple[str, str], ...]) -> type
     return model
 
 
-def problems_of(error: ValidationError) -> list[FieldProblem]:
-    """One readable problem per field from a pydantic error (field name, what is wrong, what came)."""
+Location = tuple[str | int, ...]
+UNENCODABLE = "unencodable"  # pydantic error type of a string UTF-8 cannot encode (see unencodable())
+
+
+def unencodable(data: Any) -> list[tuple[Location, str]]:
+    """Where data (a str, or dicts and lists of them, keys included) holds a lone surrogate, and what.
+
+    Such text (`json.loads('"\\ud800"')`, or bytes a program decoded with surrogateescape) cannot be
+    encoded as UTF-8: no JSON dump, Redis write, log line or terminal takes it, so it is refused at
+    the door like any other contract violation. Iterative: deep input must not recurse.
+    """
+    found: list[tuple[Location, str]] = []
+    stack: list[tuple[Location, Any]] = [((), data)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            problem = _surrogate(value)
+            if problem:
+                found.append((loc, problem))
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                problem = _surrogate(key) if isinstance(key, str) else None
+                if problem:
+                    found.append(((*loc, key), f"key {problem}"))
+                stack.append(((*loc, key), item))
+        elif isinstance(value, list | tuple):
+            stack.extend(((*loc, index), item) for index, item in reversed(list(enumerate(value))))
+    return found
+
+
+def utf8_json(data: Any) -> bool:
+    """Whether data serialises to UTF-8 JSON as it is: the common case, told apart by pydantic-core's
+    serialiser (Rust) at a fraction of a walk's cost; only the rest is walked by `unencodable`."""
+    try:
+        to_json(data)
+    except (ValueError, RecursionError):  # a lone surrogate, an object it does not know, too deep
+        return False
+    return True
+
+
+def _surrogate(text: str) -> str | None:
+    """What is wrong with text UTF-8 cannot encode, naming the first bad code point and its index."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = encodable(text[error.start])
+        return f"contains a lone surrogate ({bad} at position {error.start}): not encodable as UTF-8"
+    return None
+
+
+def field_path(loc: Location) -> str:
+    """A location as a dotted field path (`hops.2.question`), printable whatever the keys hold."""
+    return encodable(".".join(str(part) for part in loc)) or "<input>"
+
+
+def unencodable_problems(data: Any) -> list[FieldProblem]:
+    return [FieldProblem(field_path(loc), problem) for loc, problem in unencodable(data)]
+
+
+def problems_of(error: ValidationError, skip: list[FieldProblem] | None = None) -> list[FieldProblem]:
+    """One readable problem per field from a pydantic error (field name, what is wrong, what came).
+    With `skip` (the unencodable text found): no second problem for those fields, nor pydantic's own
+    complaint about that text (`string_unicode`)."""
+    named = {p.field for p in skip or []}
     problems = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "<input>"
+        field = field_path(item["loc"])
+        if skip and (field in named or item["type"] == "string_unicode"):
+            continue
         message = _describe(item)
         problems.append(FieldProblem(field, message))
     return problems
@@ -87,6 +154,8 @@ def problems_of(error: ValidationError) -> list[FieldProblem]:
 
 def _describe(item: Any) -> str:
     kind = item["type"]
+    if kind == UNENCODABLE:
+        return str(item["msg"])
     if kind == "missing":
         return "missing required field"
     if kind == "extra_forbidden":
@@ -100,10 +169,17 @@ def _describe(item: Any) -> str:
 def validate(where: str, fields: Fields, data: dict[str, Any]) -> dict[str, Any]:
     """Validate data against a contract; return it coerced to plain JSON, or raise ContractError."""
     model = build_model(_model_name(where), fields)
+    plain = utf8_json(data)
+    problems = [] if plain else unencodable_problems(data)
     try:
-        return model.model_validate(data).model_dump(mode="json")
+        clean = model.model_validate(data).model_dump(mode="json")
     except ValidationError as error:
-        raise ContractError(where, problems_of(error)) from None
+        raise ContractError(where, problems + problems_of(error, skip=problems)) from None
+    if not plain:
+        problems = problems or unencodable_problems(clean)  # the coerced data: text inside objects too
+    if problems:
+        raise ContractError(where, problems)
+    return clean
 
 
 def _model_name(where: str) -> str:

@@ -2,9 +2,12 @@
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
+from contracts.errors import encodable
+from contracts.fields import UNENCODABLE, unencodable
 from contracts.priority import MAX_PRIORITY, MIN_PRIORITY
 from contracts.webhooks import Webhook, WebhookDelivery
 
@@ -29,6 +32,24 @@ class JobRequest(BaseModel):
                                  description="0 (default, lowest) to 9 (most urgent): every stage message of the job")
     webhook: Webhook | None = Field(None, description="called with the JobResult once the job ends, however it ends")
     metadata: dict[str, Any] | None = Field(None, description="the caller's own data, kept with the job's status")
+
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _encodable(cls, data: Any, handler: ModelWrapValidatorHandler["JobRequest"]) -> "JobRequest":
+        """Text UTF-8 cannot encode is refused by field. The inputs are left to the pipeline's input
+        contract (`Catalog.validate_inputs`), which checks them the same way and names them as declared."""
+        if isinstance(data, dict):
+            request = {key: value for key, value in data.items() if key != "inputs"}
+            errors = [_unencodable_error(loc, problem) for loc, problem in unencodable(request)]
+            if errors:
+                raise ValidationError.from_exception_data(cls.__name__, errors)
+        return handler(data)
+
+
+def _unencodable_error(loc: tuple[str | int, ...], problem: str) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError(UNENCODABLE, "{problem}", {"problem": problem}),
+                            loc=tuple(encodable(p) if isinstance(p, str) else p for p in loc), input=None)
 
 
 def requested_priority(request: Any) -> int | None:

@@ -9,7 +9,7 @@ pinned to an older one. `@` is a plain character to Celery task names and Redis 
 
 STAGE_PREFIX = "stage."
 ROUTING_QUEUE = "pipeline.routing"
-DEFAULT_QUEUE = "celery"  # Celery's default: where clients that name no queue send (the routing worker consumes it)
+DEFAULT_QUEUE = "celery"  # Celery's default queue: where clients that name no queue send (the routing worker serves it)
 VERSION_SEPARATOR = "@"
 
 # adjacent fusible stages of a sequence, run in turn by one task on the first stage's queue

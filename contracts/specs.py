@@ -80,6 +80,24 @@ class OnError(Model):
         return self
 
 
+class ScaleSpec(Model):
+    """How a cluster scales the stage's worker Deployment on the length of its queue (`stagecoach k8s` renders
+    it as a KEDA ScaledObject). `min: 0` lets an idle stage cost nothing: the first job then waits for a pod
+    to start (scheduling, image pull, imports, catalog load: tens of seconds; docs/deploy.md)."""
+
+    min: int = Field(1, ge=0, description="replicas kept when the queue is empty (0: scale to zero, cold start)")
+    max: int = Field(10, ge=1, description="replicas at most")
+    per_replica: int | None = Field(
+        None, gt=0, description="waiting messages one replica is worth (KEDA's listLength); default: the worker's "
+                                "concurrency, so a new replica is added once every slot has a message waiting")
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "ScaleSpec":
+        if self.min > self.max:
+            raise ValueError(f"scale: min ({self.min}) is above max ({self.max})")
+        return self
+
+
 class RateLimit(Model):
     """A provider quota shared by every worker of the stage (enforced through Redis): at most `calls`
     LM calls and/or `tokens` tokens (prompt + completion) per `per_seconds` window."""
@@ -114,6 +132,8 @@ class StageSpec(Model):
     rate_limit: RateLimit | None = Field(None, description="calls/tokens per window, shared by all the stage's workers")
     time_limit: float | None = Field(None, gt=0, description="seconds before the stage is stopped")
     cache: CachePolicy = CachePolicy()
+    scale: ScaleSpec = Field(ScaleSpec(), description="replicas of the stage's workers in a cluster: min, max, "
+                                                      "per_replica (KEDA)")
     fusible: bool | Literal["lm"] = Field(
         False, description="true: may run in one task with adjacent fusible stages of a sequence; "
                            "'lm': also merged with an adjacent 'lm' stage into one signature and one LM call",

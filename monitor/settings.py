@@ -26,9 +26,9 @@ class MonitorSettings(BaseSettings):
     bucket_seconds: int = Field(10, ge=1, description="width of one time-series bucket")
     window_buckets: int = Field(360, ge=2, description="buckets kept (rolling window of the time series)")
     error_examples: int = Field(20, ge=1, description="latest examples kept per stage and error kind")
-    trace_events: int = Field(2000, ge=10, description="events kept per job trace")
-    traces: int = Field(1000, ge=1, description="job traces kept (the latest)")
-    trace_ttl: int = Field(7 * 24 * 3600, description="seconds a job trace is kept")
+    trace_events: int = Field(2000, ge=10, description="events kept per job trace (its latest)")
+    traces: int = Field(1000, ge=1, description="job traces kept: the latest jobs; an older job's trace is deleted")
+    trace_ttl: int = Field(7 * 24 * 3600, ge=1, description="seconds a job trace is kept after its last event")
 
     @property
     def store(self) -> str:

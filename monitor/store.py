@@ -11,6 +11,7 @@ Keys (prefix `contracts.names.MONITOR_KEY_PREFIX`):
   names:{stage|pipeline}, names:errors   what exists
   task:UUID                          what the events of one Celery task said (name, job, sent time)
   trace:JOB, jobs                    a job's ordered events; the latest jobs by time
+  evicted                            jobs that fell out of `jobs` lately (their late events are dropped)
 """
 
 import json
@@ -27,12 +28,44 @@ from monitor.stats import summarize
 KINDS = ("stage", "pipeline")
 TASK_TTL = 24 * 3600
 COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
+# a job evicted from the index is remembered among the latest EVICTED_PER_TRACE x `traces` evicted jobs,
+# long enough for a burst's queued jobs to run: their events come after they fell out
+EVICTED_PER_TRACE = 10
+
+# One trace event, atomically: the job joins the index (scored by the first event seen) unless it was
+# evicted lately; jobs past the bound leave it and their trace lists are deleted in the same step; the
+# event is appended only to a job the index holds. So every trace list belongs to an indexed job, and a
+# late event of an evicted job (or two, from concurrent writers) can never leave an orphan behind.
+# KEYS: index, evicted, this job's trace. ARGV: job, score, event, traces, events per trace, TTL,
+# trace key prefix, now, evicted jobs kept.
+_TRACE_EVENT = """
+local job = ARGV[1]
+if redis.call('ZSCORE', KEYS[2], job) then return 0 end
+redis.call('ZADD', KEYS[1], 'NX', ARGV[2], job)
+local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do
+    redis.call('DEL', ARGV[7] .. old)
+    redis.call('ZADD', KEYS[2], ARGV[8], old)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[9]) - 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if not redis.call('ZSCORE', KEYS[1], job) then return 0 end
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[5]), -1)
+redis.call('EXPIRE', KEYS[3], ARGV[6])
+return 1
+"""
 
 
 class Store:
     def __init__(self, client: redis.Redis, settings: MonitorSettings) -> None:
         self.r = client
         self.settings = settings
+        self._trace_event = client.register_script(_TRACE_EVENT)
 
     @classmethod
     def connect(cls, settings: MonitorSettings) -> "Store":
@@ -91,15 +124,16 @@ class Store:
         raw = self.r.hgetall(monitor_key("task", uuid))
         return {str(k): json.loads(v) for k, v in raw.items()}
 
-    def trace_event(self, job_id: str, event: dict[str, Any]) -> None:
-        key = monitor_key("trace", job_id)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.rpush(key, json.dumps(event, default=str))
-        pipe.ltrim(key, -self.settings.trace_events, -1)
-        pipe.expire(key, self.settings.trace_ttl)
-        pipe.zadd(monitor_key("jobs"), {job_id: float(event.get("timestamp") or time.time())}, nx=True)
-        pipe.zremrangebyrank(monitor_key("jobs"), 0, -self.settings.traces - 1)
-        pipe.execute()
+    def trace_event(self, job_id: str, event: dict[str, Any]) -> bool:
+        """Append an event to the job's trace (at most `trace_events` kept, the latest); False when the job
+        is not among the latest `traces` jobs, or fell out of them lately (see _TRACE_EVENT)."""
+        settings = self.settings
+        keys = [monitor_key("jobs"), monitor_key("evicted"), monitor_key("trace", job_id)]
+        args: list[str | int | float] = [
+            job_id, float(event.get("timestamp") or time.time()), json.dumps(event, default=str), settings.traces,
+            settings.trace_events, settings.trace_ttl, monitor_key("trace", ""), time.time(),
+            EVICTED_PER_TRACE * settings.traces]
+        return bool(self._trace_event(keys=keys, args=args))
 
     def bucket(self, at: float) -> int:
         return int(at // self.settings.bucket_seconds * self.settings.bucket_seconds)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from contracts.catalog import Catalog, iter_nodes, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
-from contracts.errors import ContractError, FieldProblem, StagecoachError
+from contracts.errors import ContractError, FieldProblem, StagecoachError, encodable
 from contracts.fields import problems_of
 from contracts.jobs import JobRequest, requested_priority
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, finish_task_id, routing_task
@@ -139,7 +139,8 @@ def rejected_record(error: StagecoachError) -> ErrorRecord:
 
 
 def pipeline_named(request: Any) -> str:
-    return str(request.get("pipeline") or "") if isinstance(request, dict) else ""
+    """The pipeline a rejected request names, escaped where it is not valid text (it is stored and shown)."""
+    return encodable(str(request.get("pipeline") or "")) if isinstance(request, dict) else ""
 
 
 def _register_finish(app: Celery, catalog: Catalog, ledger: Ledger) -> None:

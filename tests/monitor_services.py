@@ -41,11 +41,12 @@ def _up(url: str, token: str | None = None) -> bool:
 
 @contextmanager
 def monitor_service(redis_url: str, lm_url: str, logdir: Path, token: str | None = None,
-                    **extra: str) -> Iterator[str]:
-    """`stagecoach monitor` on a free port; yields its base URL once it receives events (`token`: what to
-    read it with when `extra` turns its auth on)."""
+                    **settings: str) -> Iterator[str]:
+    """`stagecoach monitor` on a free port (`settings`: more environment, e.g. STAGECOACH_MONITOR_TRACES,
+    STAGECOACH_MONITOR_AUTH); yields its base URL once it receives events (`token`: what to read it with
+    when its auth is on)."""
     port = free_port()
-    env = {**worker_env(redis_url, lm_url), "STAGECOACH_MONITOR_PORT": str(port), **extra}
+    env = {**worker_env(redis_url, lm_url), **settings, "STAGECOACH_MONITOR_PORT": str(port)}
     log = (logdir / "monitor.log").open("wb")
     proc = subprocess.Popen([STAGECOACH, "monitor"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -76,7 +76,8 @@ def queues_of(service: dict[str, Any]) -> list[str]:
 
 def test_committed_files_are_the_generated_ones() -> None:
     catalog = load_catalog([ROOT / "pipelines"])
-    assert (ROOT / "docker-compose.yml").read_text() == render(catalog), "run: stagecoach compose > docker-compose.yml"
+    assert (ROOT / "docker-compose.yml").read_text() == render(catalog, Settings()), \
+        "run: stagecoach compose > docker-compose.yml"
     assert (ROOT / ".env.example").read_text() == env_example(), \
         "run: stagecoach compose --env-example > .env.example"
 
@@ -243,3 +244,69 @@ def _status(url: str, login: str | None = None) -> int:
         return int(error.code)
     except OSError:
         return 0
+
+
+# --- what compose exposes (issue 18, point 6) ----------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_monitor_and_flower_are_published_on_this_host_only(version: str, project: Path) -> None:
+    services = resolved(version, project)["services"]
+    for name, port in (("monitor", 8095), ("flower", 5555)):
+        (published,) = services[name]["ports"]
+        assert host_and_target(published) == ("127.0.0.1", port), (name, published)
+
+
+def host_and_target(port: str | dict[str, Any]) -> tuple[str, int]:
+    """(host address, container port) of a published port: 1.29 prints `ip:host:container`, v2 a mapping."""
+    if isinstance(port, str):
+        host_ip, _, target = port.split(":")
+        return host_ip, int(target.removesuffix("/tcp"))
+    return str(port["host_ip"]), int(port["target"])
+
+
+def test_flower_opens_only_when_asked_and_the_monitor_never(project: Path) -> None:
+    with (project / ".env").open("a") as env:
+        env.write("STAGECOACH_FLOWER_PUBLISH_ADDRESS=0.0.0.0\n")
+    services = resolved("v2", project)["services"]
+    assert host_and_target(services["flower"]["ports"][0]) == ("0.0.0.0", 5555)
+    assert host_and_target(services["monitor"]["ports"][0]) == ("127.0.0.1", 8095)  # no login before the API tokens
+
+
+def _rabbitmq_entrypoint(project: Path, password: str) -> subprocess.CompletedProcess[str]:
+    """The rabbitmq service's own entrypoint, run for real with the image's server replaced by `echo`."""
+    env_file = (project / ".env").read_text() + f"STAGECOACH_RABBITMQ_PASSWORD={password}\n"
+    (project / ".env").write_text(env_file)
+    service = resolved("v2", project, "--profile", "rabbitmq")["services"]["rabbitmq"]
+    shell, flag, script = service["entrypoint"]
+    script = script.replace("$$", "$").replace("exec docker-entrypoint.sh", "exec echo started")
+    env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in service["environment"].items()}}
+    return subprocess.run([shell, flag, script], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_rabbitmq_refuses_to_start_without_a_password(project: Path) -> None:
+    refused = _rabbitmq_entrypoint(project, "")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "STAGECOACH_RABBITMQ_PASSWORD is not set" in refused.stderr
+
+
+def test_rabbitmq_starts_with_a_password(project: Path) -> None:
+    started = _rabbitmq_entrypoint(project, "r4bbit-pw")
+    assert started.returncode == 0 and started.stdout.strip() == "started rabbitmq-server", started.stderr
+
+
+def test_env_is_never_committed() -> None:
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+    assert ignored(".env") and not ignored(".env.example")
+
+
+def test_the_image_has_what_the_services_use() -> None:
+    """Graphviz's `dot` draws the monitor's /api/graph (it 404'd in compose without it); the data folder stages
+    read is a mount point; the user is numeric so Kubernetes can check runAsNonRoot."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = re.search(r"apt-get install[^\n]*", dockerfile)
+    assert installs is not None and "graphviz" in installs.group(0).split()
+    assert "RUN mkdir -p /data" in dockerfile and re.search(r"^USER 10001$", dockerfile, re.M)
+    compose_text = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose_text["x-stagecoach"]["volumes"] == ["${STAGECOACH_DATA_DIR:-./data}:/data:ro"]

@@ -2,6 +2,7 @@
 as Celery's receiver hands them over, the graph drawings and `stagecoach graph`."""
 
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,3 +113,56 @@ def test_store_survives_a_new_store_object(consumer: Consumer, private_redis: st
     consumer.handle(outcome(1))
     again = Store(redis.Redis.from_url(private_redis, decode_responses=True), consumer.store.settings)
     assert again.report().stages[0].runs == 1
+
+
+def trace_keys(r: redis.Redis) -> set[str]:
+    return {str(key) for key in r.scan_iter(match=monitor_key("trace", "*"), count=500)}
+
+
+def test_traces_are_bounded_and_late_events_make_no_orphans(private_redis: str) -> None:
+    """Only the latest `traces` jobs keep a trace list; one that falls out of the index loses its list in
+    the same step, and its late events (two of them) do not bring the list back."""
+    store = Store.connect(MonitorSettings(broker_url=private_redis, traces=3, trace_events=10, trace_ttl=600))
+    store.clear()
+    try:
+        for i in range(6):
+            assert store.trace_event(f"job{i}", {"type": "task-sent", "timestamp": 100.0 + i})
+        assert trace_keys(store.r) == {monitor_key("trace", f"job{i}") for i in (3, 4, 5)}
+        assert store.jobs() == ["job5", "job4", "job3"]
+        assert not store.trace_event("job0", {"type": "task-succeeded", "timestamp": 200.0})
+        assert not store.trace_event("job1", {"type": "job-finished", "timestamp": 201.0})
+        assert store.trace_event("job4", {"type": "task-succeeded", "timestamp": 202.0})
+        assert trace_keys(store.r) == {monitor_key("trace", f"job{i}") for i in (3, 4, 5)}
+        assert [e["type"] for e in store.trace("job4")] == ["task-sent", "task-succeeded"]
+        assert all(0 < store.r.ttl(key) <= 600 for key in trace_keys(store.r))
+        assert store.r.ttl(monitor_key("jobs")) > 0 and store.r.ttl(monitor_key("evicted")) > 0
+    finally:
+        store.clear()
+
+
+def test_concurrent_writers_leave_at_most_the_bound(private_redis: str) -> None:
+    """Four writers (as four monitors would) interleave 120 jobs' events, each job's last ones late."""
+    settings = MonitorSettings(broker_url=private_redis, traces=10, trace_events=10)
+    stores = [Store.connect(settings) for _ in range(4)]
+    stores[0].clear()
+
+    def write(worker: int) -> None:
+        for i in range(120):
+            for step in range(3):
+                stores[worker].trace_event(f"job{i}", {"type": f"e{worker}.{step}", "timestamp": 1000.0 + i + step})
+            if i >= 5:  # a late event of a job five jobs back, likely evicted meanwhile
+                stores[worker].trace_event(f"job{i - 5}", {"type": "late", "timestamp": 2000.0 + i})
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        r = stores[0].r
+        keys = trace_keys(r)
+        indexed = {monitor_key("trace", job) for job in stores[0].jobs(100)}
+        assert len(indexed) == 10 and keys == indexed  # every trace list belongs to an indexed job
+        assert all(r.ttl(key) > 0 and r.llen(key) <= 10 for key in keys)
+    finally:
+        stores[0].clear()

@@ -26,13 +26,15 @@ from tests.services import Fleet, client_for, worker_env
 STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 MAX_MESSAGE = 200_000
 MAX_REQUEST = 20_000
+MAX_ENVELOPE = 100_000
 KT, ANS = stage_queue("key_terms"), stage_queue("answer")
 GOOD = {"pipeline": "qa", "inputs": {"question": "Poison-proof?"}}
 
 
 @pytest.fixture(scope="module")
 def poison_env(private_redis: str, lm_url: str) -> Iterator[tuple[str, Fleet]]:
-    limits = {"STAGECOACH_MAX_MESSAGE_BYTES": str(MAX_MESSAGE), "STAGECOACH_MAX_REQUEST_BYTES": str(MAX_REQUEST)}
+    limits = {"STAGECOACH_MAX_MESSAGE_BYTES": str(MAX_MESSAGE), "STAGECOACH_MAX_REQUEST_BYTES": str(MAX_REQUEST),
+              "STAGECOACH_MAX_ENVELOPE_BYTES": str(MAX_ENVELOPE)}
     with qa_fleet(private_redis, lm_url, pool="prefork", **limits) as fleet:
         yield private_redis, fleet
 
@@ -69,6 +71,12 @@ def dumps(data: Any) -> bytes:
 # (case id, queue, raw bytes from a unique token, reason text, who waits: None, "job" or "task")
 Case = tuple[str, str, Callable[[str], bytes], str, str | None]
 REQ = [[GOOD], {}, EMBED]
+
+
+def stage_body(job_id: str, stage: str, question: str = "Poison-proof?") -> list[Any]:
+    """A well-formed stage message body: an envelope and a node that names `stage`."""
+    envelope = {"job_id": job_id, "pipeline": "qa", "pipeline_version": "1", "state": {"question": question}}
+    return [[envelope], {"node": {"kind": "stage", "stage": stage}, "path": stage}, EMBED]
 RAW_CASES: list[Case] = [
     ("hello", ROUTING_QUEUE, lambda t: b"hello", "not JSON", None),
     ("empty", ROUTING_QUEUE, lambda t: b"", "not JSON", None),
@@ -155,6 +163,16 @@ RAW_CASES: list[Case] = [
     ("stage-bad-envelope", KT, lambda t: dumps(message(KT, headers("stage.key_terms", t), [
         [{"job_id": 5}], {"node": {"stage": "key_terms"}, "path": "key_terms"}, EMBED])),
      "invalid envelope or node", "task"),
+    ("stage-other-node", KT, lambda t: dumps(message(KT, headers("stage.key_terms", t), stage_body(t, "nope"))),
+     "its node names stage 'nope', not this task's stage 'key_terms'", "task"),
+    ("stage-other-queue", KT, lambda t: dumps(message(KT, headers("stage.answer", t), stage_body(t, "answer"))),
+     "it came from queue 'stage.key_terms', not this stage's 'stage.answer'", "task"),
+    ("stage-huge", KT, lambda t: dumps(message(KT, headers("stage.key_terms", t),
+                                               stage_body(t, "key_terms", "x" * 120_000))),
+     "exceeds STAGECOACH_MAX_ENVELOPE_BYTES", "task"),
+    ("stage-surrogate", KT, lambda t: dumps(message(KT, headers("stage.key_terms", t),
+                                                    stage_body(t, "key_terms", "why \ud800?"))),
+     "the message holds text UTF-8 cannot encode", "task"),
     ("stage-hello", ANS, lambda t: b"hello", "not JSON", None),
     ("stage-list", ANS, lambda t: b"[1,2,3]", "JSON list", None),
     ("stage-body-object", ANS, lambda t: dumps(message(ANS, headers("stage.answer", t), {"x": 1})),

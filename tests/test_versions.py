@@ -181,8 +181,9 @@ def test_submit_command_pins_a_version(private_redis: str, lm_url: str, catalog_
 
 def test_compose_gives_each_version_a_worker_service(catalog_paths: list[Path]) -> None:
     compose = render_compose(load_catalog(catalog_paths))
-    assert "worker-vprobe-v1:" in compose and "-Q stage.vprobe@1 -n worker-vprobe-v1@%h" in compose
-    assert "worker-vprobe:" in compose and "-Q stage.vprobe -n worker-vprobe@%h" in compose
+    # the service is worker-<ref>; its Celery node is named as `stagecoach up` names it (one command builder)
+    assert "worker-vprobe-v1:" in compose and "-Q stage.vprobe@1 -n stage-vprobe-v1@%h" in compose
+    assert "worker-vprobe:" in compose and "-Q stage.vprobe -n stage-vprobe@%h" in compose
 
 
 def test_a_job_resumed_after_a_deploy_runs_the_versions_it_started_with(

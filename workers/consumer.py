@@ -12,6 +12,7 @@ a failed result, and it is acknowledged so it never comes back. Installed with t
 import contextlib
 import inspect
 import logging
+import re
 import ssl
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,8 @@ from kombu.connection import Connection
 from kombu.message import Message
 
 from contracts.deadletters import DeadLetter
+from contracts.fields import unencodable_problems, utf8_json
+from contracts.names import STAGE_PREFIX
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.ledger import Ledger
 from workers.settings import Settings
@@ -38,6 +41,7 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         settings = Settings()
         self.max_message_bytes = settings.max_message_bytes
+        self.max_envelope_bytes = settings.max_envelope_bytes
         self.dead_letters = DeadLetterStore(redis.Redis.from_url(self.app.conf.result_backend),
                                             settings.dead_letter_max)
         self.ledger = Ledger.from_settings(self.app, settings)
@@ -67,7 +71,7 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
 
         def on_task_received(message: Message) -> None:
             try:
-                screen_message(message, self.app, self.max_message_bytes)
+                screen_message(message, self.app, self.max_message_bytes, self.max_envelope_bytes)
             except Unfit as problem:
                 return self._reject(message, str(problem))
             try:
@@ -125,8 +129,9 @@ def _raw_bytes(message: Message) -> bytes:
 
 # --- protocol 2 checks ---------------------------------------------------------------------------
 
-def screen_message(message: Message, app: Celery, max_bytes: int) -> None:
-    """Raise Unfit when a message is not a JSON Celery protocol-2 task message that fits its task."""
+def screen_message(message: Message, app: Celery, max_bytes: int, max_envelope_bytes: int | None = None) -> None:
+    """Raise Unfit when a message is not a JSON Celery protocol-2 task message that fits its task (a stage
+    task's message also within STAGECOACH_MAX_ENVELOPE_BYTES: what a stage sends its LM)."""
     if message.content_type != JSON:
         raise Unfit(f"content type {message.content_type!r} refused: workers accept {JSON} only")
     body = message.body
@@ -136,10 +141,30 @@ def screen_message(message: Message, app: Celery, max_bytes: int) -> None:
     if not isinstance(headers, dict):
         raise Unfit("message headers are not an object")
     _check_headers(headers)
+    if (max_envelope_bytes is not None and body is not None and str(headers["task"]).startswith(STAGE_PREFIX)
+            and len(body) > max_envelope_bytes):
+        raise Unfit(f"stage message of {len(body)} bytes exceeds STAGECOACH_MAX_ENVELOPE_BYTES ({max_envelope_bytes})")
     args, kwargs = _check_body(message)
+    if str(headers["task"]).startswith(STAGE_PREFIX):
+        _check_text(body, args, kwargs)
     task = app.tasks.get(headers["task"])
     if task is not None:
         _check_arguments(headers["task"], task, args, kwargs)
+
+
+# a JSON escape of a UTF-16 surrogate: a lone one decodes to text no UTF-8 writer takes (a pair is fine)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(body: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """A stage message whose envelope holds text UTF-8 cannot encode (a lone surrogate) could not be
+    checkpointed, stored or told: refused here, naming where. The raw bytes are searched first (cheap)."""
+    if isinstance(body, bytes) and not _SURROGATE_ESCAPE.search(body):
+        return
+    if utf8_json([args, kwargs]):
+        return
+    where = "; ".join(str(p) for p in unencodable_problems({"args": args, "kwargs": kwargs})[:3])
+    raise Unfit(f"the message holds text UTF-8 cannot encode: {where}")
 
 
 def _check_headers(headers: dict[str, Any]) -> None:

@@ -138,20 +138,20 @@ class StageExecutor:
         if self.guard is None:
             return self._told(report, self._unguarded(call))
         ledger = self.guard.ledger
-        # past the hard limit (plus the usual stall allowance) the watchdog may re-dispatch the job
-        deadline = time.time() + self.hard_limit + ledger.stall
+        # the step's lease: its job's deadline stays one lease ahead while this worker runs it (workers/lease.py)
         begun = ledger.begin(call.job, f"{call.path}#{call.attempt}", call.path, self.hard_limit,
-                             *delivery(call.task), deadline, running_fields(call.path, self.spec.name),
-                             outcome.started(report))
+                             *delivery(call.task), report.at + ledger.lease_seconds,
+                             running_fields(call.path, self.spec.name), outcome.started(report))
         if begun.claim.begin is not Begin.RUN:
             raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
-        step = self._told(report, self._claimed(call, begun, report))
-        if step.done is None:
-            ledger.complete(begun.claim, call.job.job_id, step.events)
-            return step
-        closing = ledger.closing(step.envelope, finish) if finish is not None else None
-        closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, step.events, closing,
-                             closer or Closer.of(call.task))
+        with ledger.leased(call.job.job_id, until=report.at + self.hard_limit):
+            step = self._told(report, self._claimed(call, begun, report))
+            if step.done is None:
+                ledger.complete(begun.claim, call.job.job_id, step.events)
+                return step
+            closing = ledger.closing(step.envelope, finish) if finish is not None else None
+            closed = ledger.save(step.envelope, call.path, step.done, begun.claim, step.published, step.events,
+                                 closing, closer or Closer.of(call.task))
         return replace(step, closed=closed if closing else None, closing=closing)
 
     def report(self, call: StageCall) -> outcome.StepReport:
@@ -170,6 +170,8 @@ class StageExecutor:
         ledger = self.ledger
         try:
             return self._once(call, begun, report)
+        except (*BROKER_DOWN, Reject):
+            raise  # Redis went away mid-step: the claim stays, so the message handed back takes it over
         except PASSED_ON:
             ledger.complete(begun.claim, call.job.job_id)
             raise
@@ -189,9 +191,16 @@ class StageExecutor:
         return step
 
     def _once(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
-        """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, or run."""
+        """The step, now that this delivery owns it: cancelled, replayed from the checkpoint, given up after
+        too many deliveries, or run."""
         if begun.cancelled:
             return Step(call.job.with_error(cancelled_record(call.path, self.spec.name), fatal=True))
+        deliveries = begun.claim.redeliveries + 1
+        if begun.done is None and deliveries > self.ledger.max_deliveries:  # a poison step: it kills its worker
+            return Step(self._failed(call, PermanentStageError(self.spec.name, (
+                f"its message was delivered {deliveries} times and its worker died each time (a hard time limit, "
+                f"out of memory, a crash in native code): the job ends here (STAGECOACH_MAX_DELIVERIES="
+                f"{self.ledger.max_deliveries})"))))
         done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})

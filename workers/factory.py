@@ -52,8 +52,22 @@ def visibility_timeout(settings: Settings, catalog: Catalog) -> int:
     then the watchdog, not Redis, recovers a killed worker's job; see docs/reliability.md."""
     if settings.visibility_timeout is not None:
         return settings.visibility_timeout
-    longest = max([Limits.stage(s, settings.stage_time_limit).hard for s in catalog.stages.values()] or [0.0])
-    return int(longest) + 60
+    return int(longest_hard_limit(settings, catalog)) + 60
+
+
+def longest_hard_limit(settings: Settings, catalog: Catalog) -> float:
+    """The longest hard limit of any stage (contracts/specs.py: Limits), or the default's."""
+    stages = catalog.stages.values()
+    return max([Limits.stage(spec, settings.stage_time_limit).hard for spec in stages]
+               or [Limits.of(settings.stage_time_limit).hard])
+
+
+def soft_shutdown_seconds(settings: Settings, catalog: Catalog) -> float:
+    """How long a cold shutdown lets running tasks finish before handing them back: the setting, else the
+    longest stage's hard limit (a stage call that can still succeed is not thrown away)."""
+    if settings.soft_shutdown_seconds is not None:
+        return settings.soft_shutdown_seconds
+    return longest_hard_limit(settings, catalog)
 
 
 # Celery writes a repr of every task's args and kwargs into its message (what Flower shows) and of
@@ -84,6 +98,13 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # a worker takes a message only when a pool slot is free, so a queue's length is its waiting work
+        # (what KEDA scales on) and a stopping worker holds nothing it has not started (Redis broker only)
+        "worker_disable_prefetch": settings.broker_is_redis,
+        # a cold shutdown (Kubernetes' SIGTERM with REMAP_SIGTERM=SIGQUIT) lets running stage calls finish,
+        # then hands back what is left; an idle worker stops at once
+        "worker_soft_shutdown_timeout": soft_shutdown_seconds(settings, catalog),
+        "worker_enable_soft_shutdown_on_idle": False,
         "result_expires": settings.result_expires,
         # a Redis restart must not drop a finished task's result (nor the job's): retry storing it
         "result_backend_always_retry": True,

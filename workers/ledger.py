@@ -17,6 +17,7 @@
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, St
 from workers.eventlog import EventLog
 from workers.events import end_task_event, send
 from workers.jobs import JobStore, encoded, finished_fields
+from workers.lease import keeper
 from workers.onerror import cancelled_record
 from workers.settings import Settings
 from workers.webhooks import Deliveries, webhook_of
@@ -97,10 +99,13 @@ class Closing:
 
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
-                 stall_seconds: float, events: EventLog | None = None) -> None:
+                 stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
+                 max_deliveries: int = 4) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
         self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
+        self.lease_seconds = lease_seconds
+        self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
         self.deliveries = Deliveries(app, self.jobs, catalog)  # completion webhooks, queued at the close
 
@@ -108,7 +113,8 @@ class Ledger:
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
         client = redis.Redis.from_url(settings.backend_url)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
-        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events)
+        return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
+                   settings.lease_seconds, settings.max_deliveries)
 
     @property
     def stall(self) -> float:
@@ -146,6 +152,10 @@ class Ledger:
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
               deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
         return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status, started)
+
+    def leased(self, job_id: str, until: float) -> AbstractContextManager[None]:
+        """The job's lease renewed while a step it claimed runs (workers/lease.py), up to `until`."""
+        return keeper(self.checkpoints.client, self.lease_seconds).held(job_id, until)
 
     def complete(self, claim: Claim, job_id: str = "", events: Sequence[StagecoachEvent] = ()) -> None:
         """A step that completed no stage (failed, cancelled, retried, replayed): its claim done, its events

@@ -1,10 +1,12 @@
 """Settings from the environment (prefix STAGECOACH_, LM settings STAGECOACH_LM_)."""
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.webhooks import LOOPBACK
 
@@ -103,7 +105,14 @@ class Settings(BaseSettings):
                           "longest stage's hard limit + 60 (`stagecoach settings` shows the effective value; "
                           "docs/reliability.md)")
     watchdog_stall_seconds: float = Field(
-        120.0, gt=0, description="a job whose next stage has not started this long after the last one is re-dispatched")
+        30.0, gt=0, description="a job whose next stage has not started this long after the last one (and whose "
+                                "next message waits in no queue) is re-dispatched")
+    max_deliveries: int = Field(
+        4, ge=1, description="a step whose message was delivered this often (its worker died each time: a hard time "
+                             "limit, out of memory, a native crash) ends its job as failed instead of running again")
+    lease_seconds: float = Field(
+        15.0, gt=0, description="a running step's lease: its worker renews it every third of this; a job whose "
+                                "worker died is re-dispatched this long after its last renewal")
     watchdog_interval: float = Field(5.0, gt=0, description="seconds between two watchdog sweeps")
     watchdog_max_redispatches: int = Field(
         5, ge=0, description="a job re-dispatched this often without finishing ends as timed out")
@@ -112,10 +121,20 @@ class Settings(BaseSettings):
     pool: str = Field("threads", description="worker pool: threads for LM-bound stages, prefork for CPU")
     workers: dict[str, int] = Field(default_factory=dict, description="worker processes per stage queue started by "
                                     '`stagecoach up`, e.g. {"retrieve": 3}')
+    autoscale: Annotated[dict[str, tuple[int, int]], NoDecode] = Field(
+        default_factory=dict, description="Celery pool autoscaling per stage worker started by `stagecoach up`, "
+                                          "MIN..MAX slots: key_terms=1..8,answer=0..4")
+    soft_shutdown_seconds: float | None = Field(
+        None, ge=0, description="on a cold shutdown (SIGQUIT; SIGTERM where REMAP_SIGTERM=SIGQUIT) a worker lets "
+                                "running tasks finish this long, then hands them back; default: the longest stage's "
+                                "hard limit (each stage Deployment of `stagecoach k8s` sets its own)")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0,
                                    description="a bigger broker message is dead-lettered, not run")
     max_request_bytes: int = Field(1024 * 1024, gt=0,
                                    description="a job request (inputs as JSON) above this is refused")
+    max_envelope_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="a stage message (the job's envelope) above this is dead-lettered, not "
+                                           "run: the request limit plus what stages add on the way")
     dead_letter_max: int = Field(1000, gt=0, description="dead letters kept in Redis (oldest dropped)")
     events_per_job: int = Field(1000, gt=0, description="events kept on a job's own event stream (about; oldest go)")
     events_maxlen: int = Field(100_000, ge=0, description="events kept on the fleet's event stream the monitor "
@@ -146,6 +165,21 @@ class Settings(BaseSettings):
             raise ValueError(f"STAGECOACH_WORKERS: counts must be at least 1, got {bad}")
         return self
 
+    @field_validator("autoscale", mode="before")
+    @classmethod
+    def _autoscale_ranges(cls, value: Any) -> Any:
+        if isinstance(value, str):  # STAGECOACH_AUTOSCALE: the text form, or JSON {"key_terms": [1, 8]}
+            return json.loads(value) if value.lstrip().startswith("{") else parse_autoscale(value)
+        return value
+
+    @model_validator(mode="after")
+    def _autoscale_bounds(self) -> "Settings":
+        bad = {stage: f"{low}..{high}" for stage, (low, high) in self.autoscale.items()
+               if not 0 <= low <= high or high < 1}
+        if bad:
+            raise ValueError(f"STAGECOACH_AUTOSCALE: expected MIN..MAX with 0 <= MIN <= MAX and MAX >= 1, got {bad}")
+        return self
+
     @property
     def backend_url(self) -> str:
         return self.result_backend or self.broker_url
@@ -167,3 +201,15 @@ def _with_password(url: str, password: SecretStr | None, schemes: tuple[str, ...
     user, _, host = parts.netloc.rpartition("@")
     secret = quote(password.get_secret_value(), safe="")
     return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+
+
+def parse_autoscale(text: str) -> dict[str, tuple[int, int]]:
+    """`key_terms=1..8,answer=0..4` -> {"key_terms": (1, 8), "answer": (0, 4)}; a bad item names itself."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        stage, sep, bounds = item.partition("=")
+        low, dots, high = bounds.strip().partition("..")
+        if not sep or not stage.strip() or not dots or not low.isdigit() or not high.isdigit():
+            raise ValueError(f"autoscale {item!r}: expected STAGE=MIN..MAX (e.g. key_terms=1..8)")
+        ranges[stage.strip()] = (int(low), int(high))
+    return ranges

@@ -147,4 +147,7 @@ def screening_transport(quarantine: Quarantine, max_message_bytes: int) -> type[
     """kombu's Redis transport with a channel that hands unfit messages to `quarantine`."""
     channel = type("ScreeningChannel", (ScreeningChannel,),
                    {"quarantine": staticmethod(quarantine), "max_message_bytes": max_message_bytes})
-    return type("ScreeningTransport", (kombu_redis.Transport,), {"Channel": channel})
+    # `__json__`: kombu's JSON encoder calls it, so the connection's info (in `celery inspect stats` and
+    # Flower's worker pages) names the transport instead of failing on a class object
+    return type("ScreeningTransport", (kombu_redis.Transport,),
+                {"Channel": channel, "__json__": classmethod(lambda cls: "redis (screening)")})

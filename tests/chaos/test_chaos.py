@@ -10,6 +10,7 @@ Each run prints its figures (kills, re-dispatches, redeliveries, wall time). Rea
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,10 @@ class Chaos:
         self.fleet.stop()
 
     def redispatches(self) -> int:
-        return self.watchdog_log.read_text(errors="replace").count("re-dispatched")
+        """Re-dispatches the watchdog made (its printed `HH:MM:SS job ID: re-dispatched (generation N)` lines;
+        its log lines say the same again)."""
+        text = self.watchdog_log.read_text(errors="replace")
+        return len(re.findall(r"^\d\d:\d\d:\d\d job \S+: re-dispatched \(generation", text, flags=re.M))
 
     def alive(self) -> bool:
         return all(w.proc.poll() is None for w in self.fleet.workers)
@@ -207,3 +211,101 @@ def test_lm_faults_429_and_500_every_job_ends(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _no_stray_redis_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STAGECOACH_BROKER_URL", raising=False)
+
+
+# --- recovery in seconds with DEFAULT settings (issue 18): leases, not the visibility timeout --------------
+
+RECOVERY_BOUND = 60.0  # seconds from the last fault to the last job's end, with default recovery settings
+
+
+class DefaultFleet(Chaos):
+    """Thread-pool stage workers (two per stage), a routing worker and the watchdog, every recovery
+    setting (lease, stall, sweep interval, visibility timeout, stage limits) at its default."""
+
+    def __init__(self, redis_url: str, lm_url: str, logdir: Path) -> None:
+        super().__init__(redis_url, lm_url, logdir)
+        self.env = worker_env(redis_url, lm_url, catalog_paths())
+        self.fleet = Fleet(self.env, logdir)
+
+    def start(self) -> None:
+        self.fleet.start("routing", [ROUTING_QUEUE], concurrency=6)
+        for stage in STAGES:
+            for _ in range(2):
+                self.add(stage, "threads")
+        self.fleet.wait_ready()
+        with self.watchdog_log.open("wb") as out:
+            self.watchdog = subprocess.Popen([STAGECOACH, "watchdog"], env=self.env, stdout=out,
+                                             stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def default_fleet(redis_url: str, lm_url: str, tmp_path: Path) -> Iterator[DefaultFleet]:
+    chaos = DefaultFleet(redis_url, lm_url, tmp_path)
+    try:
+        chaos.start()
+        yield chaos
+    finally:
+        chaos.stop()
+
+
+def recovery_figures(name: str, results: list[JobResult], last_fault: float, chaos: Chaos, **extra: object) -> float:
+    """Seconds from the last fault to the last job's end (the JobResults' own clock), printed with the rest."""
+    tail = max(r.finished_at or 0.0 for r in results) - last_fault
+    figures(name, jobs=len(results), seconds_after_last_fault=round(tail, 1),
+            watchdog_redispatches=chaos.redispatches(),
+            jobs_resumed_from_checkpoint=sum(1 for r in results if any(t.from_checkpoint for t in r.timings)),
+            **extra)
+    return tail
+
+
+@pytest.mark.timeout(600)
+def test_killed_thread_pool_workers_jobs_finish_within_a_minute_with_defaults(tmp_path: Path) -> None:
+    with private_redis() as url, start_test_lm("--latency-ms", "150") as lm, default_fleet(url, lm, tmp_path) as chaos:
+        client = client_for(url, lm, catalog_paths())
+        handles: list[JobHandle] = []
+        submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, 200, "Lease", 0.02)))
+        submitter.start()
+        killed = []
+        for number in range(4):
+            time.sleep(1.5)
+            killed.append(chaos.kill(STAGES[number % 2], "threads", "main"))
+        last_fault = time.time()
+        submitter.join()
+        results = [h.get(timeout=300) for h in handles]
+        check_once(client, results, "Lease")
+        tail = recovery_figures("sigkill_defaults", results, last_fault, chaos, kills=len(killed))
+        assert tail <= RECOVERY_BOUND, f"the last job ended {tail:.0f}s after the last kill"
+
+
+@pytest.mark.timeout(600)
+def test_redis_restart_jobs_finish_within_a_minute_with_defaults(tmp_path: Path) -> None:
+    with restartable_redis() as server, start_test_lm("--latency-ms", "150") as lm, \
+            default_fleet(server.url, lm, tmp_path) as chaos:
+        client = client_for(server.url, lm, catalog_paths())
+        handles: list[JobHandle] = []
+        submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, 100, "Lease restart", 0.05)))
+        submitter.start()
+        time.sleep(2.5)
+        server.stop()
+        time.sleep(3.0)
+        server.start()
+        last_fault = time.time()
+        submitter.join()
+        results = [h.get(timeout=300) for h in handles]
+        check_once(client, results, "Lease restart")
+        assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
+        tail = recovery_figures("redis_restart_defaults", results, last_fault, chaos)
+        assert tail <= RECOVERY_BOUND, f"the last job ended {tail:.0f}s after Redis came back"
+
+
+@pytest.mark.timeout(600)
+def test_a_long_stage_under_a_live_worker_is_never_redispatched(tmp_path: Path) -> None:
+    """40 s of LM time, well past the 15 s lease and the 30 s stall: the worker renews its lease, so the
+    watchdog never touches the job (default settings)."""
+    with private_redis() as url, start_test_lm() as lm, default_fleet(url, lm, tmp_path) as chaos:
+        client = client_for(url, lm, catalog_paths())
+        result = client.submit("qa", {"question": "A long think [[lm:sleep=20000]]"}).get(timeout=300)
+        assert result.ok and [t.node for t in result.timings] == ["key_terms", "answer"]
+        assert all(not t.from_checkpoint and t.redeliveries == 0 for t in result.timings)
+        assert chaos.redispatches() == 0, chaos.watchdog_log.read_text()
+        figures("long_stage_defaults", seconds=round(result.seconds or 0.0, 1), redispatches=chaos.redispatches())
