@@ -24,12 +24,24 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
     scale = SMOKE if args.smoke else FULL
     results = run(names, scale)
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "scale": scale.name,
-           "machine": machine(), "scenarios": {r.name: r.summary() for r in results}}
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    scenarios = {r.name: {**r.summary(), "measured": date} for r in results}
+    if args.only:  # the scenarios not run keep their last figures, with their own date
+        scenarios = {**earlier(Path(args.results)), **scenarios}
+    doc = {"date": date, "scale": scale.name, "machine": machine(),
+           "scenarios": {name: scenarios[name] for name in SCENARIOS if name in scenarios}}
     Path(args.results).write_text(json.dumps(doc, indent=1) + "\n")
     table = render(doc)
     write_docs(Path(args.docs), table)
     print(table, flush=True)
+
+
+def earlier(results: Path) -> dict[str, Any]:
+    """The scenarios of the last results file, each with the date it was measured."""
+    if not results.exists():
+        return {}
+    doc = json.loads(results.read_text())
+    return {name: {"measured": doc["date"], **scenario} for name, scenario in doc.get("scenarios", {}).items()}
 
 
 def run(names: list[str], scale: Any) -> list[ScenarioResult]:

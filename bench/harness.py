@@ -107,6 +107,18 @@ class Ratio:
 
 
 @dataclass
+class Table:
+    """Figures that are not samples (counts, accuracies): shown as they are, under the series."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def summary(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+@dataclass
 class ScenarioResult:
     name: str
     title: str
@@ -114,11 +126,13 @@ class ScenarioResult:
     series: list[Series]
     ratios: list[Ratio]
     notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {"title": self.title, "params": self.params, "notes": self.notes,
                 "series": {s.label: s.summary() for s in self.series},
-                "ratios": [r.summary() for r in self.ratios]}
+                "ratios": [r.summary() for r in self.ratios],
+                "tables": [t.summary() for t in self.tables]}
 
 
 @dataclass(frozen=True)
@@ -164,10 +178,12 @@ class Bench:
         self.logdir = Path(tempfile.mkdtemp(prefix="stagecoach-bench-"))
 
     @contextmanager
-    def stack(self, latency_ms: float, workers: list[WorkerPlan], shared_cache: bool = False) -> Iterator[Stack]:
-        """The test LM at `latency_ms` and these workers; the shared stage cache only if `shared_cache`."""
+    def stack(self, latency_ms: float, workers: list[WorkerPlan], shared_cache: bool = False,
+              lm_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+        """The test LM at `latency_ms` (and `lm_args`) and these workers; the shared stage cache only if
+        `shared_cache`."""
         redis.Redis.from_url(self.redis_url).flushdb()  # our own server: no one else's data
-        with test_lm_server("--latency-ms", str(latency_ms)) as lm_url:
+        with test_lm_server("--latency-ms", str(latency_ms), *lm_args) as lm_url:
             cache_env = SHARED_CACHE_ENV if shared_cache else {}
             env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS, **cache_env)
             fleet = Fleet(env, self.logdir)

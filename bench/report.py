@@ -28,16 +28,32 @@ def _cpu_model() -> str:
 def render(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [f"Measured {doc['date']} ({doc['scale']} sizes) on {m['cpus']} CPUs ({m['cpu']}), {m['system']}, "
-             f"Python {m['python']}; load average at the end {m['load_average']} ({m['note']}).", "",
+             f"Python {m['python']}; load average at the end {m['load_average']} ({m['note']}).{_older(doc)}", "",
              "| scenario | ratio | median | per-round range | target | met |", "|---|---|---|---|---|---|"]
     for name, scenario in doc["scenarios"].items():
         lines += [_ratio_row(name, r) for r in scenario["ratios"]]
     for name, scenario in doc["scenarios"].items():
-        lines += ["", f"### {name}: {scenario['title']}", "", _params(scenario["params"]), "",
+        measured = scenario.get("measured", doc["date"])
+        when = "" if measured == doc["date"] else f" (measured {measured}, in an earlier run)"
+        lines += ["", f"### {name}: {scenario['title']}{when}", "", _params(scenario["params"]), "",
                   "| series | median | p25 - p75 | min - max | n |", "|---|---|---|---|---|"]
         lines += [_series_row(label, s) for label, s in scenario["series"].items()]
         lines += [f"- {note}" for note in scenario["notes"]]
+        for table in scenario.get("tables", []):
+            lines += _table(table)
     return "\n".join(lines)
+
+
+def _table(table: dict[str, Any]) -> list[str]:
+    return ["", f"{table['title']}:", "", "| " + " | ".join(table["columns"]) + " |",
+            "|" + "---|" * len(table["columns"])] + ["| " + " | ".join(row) + " |" for row in table["rows"]]
+
+
+def _older(doc: dict[str, Any]) -> str:
+    """A note when some scenarios were not run this time (`--only`): they keep their own run's figures."""
+    older = [name for name, s in doc["scenarios"].items() if s.get("measured", doc["date"]) != doc["date"]]
+    return f" Not run this time, with the figures of their last run (dated in their sections): {', '.join(older)}." \
+        if older else ""
 
 
 def _ratio_row(scenario: str, ratio: dict[str, Any]) -> str:

@@ -23,16 +23,28 @@ def submit_examples(client: Client, names: list[str], limit: int) -> list[JobHan
     return handles
 
 
-def report(results: list[JobResult | str]) -> bool:
-    """Answers, errors and per-stage timings; True when every job finished (succeeded or failed)."""
+def report(results: list[JobResult | str], asked: dict[str, dict[str, object]] | None = None) -> bool:
+    """What each job was asked, its answers or error, and per-stage timings; True when every job finished
+    (succeeded or failed)."""
     finished = [r for r in results if isinstance(r, JobResult)]
     for result in results:
-        render.out.print(render.result_table(result) if isinstance(result, JobResult) else f"[red]{result}[/]")
+        if not isinstance(result, JobResult):
+            render.out.print(f"[red]{result}[/]")
+            continue
+        for name, value in (asked or {}).get(result.pipeline, {}).items():
+            render.out.print(f"[bold]{name}[/]: {render.short(value, 400)}", highlight=False)
+        render.out.print(render.result_table(result))
+        render.out.print(_stage_times(result), highlight=False)
     render.out.print(render.timings_table(finished))
     failed = [r for r in finished if not r.ok]
     render.out.print(f"{len(finished) - len(failed)} succeeded, {len(failed)} failed, "
                      f"{len(results) - len(finished)} not finished", highlight=False)
     return len(finished) == len(results)
+
+
+def _stage_times(result: JobResult) -> str:
+    """`stage 1.23s, stage 0.45s` in the order the stages ran (the full table follows all jobs)."""
+    return "stage times: " + (", ".join(f"{t.node} {t.seconds:.2f}s" for t in result.timings) or "-")
 
 
 def demo(settings: Settings, state_dir: Path, names: list[str], keep: bool, limit: int, timeout: float) -> int:
@@ -44,7 +56,8 @@ def demo(settings: Settings, state_dir: Path, names: list[str], keep: bool, limi
     with stop_signals() as stop, running_stack(settings, state_dir, stop) as stack:
         show(stack)
         client = Client(create_runtime(stack.settings))
-        ok = report(wait_all(submit_examples(client, names, limit), timeout))
+        asked = {name: dict(spec.example or {}) for name, spec in catalog.pipelines.items()}
+        ok = report(wait_all(submit_examples(client, names, limit), timeout), asked)
         render.out.print(f"Flower (live tasks and workers): {stack.flower_url}")
         if keep:
             render.out.print("stack kept running - Ctrl-C stops all of it")

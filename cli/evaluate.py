@@ -70,9 +70,10 @@ class EvalReport(BaseModel):
 Outcome = JobResult | str  # a result, or why there is none
 
 
-def run_jobs(client: Client, pipeline: str, inputs: list[dict[str, Any]], concurrency: int, timeout: float,
-             on_done: Callable[[int, Outcome], None]) -> list[Outcome]:
-    """Submit every input with at most `concurrency` jobs in flight; outcomes in input order."""
+def run_jobs(client: Client, pipeline: str | list[str], inputs: list[dict[str, Any]], concurrency: int,
+             timeout: float, on_done: Callable[[int, Outcome], None]) -> list[Outcome]:
+    """Submit every input with at most `concurrency` jobs in flight; outcomes in input order. `pipeline` may
+    be one per input (`qa@1`, `qa@2`: versions compared in one run)."""
     if concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1 (got {concurrency})")
     outcomes: dict[int, Outcome] = {}
@@ -81,7 +82,8 @@ def run_jobs(client: Client, pipeline: str, inputs: list[dict[str, Any]], concur
     while queued or flying:
         while queued and len(flying) < concurrency:
             index, job_inputs = queued.pop(0)
-            flying[index] = (client.submit(pipeline, job_inputs), time.time())
+            target = pipeline if isinstance(pipeline, str) else pipeline[index]
+            flying[index] = (client.submit(target, job_inputs), time.time())
         finished = {i: _poll(handle, started, timeout) for i, (handle, started) in flying.items()}
         for index, outcome in finished.items():
             if outcome is not None:
@@ -216,3 +218,60 @@ def data_path(path: Path) -> Path:
     if not path.is_file():
         raise ValueError(f"--data {path}: no such file")
     return path
+
+
+def answer_field_of(client: Client, pipeline: str) -> EvalFields:
+    """The fields a pipeline answers in: `final_answer` (multi-hop), else `answer`, else its last output."""
+    outputs = client.runtime.catalog.pipeline(pipeline).outputs
+    answer = next((name for name in ("final_answer", "answer") if name in outputs), outputs[-1] if outputs else "")
+    return EvalFields(answer=answer)
+
+
+def evaluate_versions(client: Client, pipeline: str, versions: list[str], examples: list[QAExample],
+                      concurrency: int = 8, timeout: float = 600.0,
+                      show_progress: bool = True) -> dict[str, EvalReport]:
+    """Every example through every version in one run, interleaved (so a busy machine slows each alike);
+    one report per version: scores, latency, tokens and cost."""
+    refs = [f"{pipeline}@{version}" for version in versions]
+    for ref in refs:
+        client.runtime.catalog.pipeline(ref)  # an unknown version fails before any job runs
+    fields = [answer_field_of(client, ref) for ref in refs]
+    order = [(v, e) for e in range(len(examples)) for v in range(len(refs))]
+    inputs = [{fields[v].question: examples[e].question} for v, e in order]
+    scores: dict[int, ItemScore] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    started = time.time()
+    with Progress(*columns, console=render.err, disable=not show_progress) as progress:
+        task = progress.add_task(f"{pipeline}: versions {', '.join(versions)}", total=len(order))
+
+        def done(index: int, outcome: Outcome) -> None:
+            v, e = order[index]
+            scores[index] = score(examples[e], outcome, fields[v])
+            progress.update(task, advance=1)
+
+        outcomes = run_jobs(client, [refs[v] for v, _ in order], inputs, concurrency, timeout, done)
+    wall = time.time() - started
+    reports = {}
+    for v, version in enumerate(versions):
+        picked = [i for i, (w, _) in enumerate(order) if w == v]
+        results = [o for i in picked if isinstance(o := outcomes[i], JobResult)]
+        reports[version] = build_report(refs[v], [scores[i] for i in picked], results, wall)
+    return reports
+
+
+def versions_view(reports: dict[str, EvalReport]) -> Group:
+    """One row per version: the scores, job latency, tokens and cost; then each version's stage latencies."""
+    table = Table(title=f"versions compared on {next(iter(reports.values())).questions} questions",
+                  title_justify="left")
+    for column in ("version", "EM", "F1", "title recall", "ok/failed", "job p50 s", "job p95 s", "LM calls",
+                   "tokens", "cost USD"):
+        table.add_column(column, justify="left" if column == "version" else "right")
+    for report in reports.values():
+        latency = report.job_latency
+        used = report.total_usage
+        cost = "n/a" if used.cost_usd is None else f"{used.cost_usd:.4f}"
+        table.add_row(report.pipeline, f"{report.exact_match:.3f}", f"{report.f1:.3f}", f"{report.title_recall:.3f}",
+                      f"{report.succeeded}/{report.failed}", f"{latency.p50:.2f}" if latency else "-",
+                      f"{latency.p95:.2f}" if latency else "-", str(used.calls),
+                      str(used.prompt_tokens + used.completion_tokens), cost)
+    return Group(table, *(_latency_table(r) for r in reports.values()))

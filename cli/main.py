@@ -4,6 +4,7 @@ Exit codes: 0 done, 1 a job failed, 2 bad input (unknown pipeline, bad field, ba
 3 not finished in time / unknown job, 4 services unreachable or the stack failed.
 """
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -203,23 +204,35 @@ def pipelines(as_json: JsonFlag = False) -> None:
 @app.command("eval")
 def eval_(
     pipeline: str,
-    data: Annotated[Path, typer.Option(help="questions, JSON lines: HotPotQA records or {id, question, answer, "
-                                             "supporting_titles}")],
+    data: Annotated[Path | None, typer.Option(help="questions, JSON lines: HotPotQA records or {id, question, "
+                                                   "answer, supporting_titles}")] = None,
+    devset: Annotated[Path | None, typer.Option(help="the same as --data")] = None,
+    versions: Annotated[str | None, typer.Option(help="compare versions in one run, e.g. 1,2")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
     concurrency: Annotated[int, typer.Option(help="jobs in flight at once")] = 8,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each job")] = 600.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Score a QA pipeline on a question file through the running workers: exact match, token F1,
-    supporting-title recall, latency p50/p95 per stage and per job, token usage."""
-    from cli.evaluate import data_path, evaluate, report_view
+    supporting-title recall, latency p50/p95 per stage and per job, token usage; with --versions, each
+    version side by side."""
+    from cli.evaluate import answer_field_of, data_path, evaluate, evaluate_versions, report_view, versions_view
     from monitor.evaluation import load_examples
 
+    source = data or devset
+    if source is None:
+        fail("give the questions with --data FILE (or --devset FILE)", EXIT_INPUT)
     client = _client()
     try:
-        examples = load_examples(data_path(data), limit)
-        client.runtime.catalog.pipeline(pipeline)
-        report = evaluate(client, pipeline, examples, concurrency, timeout, show_progress=not as_json)
+        examples = load_examples(data_path(source), limit)
+        if versions:
+            chosen = [v.strip() for v in versions.split(",") if v.strip()]
+            reports = evaluate_versions(client, pipeline, chosen, examples, concurrency, timeout,
+                                        show_progress=not as_json)
+            _print_versions(reports, as_json, versions_view)
+            return
+        fields = answer_field_of(client, pipeline)
+        report = evaluate(client, pipeline, examples, concurrency, timeout, fields, show_progress=not as_json)
     except (StagecoachError, ValueError) as error:
         fail(str(error), EXIT_INPUT)
     if as_json:
@@ -228,6 +241,116 @@ def eval_(
         render.out.print(report_view(report))
     if report.succeeded == 0 and report.questions:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _print_versions(reports: dict[str, Any], as_json: bool, view: Any) -> None:
+    if as_json:
+        render.print_json({version: report.model_dump(mode="json") for version, report in reports.items()})
+    else:
+        render.out.print(view(reports))
+    if all(report.succeeded == 0 and report.questions for report in reports.values()):
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command("optimize")
+def optimize_(
+    pipeline: str,
+    trainset: Annotated[Path, typer.Option(help="training examples, JSON lines (the pipeline's inputs + labels)")],
+    optimizer: Annotated[str, typer.Option(help="bootstrap | mipro | gepa | simba (DSPy's own)")] = "bootstrap",
+    devset: Annotated[Path | None, typer.Option(help="development examples: MIPROv2/GEPA's valset, and the "
+                                                     "score before and after")] = None,
+    metric: Annotated[str, typer.Option(help="exact | f1 | module:function (a DSPy metric)")] = "exact",
+    stage: Annotated[list[str] | None, typer.Option(help="optimise only this stage (repeatable); default: all")] = None,
+    threads: Annotated[int, typer.Option(help="evaluation jobs in flight at once (the optimiser's num_threads)")] = 4,
+    auto: Annotated[str, typer.Option(help="light | medium | heavy (MIPROv2, GEPA); 'none' with --trials")] = "light",
+    seed: Annotated[int, typer.Option(help="the optimiser's seed")] = 9,
+    max_demos: Annotated[int, typer.Option(help="bootstrapped demos per predictor")] = 4,
+    max_labeled: Annotated[int, typer.Option(help="labelled demos per predictor")] = 4,
+    trials: Annotated[int | None, typer.Option(help="MIPROv2: trials (with --candidates); SIMBA: steps")] = None,
+    candidates: Annotated[int | None, typer.Option(help="MIPROv2/SIMBA: candidates")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N examples of each set")] = None,
+    gold_field: Annotated[str, typer.Option(help="the label exact/f1 compare against")] = "answer",
+    answer_field: Annotated[str | None, typer.Option(help="the pipeline output exact/f1 score; default: "
+                                                          "one named like a label, else final_answer/answer")] = None,
+    resume: Annotated[bool, typer.Option(help="replay the evaluations the journal holds (same seed)")] = False,
+    journal: Annotated[Path | None, typer.Option(help="journal of finished evaluations; default under "
+                                                      ".stagecoach/optimize/")] = None,
+    traffic: Annotated[int, typer.Option(min=0, max=100, help="share (%) of unpinned jobs the new version gets")] = 0,
+    out: Annotated[Path | None, typer.Option(help="folder for the new version's catalog file and states; "
+                                                  "default: the first catalog folder")] = None,
+    register_version: Annotated[bool, typer.Option("--register/--no-register",
+                                                   help="register the result as a new pipeline version")] = True,
+    job_timeout: Annotated[float, typer.Option(help="seconds one evaluation job may take")] = 600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Optimise a pipeline with DSPy's own optimiser running here, every evaluation of every candidate a job
+    on the stage workers (`stagecoach up` must run); the winner is registered as a new version beside the old."""
+    from cli.optimize import OptimizeProgress, catalog_folder, outcome_view
+    from optimize.data import DataError, load_set, make_metric
+    from optimize.data import answer_field as pick_answer
+    from optimize.journal import Journal
+    from optimize.optimizers import OPTIMIZERS, OptimizerOptions
+    from optimize.register import register
+    from optimize.run import default_journal, fleet_program, run_optimisation
+
+    if optimizer not in OPTIMIZERS:
+        fail(f"--optimizer '{optimizer}': use one of {', '.join(OPTIMIZERS)}", EXIT_INPUT)
+    if auto not in ("light", "medium", "heavy", "none"):
+        fail(f"--auto '{auto}': use light, medium, heavy or none", EXIT_INPUT)
+    client = _client()
+    catalog = client.runtime.catalog
+    options = OptimizerOptions(optimizer=optimizer, threads=threads, auto=None if auto == "none" else auto,  # type: ignore[arg-type]
+                               seed=seed, max_bootstrapped_demos=max_demos, max_labeled_demos=max_labeled,
+                               trials=trials, candidates=candidates)
+    try:
+        spec = catalog.pipeline(pipeline)
+        train = load_set(trainset, list(spec.inputs), limit)
+        dev = load_set(devset, list(spec.inputs), limit) if devset else None
+        scorer = make_metric(metric, answer_field or pick_answer(spec.outputs, train[0], gold_field), gold_field)
+    except (StagecoachError, DataError) as error:
+        fail(str(error), EXIT_INPUT)
+    journal_path = journal or default_journal(DEFAULT_STATE_DIR, f"{spec.name}@{spec.version}", options)
+    with OptimizeProgress(f"{spec.name}@{spec.version}", optimizer, enabled=not as_json) as progress:
+        try:
+            program, _ = fleet_program(client, pipeline, stage, Journal(journal_path, resume), job_timeout,
+                                       progress.evaluation)
+        except ValueError as error:
+            fail(str(error), EXIT_INPUT)
+        try:  # DSPy's optimisers print (and tqdm draws) to stdout: keep stdout for the result
+            with contextlib.redirect_stdout(sys.stderr):
+                outcome = run_optimisation(client, program, scorer, train, dev, options, progress.trial)
+        except KeyboardInterrupt:
+            program._fleet.stop()
+            progress.__exit__(None, None, None)
+            render.err.print(f"stopped: {program._fleet.jobs} evaluations finished and journalled in {journal_path}; "
+                             f"run the same command with --resume to continue from them", soft_wrap=True)
+            raise typer.Exit(130) from None
+    registered = None
+    unchanged = program.dump_state() == outcome.program.dump_state()  # no demo kept, no instruction changed
+    if unchanged:
+        render.err.print("the optimised program equals the one it started from: no new version registered",
+                         soft_wrap=True)
+    elif register_version:
+        folder = out or catalog_folder(client.runtime.settings.catalog)
+        registered = register(catalog, client.runtime.settings.catalog, spec, dict(outcome.program.stage_modules()),
+                              folder, traffic)
+    if as_json:
+        render.print_json({**_optimize_json(outcome, registered), "unchanged": unchanged})
+    else:
+        render.out.print(outcome_view(outcome, registered, metric))
+
+
+def _optimize_json(outcome: Any, registered: Any) -> dict[str, Any]:
+    return {
+        "seconds": outcome.seconds, "jobs": outcome.jobs, "replayed": outcome.replayed, "failed": outcome.failed,
+        "usage": outcome.usage.model_dump(mode="json"), "baseline": outcome.baseline, "optimised": outcome.optimised,
+        "trials": [vars(t) for t in outcome.trials],
+        "stages": {name: module.dump_state() for name, module in outcome.program.stage_modules()},
+        "registered": None if registered is None else {
+            "pipeline": registered.pipeline, "version": registered.version, "base_version": registered.base_version,
+            "file": str(registered.file), "stage_versions": registered.stage_versions,
+            "states": {k: str(v) for k, v in registered.states.items()}},
+    }
 
 
 @app.command("compose")

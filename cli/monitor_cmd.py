@@ -70,6 +70,8 @@ def report(as_json: JsonFlag = False) -> None:
         return
     render.out.print(figures_table("stages", figures.stages))
     render.out.print(figures_table("pipelines (jobs)", figures.pipelines))
+    if figures.pipeline_versions:
+        render.out.print(figures_table("pipeline versions (jobs)", figures.pipeline_versions))
     render.out.print(errors_table(figures.errors))
 
 

@@ -32,6 +32,7 @@ from contracts.structure import load_structure
 MAX_DEPTH = 8
 M = TypeVar("M", bound=BaseModel)
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
+STATES_FOLDER = "states"  # saved stage states (DSPy JSON) under a catalog folder are not specs
 
 
 class Catalog(BaseModel):
@@ -102,17 +103,25 @@ def version_order(version: str) -> tuple[tuple[int, int | str], ...]:
 
 
 def _keyed(specs: list[Any], what: str) -> dict[str, Any]:
-    """Latest version of each name under the bare name, the others under `name@version`."""
+    """Latest version of each name under the bare name, the others under `name@version`. A `pinned_only`
+    version is latest only when every version of the name is (an optimised version served beside the old)."""
     latest: dict[str, Any] = {}
     for spec in specs:
         current = latest.get(spec.name)
-        if current is None or version_order(spec.version) > version_order(current.version):
+        if current is None or _newer(spec, current):
             latest[spec.name] = spec
     keyed = {name: spec for name, spec in latest.items()}
     for spec in specs:
         if spec is not latest[spec.name] and spec.version != latest[spec.name].version:
             keyed[versioned(spec.name, spec.version)] = spec
     return keyed
+
+
+def _newer(spec: Any, current: Any) -> bool:
+    pinned, held = getattr(spec, "pinned_only", False), getattr(current, "pinned_only", False)
+    if pinned != held:
+        return held  # any unpinned version wins over a pinned-only one
+    return version_order(spec.version) > version_order(current.version)
 
 
 def load_catalog(paths: Iterable[Path | str]) -> Catalog:
@@ -144,6 +153,18 @@ def check_catalog(catalog: Catalog) -> None:
             if isinstance(node, SubPipelineNode) and node.pipeline:
                 _check_ref(key, lambda n=node: catalog.pipeline(n.pipeline or ""))
         _check_nesting(catalog, key, [])
+        _check_traffic(catalog, key, pipeline)
+
+
+def _check_traffic(catalog: Catalog, key: str, pipeline: PipelineSpec) -> None:
+    """A traffic split names versions of its own pipeline that exist."""
+    if pipeline.traffic is None:
+        return
+    known = versions_of(catalog.pipelines, pipeline.name)
+    unknown = sorted(set(pipeline.traffic) - set(known))
+    if unknown:
+        raise SpecError(f"pipeline '{key}': traffic names unknown version(s) {', '.join(unknown)}; "
+                        f"known versions: {', '.join(known)}")
 
 
 def _check_ref(pipeline: str, resolve: Any) -> None:
@@ -245,7 +266,8 @@ def _spec_files(paths: Iterable[Path | str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix in SPEC_SUFFIXES
+                                and STATES_FOLDER not in p.relative_to(path).parts[:-1]))
         elif path.is_file():
             files.append(path)
         else:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contracts.candidates import StageCandidate, TraceStep
+
 # message: a broker message no worker could run (dead-lettered); cancelled: an operator stopped the job
 ErrorKind = Literal["contract", "stage", "lm", "timeout", "pipeline", "routing", "message", "cancelled"]
 
@@ -126,6 +128,9 @@ class Envelope(BaseModel):
     member_of: str | None = Field(
         None, description="node path of the fan-out this envelope is a member of; None at the job's top level, "
                           "where a fatal error ends the job at once (a member's error is its fan-in's to judge)")
+    candidates: dict[str, StageCandidate] = Field(
+        default_factory=dict, description="optimisation: per stage name, the candidate this job runs (JobRequest)")
+    traces: list[TraceStep] = Field(default_factory=list, description="predictor calls of the candidate stages")
 
     @property
     def failed(self) -> bool:
@@ -144,10 +149,13 @@ class Envelope(BaseModel):
         usage: Usage | None = None,
         rename: dict[str, str] | None = None,
         cached_usage: Usage | None = None,
+        trace: list[TraceStep] | None = None,
     ) -> "Envelope":
         rename = rename or {}
         state = {**self.state, **{rename.get(k, k): v for k, v in outputs.items()}}
         update: dict[str, Any] = {"state": state, "outputs": {**self.outputs, node_path: outputs}}
+        if trace:
+            update["traces"] = [*self.traces, *(step.model_copy(update={"node": node_path}) for step in trace)]
         if timing is not None:
             update["timings"] = [*self.timings, timing]
         if usage is not None and timing is not None:
@@ -178,13 +186,15 @@ class Envelope(BaseModel):
             "usage": _merge_usage(self.usage, member.usage),
             "cached_usage": _merge_usage(self.cached_usage, member.cached_usage),
             "skipped": [*self.skipped, *member.skipped],
+            "traces": [*self.traces, *member.traces],
         })
 
     def lean(self, member_of: str, state: dict[str, Any] | None = None) -> "Envelope":
         """The start of a member of fan-out `member_of`: this job's state (plus `state`), nothing it did so far."""
         return self.model_copy(update={"state": {**self.state, **(state or {})}, "outputs": {}, "errors": [],
                                        "timings": [], "trail": [], "usage": {},
-                                       "cached_usage": {}, "skipped": [], "member_of": member_of})
+                                       "cached_usage": {}, "skipped": [], "member_of": member_of,
+                                       "traces": []})
 
 
 _decisions: ContextVar[list[Decision] | None] = ContextVar("stagecoach_decisions", default=None)

@@ -133,6 +133,7 @@ class JobFinished(_Event):
 
     state: Literal["succeeded", "failed"]
     ending: Ending
+    version: str = Field("", description="the pipeline version the job ran (traffic splits: figures per version)")
     seconds: float = 0.0
     submitted_at: float | None = None
     kind: str | None = Field(None, description="error kind of a failed job")

@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
 from contracts.errors import encodable
 from contracts.fields import UNENCODABLE, unencodable
@@ -32,7 +33,9 @@ class JobRequest(BaseModel):
                                  description="0 (default, lowest) to 9 (most urgent): every stage message of the job")
     webhook: Webhook | None = Field(None, description="called with the JobResult once the job ends, however it ends")
     metadata: dict[str, Any] | None = Field(None, description="the caller's own data, kept with the job's status")
-
+    candidates: dict[str, StageCandidate] | None = Field(
+        None, description="optimisation: per stage name, a candidate state and LM settings for this job only; "
+                          "those stages also return their predictor traces")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -98,6 +101,8 @@ class JobResult(BaseModel):
         default_factory=dict, description="per stage: usage of calls served from the shared cache (not spent again)"
     )
     skipped: list[str] = Field(default_factory=list, description="node paths skipped: nothing reads their outputs")
+    traces: list[TraceStep] = Field(default_factory=list,
+                                    description="optimisation jobs: each predictor call of the candidate stages")
     submitted_at: float | None = None
     finished_at: float | None = None
 

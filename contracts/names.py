@@ -42,6 +42,9 @@ JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id -> submit time (listi
 TOKENS_KEY = KEY_PREFIX + "tokens"  # hash: SHA-256 of an API token -> its record (name, scopes, pipelines)
 API_KEY_PREFIX = KEY_PREFIX + "api:"  # the HTTP API's own keys: idempotency records, rate windows
 
+
+CANDIDATE_KEY_PREFIX = KEY_PREFIX + "candidate:"  # optimisation: candidate stage states by sha256
+
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
 CACHE_STATS_PREFIX = CACHE_KEY_PREFIX + "stats:"
 CACHE_LRU_KEY = CACHE_KEY_PREFIX + "lru"  # sorted set: entry key -> last use (unix seconds)
@@ -178,6 +181,11 @@ def idempotency_key(token: str, key: str) -> str:
 def api_rate_key(token: str, minute: int) -> str:
     """Requests of one caller in one minute (the per-token rate limit)."""
     return f"{API_KEY_PREFIX}rate:{token}:{minute}"
+
+
+def candidate_key(digest: str) -> str:
+    """A candidate stage state (JSON) stored once by its sha256 (contracts/candidates.py)."""
+    return CANDIDATE_KEY_PREFIX + digest
 
 
 def cancel_key(job_id: str) -> str:

@@ -139,6 +139,9 @@ class StageSpec(Model):
                            "'lm': also merged with an adjacent 'lm' stage into one signature and one LM call",
     )
     state_digest: str | None = Field(None, description="sha256 of the saved state; filled on load")
+    pinned_only: bool = Field(
+        False, description="served only to nodes that pin this version (an optimised version beside the old): "
+                           "unpinned references keep resolving to the newest other version")
 
     @property
     def identity(self) -> str:
@@ -426,7 +429,22 @@ class PipelineSpec(Model):
     max_queued: int | None = Field(None, ge=1, description="jobs of this pipeline not ended yet above which the HTTP "
                                                           "API answers 429 (None: no limit)")
     webhook: Webhook | None = Field(None, description="completion webhook of jobs whose request names none")
+    traffic: dict[Version, int] | None = Field(
+        None, description="on the latest version: shares of unpinned jobs per version, e.g. {'1': 90, '2': 10} "
+                          "(chosen at submit from the job id, contracts/traffic.py)")
     root: Node
+
+    @field_validator("traffic")
+    @classmethod
+    def _shares(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is None:
+            return None
+        negative = sorted(version for version, share in value.items() if share < 0)
+        if negative:
+            raise ValueError(f"traffic shares must be >= 0; negative for version(s) {', '.join(negative)}")
+        if not value or sum(value.values()) <= 0:
+            raise ValueError("traffic needs at least one version with a share above 0")
+        return value
 
     @field_validator("root", mode="before")
     @classmethod

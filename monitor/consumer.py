@@ -185,6 +185,13 @@ class Consumer:
                                at=at)
         self.store.error_example(stage, kind, example)
 
+    def _version_figures(self, name: str, at: float, failed: bool, seconds: float) -> None:
+        """The same job counted again per pipeline version (`qa@2`): versions served side by side."""
+        self.store.count("version", name, runs=1, failed=int(failed), succeeded=int(not failed))
+        if not failed:
+            self.store.sample("samples", "version", name, seconds)
+        self.store.tick("version", name, at, failed, None if failed else seconds)
+
     def on_job_finished(self, event: JobFinished, raw: Event) -> None:
         pipeline, at = event.pipeline, float(raw.get("timestamp") or event.at)
         failed = event.state != "succeeded"
@@ -198,6 +205,8 @@ class Consumer:
             self.store.count("pipeline", pipeline, runs=1, succeeded=1)
             self.store.sample("samples", "pipeline", pipeline, event.seconds)
         self.store.tick("pipeline", pipeline, at, failed, None if failed else event.seconds)
+        if event.version:
+            self._version_figures(f"{pipeline}@{event.version}", at, failed, event.seconds)
         wait = self.store.task(event.job_id).get("wait")
         if wait is not None:
             self.store.sample("waits", "pipeline", pipeline, float(wait))

@@ -58,6 +58,8 @@ class Report(BaseModel):
     stages: list[Figures]
     pipelines: list[Figures]
     stage_pipelines: list[Figures] = Field(description="counters per stage within each pipeline: 'stage|pipeline'")
+    pipeline_versions: list[Figures] = Field(default_factory=list,
+                                             description="jobs per pipeline version, 'name@version' (traffic splits)")
     errors: list[ErrorGroup]
 
 

@@ -189,6 +189,7 @@ class Store:
                       stages=[self.figures("stage", n, now) for n in self.names("stage")],
                       pipelines=[self.figures("pipeline", n, now) for n in self.names("pipeline")],
                       stage_pipelines=[self.figures("pair", n, now) for n in self.names("pair")],
+                      pipeline_versions=[self.figures("version", n, now) for n in self.names("version")],
                       errors=self.error_groups())
 
     def series(self, buckets: int = 60, now: float | None = None) -> Series:

@@ -12,6 +12,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
+from contracts.candidates import StageCandidate
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
 from contracts.fields import problems_of
@@ -110,18 +111,20 @@ class Client:
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
                version: str | None = None, outputs: list[str] | None = None, priority: int | None = None,
-               webhook: Webhook | None = None, metadata: dict[str, Any] | None = None) -> JobHandle:
+               webhook: Webhook | None = None, metadata: dict[str, Any] | None = None,
+               candidates: dict[str, StageCandidate] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
         some declared outputs: stages that feed only the others are skipped. `priority` 0-9 (9 most
-        urgent), `webhook` called once the job ends, `metadata` kept with its status."""
+        urgent), `webhook` called once the job ends, `metadata` kept with its status. `candidates`: an
+        optimiser's candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         job_id = job_id or uuid.uuid4().hex
         try:
             request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs,
-                                 priority=priority, webhook=webhook, metadata=metadata)
+                                 priority=priority, webhook=webhook, metadata=metadata, candidates=candidates)
         except ValidationError as error:
             raise ContractError("job request", problems_of(error)) from None
         check_size(request, self.runtime.settings.max_request_bytes)

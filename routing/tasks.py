@@ -20,6 +20,7 @@ from contracts.fields import problems_of
 from contracts.jobs import JobRequest, requested_priority
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, finish_task_id, routing_task
 from contracts.specs import PipelineSpec, StageNode
+from contracts.traffic import routed_version
 from routing.compile import Compiler
 from routing.guard import register_routing_task
 from routing.kinds import Routing
@@ -112,7 +113,9 @@ def start_envelope(catalog: Catalog, request: Any, job_id: str,
         parsed = JobRequest.model_validate(request)
     except ValidationError as error:
         raise ContractError(f"{RUN_TASK} request", problems_of(error)) from None
-    version = pinned.version if pinned is not None else parsed.version
+    # a new job's version: the one it pins, else the traffic split's choice (contracts/traffic.py)
+    version = pinned.version if pinned is not None else routed_version(catalog, parsed.pipeline, parsed.version,
+                                                                        job_id)
     name = parsed.pipeline.partition("@")[0] if pinned is not None else parsed.pipeline
     spec = pinned if pinned is not None else pin_versions(catalog, catalog.pipeline(name, version))
     if pinned is not None:
@@ -121,7 +124,8 @@ def start_envelope(catalog: Catalog, request: Any, job_id: str,
     wanted = catalog.wanted_outputs(name, parsed.outputs, version)
     lazy = plan(catalog, spec.model_copy(update={"outputs": wanted}), wanted)
     envelope = Envelope(job_id=job_id, pipeline=spec.name, pipeline_version=spec.version, state=inputs,
-                        trail=lazy.skipped, skipped=[d.node for d in lazy.skipped], publish=lazy.publish)
+                        trail=lazy.skipped, skipped=[d.node for d in lazy.skipped], publish=lazy.publish,
+                        candidates=parsed.candidates or {})
     return envelope, lazy.spec, spec
 
 

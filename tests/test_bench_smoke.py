@@ -16,11 +16,11 @@ from bench.report import BEGIN, END
 from cli.fleet import PYTHON, ROOT
 
 
-@pytest.mark.timeout(900)  # eight fleets start one after another
+@pytest.mark.timeout(1500)  # the scenarios' fleets start one after another, then the real local model (answers)
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
     results, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
     run = subprocess.run([PYTHON, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(docs)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(results.read_text())
     assert set(doc["scenarios"]) == set(SCENARIOS)
@@ -29,13 +29,15 @@ def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
         assert scenario["series"] and scenario["ratios"], name
         for label, series in scenario["series"].items():
             assert series["n"] > 0, (name, label)
-            assert all(_sane(series[k]) for k in ("median", "p25", "p75", "min", "max")), (name, label, series)
-        for ratio in scenario["ratios"]:
-            assert _sane(ratio["value"]), (name, ratio)
+            zero_ok = series["unit"] == "calls"  # a count (a rerun's LM calls) may be 0
+            assert all(_sane(series[k], zero_ok) for k in ("median", "p25", "p75", "min", "max")), (name, label, series)
+        for ratio in scenario["ratios"]:  # an accuracy of the real model may be 0 at smoke sizes, not below
+            zero_ok = ratio["better"] == "lower" or name == "answers"
+            assert _sane(ratio["value"], zero_ok), (name, ratio)
     text = docs.read_text()
     assert BEGIN in text and END in text
     assert all(f"### {name}:" in text for name in SCENARIOS)
 
 
-def _sane(value: float) -> bool:
-    return math.isfinite(value) and value > 0
+def _sane(value: float, zero_ok: bool = False) -> bool:
+    return math.isfinite(value) and (value > 0 or (zero_ok and value == 0))

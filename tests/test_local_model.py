@@ -15,10 +15,17 @@ from contracts.catalog import load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client
 from tests.services import ROOT
+from workers.errors import PermanentStageError
 from workers.local_lm import gguf_path
-from workers.settings import LOCAL_MODEL
+from workers.settings import LOCAL_MODEL, LMSettings
+from workers.stage import StageRunner
 
 CATALOG = [ROOT / "pipelines" / "qa.yaml", ROOT / "pipelines" / "digest.yaml"]
+# Questions the answers benchmark (bench/answers.py, docs/benchmarks.md) finds the model gets right through
+# the default (plain-first) adapter, with what a right answer contains.
+KNOWN = {"What is the capital of France?": "Paris", "Who wrote Hamlet?": "Shakespeare",
+         "In what year did the Second World War end?": "1945", "What is the capital of Japan?": "Tokyo",
+         "Which planet is known as the Red Planet?": "Mars"}
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +77,27 @@ def test_digest_with_the_real_local_model(local_client: Client) -> None:
     assert result.state == "succeeded", result.error
     assert result.answer["summary"].strip() and result.answer["headline"].strip()
     assert result.answer["tags"] and all(isinstance(t, str) for t in result.answer["tags"])
+
+
+def test_the_default_path_answers_known_questions_right(local_client: Client) -> None:
+    """qa through the fleet on SmolLM2 with the local model's default adapter: plain answers, read into the
+    contract. At temperature 0 the answers are stable, but llama.cpp batches parallel requests, which can
+    change a token; one miss in five is allowed, and every answer is printed."""
+    handles = {question: local_client.submit("qa", {"question": question}) for question in KNOWN}
+    results = {question: handle.get(timeout=600) for question, handle in handles.items()}
+    right = []
+    for question, result in results.items():
+        assert result.state == "succeeded", (question, result.error)
+        answer = result.answer["answer"]
+        print(f"{question} -> {answer!r} (confidence {result.answer['confidence']})")
+        assert isinstance(answer, str) and answer.strip() and isinstance(result.answer["confidence"], float)
+        right.append(KNOWN[question].lower() in answer.lower())
+    assert sum(right) >= len(KNOWN) - 1, right
+
+
+def test_a_reply_cut_at_max_tokens_is_a_clear_stage_error_on_the_real_model(local_lm: str) -> None:
+    spec = load_catalog(CATALOG).stages["summarize"]
+    document = "The Rhine flows from the Swiss Alps through Germany and the Netherlands to the North Sea."
+    runner = StageRunner(spec, LMSettings(model=LOCAL_MODEL, api_base=local_lm, max_tokens=4, cache=False))
+    with pytest.raises(PermanentStageError, match=r"cut at max_tokens=4 \(finish_reason 'length'\)"):
+        runner.run({"document": document})

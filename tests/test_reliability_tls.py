@@ -7,6 +7,7 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from kombu.connection import Connection
 from cli.fleet import process
 from cli.stack import redis_binary
 from contracts.envelope import Envelope
+from contracts.events import JobQueued
 from monitor.settings import MonitorSettings
 from monitor.store import Store
 from routing.client import Client
@@ -146,7 +148,8 @@ def test_the_projects_own_redis_clients_speak_tls(server: TlsRedis) -> None:
     checkpoints = Checkpoints.from_url(server.url, 60, 30.0)
     job = Envelope(job_id=job_id, pipeline="qa", pipeline_version="1")
     start = Start({"question": "q"}, {"name": "qa"}, "client")
-    assert checkpoints.start(job, start, {"state": '"queued"'}, "client", False, final=True).begin is Begin.RUN
+    queued = JobQueued(job_id=job_id, pipeline="qa", at=time.time(), door="client")
+    assert checkpoints.start(job, start, {"state": '"queued"'}, "client", False, True, queued).begin is Begin.RUN
     assert checkpoints.request(job_id) == {"question": "q"}
     assert StageCache.from_url(server.url, CacheSettings()).report() is not None
     store = Store.connect(MonitorSettings(broker_url=server.url))

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel
 
+from contracts.candidates import TraceStep
 from contracts.envelope import Usage
 from contracts.names import (
     CACHE_ENTRY_PREFIX,
@@ -106,6 +107,7 @@ class CacheHit:
     outputs: dict[str, Any]
     usage: Usage
     stored_at: float
+    trace: list[TraceStep] | None = None  # an entry of a candidate's run holds its predictor calls
 
 
 class StageCacheStats(BaseModel):
@@ -153,9 +155,13 @@ class StageCache:
             return None
         return _hit(raw) if raw else None
 
-    def put(self, stage: str, digest: str, outputs: dict[str, Any], usage: Usage, ttl: int | None = None) -> int:
+    def put(self, stage: str, digest: str, outputs: dict[str, Any], usage: Usage, ttl: int | None = None,
+            trace: list[TraceStep] | None = None) -> int:
         """Store an entry; returns how many older entries were evicted to stay under max_bytes."""
-        value = json.dumps({"outputs": outputs, "usage": usage.model_dump(mode="json"), "stored_at": time.time()})
+        entry: dict[str, Any] = {"outputs": outputs, "usage": usage.model_dump(mode="json"), "stored_at": time.time()}
+        if trace is not None:
+            entry["trace"] = [step.model_dump(mode="json") for step in trace]
+        value = json.dumps(entry)
         if len(value.encode()) > min(self.settings.max_entry_bytes, self.settings.max_bytes):
             return 0
         keys = [CACHE_LRU_KEY, CACHE_SIZES_KEY, CACHE_TOTAL_KEY, cache_entry_key(stage, digest),
@@ -219,7 +225,8 @@ class StageCache:
 def _hit(raw: bytes | str) -> CacheHit | None:
     try:
         data = json.loads(raw)
-        return CacheHit(data["outputs"], Usage.model_validate(data["usage"]), float(data["stored_at"]))
+        trace = [TraceStep.model_validate(step) for step in data["trace"]] if "trace" in data else None
+        return CacheHit(data["outputs"], Usage.model_validate(data["usage"]), float(data["stored_at"]), trace)
     except (ValueError, KeyError, TypeError):
         return None  # an entry we cannot read is a miss; the fresh result overwrites it
 
@@ -234,9 +241,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def cache_digest(spec: StageSpec, lm_identity: dict[str, Any], inputs: dict[str, Any]) -> str:
-    """sha256 of canonical JSON over everything that determines a stage's answer."""
-    material = {
+def cache_digest(spec: StageSpec, lm_identity: dict[str, Any], inputs: dict[str, Any],
+                 candidate: str | None = None) -> str:
+    """sha256 of canonical JSON over everything that determines a stage's answer. `candidate`: an
+    optimiser's candidate state digest (or "base"), which replaces the saved state's."""
+    material: dict[str, Any] = {
         "stage": spec.name,
         "version": spec.version,
         "module": spec.module,
@@ -247,6 +256,8 @@ def cache_digest(spec: StageSpec, lm_identity: dict[str, Any], inputs: dict[str,
         "lm": lm_identity,
         "inputs": inputs,
     }
+    if candidate is not None:
+        material["candidate"] = candidate  # an entry that also holds the run's trace
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

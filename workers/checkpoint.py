@@ -22,6 +22,7 @@ from celery import Task
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
+from contracts.candidates import TraceStep
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
@@ -90,16 +91,19 @@ class Done:
     outputs: dict[str, Any]
     timing: StageTiming
     usage: Usage | None
+    trace: list[TraceStep] | None = None  # a candidate's run (optimisation): replayed with the outputs
 
     def dump(self) -> str:
+        trace = [step.model_dump(mode="json") for step in self.trace] if self.trace is not None else None
         return json.dumps({"outputs": self.outputs, "timing": self.timing.model_dump(mode="json"),
-                           "usage": self.usage.model_dump(mode="json") if self.usage else None})
+                           "usage": self.usage.model_dump(mode="json") if self.usage else None, "trace": trace})
 
     @classmethod
     def load(cls, raw: bytes | str) -> "Done":
         data = json.loads(raw)
         usage = Usage.model_validate(data["usage"]) if data.get("usage") else None
-        return cls(data["outputs"], StageTiming.model_validate(data["timing"]), usage)
+        trace = [TraceStep.model_validate(s) for s in data["trace"]] if data.get("trace") is not None else None
+        return cls(data["outputs"], StageTiming.model_validate(data["timing"]), usage, trace)
 
 
 # what a broker outage raises (redis-py, kombu): callers ride it out instead of failing the job

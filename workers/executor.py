@@ -204,7 +204,8 @@ class StageExecutor:
         done = begun.done
         if done is not None:  # completed by an earlier generation of this job: no second LM call
             timing = done.timing.model_copy(update={"from_checkpoint": True, "redeliveries": begun.claim.redeliveries})
-            return Step(call.job.with_output(call.path, done.outputs, timing, done.usage, call.node.outputs))
+            return Step(call.job.with_output(call.path, done.outputs, timing, done.usage, call.node.outputs,
+                                             trace=done.trace))
         return self._run(call, begun.claim.redeliveries, entered=True, report=report, claim=begun.claim)
 
     def _run(self, call: StageCall, redeliveries: int, entered: bool = False,
@@ -214,7 +215,8 @@ class StageExecutor:
             self.jobs.entered(call.job.job_id, call.path, self.spec.name)
         throttled = self._wait_turn()
         try:
-            run = self.runner.run(call.job.pick(list(self.spec.inputs), call.node.inputs), call.node.lm)
+            run = self.runner.run(call.job.pick(list(self.spec.inputs), call.node.inputs), call.node.lm,
+                                  call.job.candidates.get(self.spec.name))
         except SoftTimeLimitExceeded:
             return Step(self._failed(call, StageTimeoutError(self.spec.name, "time limit exceeded")))
         except StageError as error:
@@ -227,11 +229,12 @@ class StageExecutor:
             update={"redeliveries": redeliveries, "throttled_seconds": throttled})
         self._spent(run.usage)
         out, final = self._done(call, run, timing)
-        return Step(out, Done(run.outputs, timing, run.usage), published=final)
+        return Step(out, Done(run.outputs, timing, run.usage, run.trace), published=final)
 
     def _done(self, call: StageCall, run: StageRun, timing: StageTiming) -> tuple[Envelope, dict[str, Any]]:
         """Fold a successful run into the envelope; also the answer fields that are final now, to publish."""
-        done = call.job.with_output(call.path, run.outputs, timing, run.usage, call.node.outputs, run.cached_usage)
+        done = call.job.with_output(call.path, run.outputs, timing, run.usage, call.node.outputs, run.cached_usage,
+                                    run.trace)
         return done, final_fields(call.job, done, {call.node.outputs.get(name, name) for name in run.outputs})
 
     def _wait_turn(self) -> float:

@@ -52,7 +52,7 @@ class FusedExecutor:
             first = executors[0]
             if first is None:
                 return job.with_error(self._unknown(*calls[0]), fatal=calls[0][0].critical)
-            pair = self._pair(calls, executors)
+            pair = self._pair(calls, executors) if not job.candidates else None  # a candidate runs its own program
             if pair is not None:
                 job = self._run_pair(task, job, pair, calls, resume)
                 index += 2

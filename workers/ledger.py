@@ -319,6 +319,7 @@ def job_result(job: Envelope, outputs: list[str]) -> JobResult:
         usage=job.usage,
         cached_usage=job.cached_usage,
         skipped=job.skipped,
+        traces=job.traces,
         submitted_at=job.submitted_at,
         finished_at=time.time(),
     )
@@ -330,7 +331,8 @@ def finished_event(result: JobResult, inputs: dict[str, Any]) -> JobFinished:
     trail = [d.model_dump(mode="json") for d in result.trail]
     finished = result.finished_at or time.time()
     return JobFinished(
-        job_id=result.job_id, pipeline=result.pipeline, at=finished, state="failed" if not result.ok else "succeeded",
+        job_id=result.job_id, pipeline=result.pipeline, version=result.pipeline_version, at=finished,
+        state="failed" if not result.ok else "succeeded",
         ending=result.ending, seconds=finished - (result.submitted_at or finished), submitted_at=result.submitted_at,
         kind=error.kind if error else None, message=error.message[:500] if error else None,
         error_node=error.node if error else None, inputs=inputs,

@@ -1,4 +1,4 @@
-"""Build DSPy LMs from settings and the adapter that makes small models parse reliably.
+"""Build DSPy LMs from settings, and choose the adapter that suits each model (workers/adapters.py).
 
 LMs are built once per process per configuration and applied per task with `dspy.context`, so
 thread and gevent pools are safe (dspy.configure may only be called by the thread that owns it).
@@ -11,13 +11,10 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price-map fetch at import
 
 import dspy
-from dspy.adapters.json_adapter import _get_structured_outputs_response_format
 
 from contracts.specs import LMOverride
-from workers.settings import LMSettings
-
-MAX_LIST_ITEMS = 5
-MAX_STRING_CHARS = 600
+from workers.adapters import PlainFirstAdapter, SchemaJSONAdapter
+from workers.settings import LOCAL_MODEL, LMSettings
 
 _lms: dict[tuple[Any, ...], dspy.LM] = {}
 _lock = threading.Lock()
@@ -56,51 +53,9 @@ def _build_lm(settings: LMSettings, override: LMOverride | None) -> dspy.LM:
 
 
 def adapter_for(settings: LMSettings) -> dspy.Adapter:
+    """How stages put their signatures to this LM. The bundled SmolLM2 answers in plain words and
+    gets the rest of the contract under the JSON schema (`PlainFirstAdapter`: the best of the ways
+    measured by `bench/answers.py`, docs/benchmarks.md); any other model keeps the JSON adapters."""
+    if settings.model == LOCAL_MODEL:
+        return PlainFirstAdapter()
     return SchemaJSONAdapter() if settings.structured else dspy.JSONAdapter()
-
-
-class SchemaJSONAdapter(dspy.JSONAdapter):
-    """JSONAdapter that always sends the output fields as a JSON schema (`response_format`).
-
-    llama.cpp, vLLM and OpenAI turn the schema into constrained decoding, so even a 135M model
-    returns JSON that parses. Lists and strings get bounds so a looping model still terminates.
-    """
-
-    def _prepare_response_format(self, lm: Any, lm_kwargs: dict[str, Any], signature: Any) -> None:
-        model = _get_structured_outputs_response_format(signature, self.use_native_function_calling)
-        schema = bounded_schema(model.model_json_schema())
-        lm_kwargs["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "outputs", "strict": True, "schema": schema},
-        }
-
-    # The schema already fixes the reply's shape; showing small models a template with `{answer}`
-    # placeholders makes them copy the placeholders, so the prompt only names the fields.
-    def format_field_structure(self, signature: Any) -> str:
-        return (
-            "The inputs follow, each under a [[ ## name ## ]] header. Reply with one JSON object holding "
-            "the output fields, each filled with real content (never a placeholder)."
-        )
-
-    def user_message_output_requirements(self, signature: Any) -> str:
-        names = ", ".join(f"`{name}`" for name in signature.output_fields)
-        return f"Respond with one JSON object with the fields {names}."
-
-
-def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """Copy of a JSON schema with maxItems on arrays and maxLength on strings where none is set."""
-    out = {k: _bound(v) for k, v in schema.items()}
-    if out.get("type") == "array":
-        out.setdefault("maxItems", MAX_LIST_ITEMS)
-        out.setdefault("minItems", 1)
-    if out.get("type") == "string" and "enum" not in out:
-        out.setdefault("maxLength", MAX_STRING_CHARS)
-    return out
-
-
-def _bound(value: Any) -> Any:
-    if isinstance(value, dict):
-        return bounded_schema(value)
-    if isinstance(value, list):
-        return [_bound(v) for v in value]
-    return value

@@ -20,11 +20,13 @@ import dspy
 from dspy.utils.callback import BaseCallback
 from dspy.utils.usage_tracker import track_usage
 
+from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Usage
 from contracts.errors import ContractError
 from contracts.fields import validate
 from contracts.specs import LMOverride, StageSpec
 from workers.cache import StageCache, cache_digest, cacheable
+from workers.candidates import CandidatePrograms, CandidateStore, lm_override, traced
 from workers.cost import usage_of
 from workers.errors import (
     ModuleLoadError,
@@ -49,6 +51,7 @@ class StageRun:
     cached: bool = False
     cached_usage: Usage | None = None  # what the calls served from the cache once cost
     cache: Literal["shared", "dspy"] | None = None  # which cache served it
+    trace: list[TraceStep] | None = None  # a candidate's run: its predictor calls (contracts/candidates.py)
 
 
 class LMCallCounter(BaseCallback):
@@ -109,7 +112,7 @@ class StageRunner:
     """
 
     def __init__(self, spec: StageSpec, lm_settings: LMSettings, cache: StageCache | None = None,
-                 time_limit: float | None = None) -> None:
+                 time_limit: float | None = None, candidates: CandidateStore | None = None) -> None:
         self.spec = spec
         self.lm_settings = lm_settings
         self.cache = cache
@@ -118,39 +121,51 @@ class StageRunner:
         self._lms: dict[str, dspy.LM] = {}
         self._signature_stage: bool | None = None  # see _lm_bound
         self._local = threading.local()
+        self._candidates = CandidatePrograms(candidates, spec.name, lambda: load_program(spec)) if candidates else None
 
     def program(self) -> dspy.Module:
         if not hasattr(self._local, "program"):
             self._local.program = load_program(self.spec)
         return self._local.program  # type: ignore[no-any-return]
 
-    def run(self, inputs: dict[str, Any], override: LMOverride | None = None) -> StageRun:
+    def run(self, inputs: dict[str, Any], override: LMOverride | None = None,
+            candidate: StageCandidate | None = None) -> StageRun:
+        """The stage call; with a `candidate` (an optimiser's, for this job only) its state and LM settings
+        apply, and the run records its predictor calls (`StageRun.trace`)."""
         checked = self._check(f"stage '{self.spec.name}' inputs", self.spec.inputs, inputs)
         started = time.time()
-        digest = self._cache_digest(checked, _merge(self.spec.lm, override))
+        override = _merge(override, lm_override(candidate))
+        digest = self._cache_digest(checked, _merge(self.spec.lm, override), candidate)
         hit = self.cache.get(self.spec.versioned_name, digest, self.spec.cache.ttl) if self.cache and digest else None
-        if hit is not None:
+        if hit is not None and (candidate is None or hit.trace is not None):
             return StageRun(hit.outputs, Usage(), started, time.time() - started, cached=True, cached_usage=hit.usage,
-                            cache="shared")
-        run = self._fresh(checked, override, started)
+                            cache="shared", trace=hit.trace)
+        run = self._fresh(checked, override, started, candidate)
         if self.cache and digest:  # a DSPy replay is stored too, with the usage known (none)
-            self.cache.put(self.spec.versioned_name, digest, run.outputs, run.usage, self.spec.cache.ttl)
+            self.cache.put(self.spec.versioned_name, digest, run.outputs, run.usage, self.spec.cache.ttl, run.trace)
         return run
 
-    def _fresh(self, inputs: dict[str, Any], override: LMOverride | None, started: float) -> StageRun:
+    def _fresh(self, inputs: dict[str, Any], override: LMOverride | None, started: float,
+               candidate: StageCandidate | None = None) -> StageRun:
         counter = LMCallCounter()
-        prediction, usage = self._call(inputs, override, counter)
+        trace: list[TraceStep] | None = [] if candidate is not None else None
+        prediction, usage = self._call(inputs, override, counter, candidate, trace)
         seconds = time.time() - started
         outputs = self._check(f"stage '{self.spec.name}' outputs", self.spec.outputs, self._fields(prediction))
         replayed = counter.calls > 0 and usage.calls == 0  # every LM call answered by DSPy's own cache
-        return StageRun(outputs, usage, started, seconds, cached=replayed, cache="dspy" if replayed else None)
+        return StageRun(outputs, usage, started, seconds, cached=replayed, cache="dspy" if replayed else None,
+                        trace=trace)
 
-    def _cache_digest(self, inputs: dict[str, Any], lm: LMOverride | None) -> str | None:
-        """The cache key digest for this call, or None when the call must not be cached."""
+    def _cache_digest(self, inputs: dict[str, Any], lm: LMOverride | None,
+                      candidate: StageCandidate | None = None) -> str | None:
+        """The cache key digest for this call, or None when the call must not be cached. A candidate's
+        state digest replaces the spec's (and marks the entry as one that holds a trace)."""
         if self.cache is None:
             return None
         identity = lm_identity(self.lm_settings, lm)
-        return cache_digest(self.spec, identity, inputs) if cacheable(self.spec, identity) else None
+        if not cacheable(self.spec, identity):
+            return None
+        return cache_digest(self.spec, identity, inputs, candidate.state or "base" if candidate else None)
 
     def _check(self, where: str, fields: Any, data: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -158,16 +173,20 @@ class StageRunner:
         except ContractError as error:
             raise StageContractError(self.spec.name, str(error), [p.field for p in error.problems]) from None
 
-    def _call(self, inputs: dict[str, Any], override: LMOverride | None,
-              counter: LMCallCounter) -> tuple[dspy.Prediction, Usage]:
+    def _call(self, inputs: dict[str, Any], override: LMOverride | None, counter: LMCallCounter,
+              candidate: StageCandidate | None = None,
+              trace: list[TraceStep] | None = None) -> tuple[dspy.Prediction, Usage]:
         chosen = _merge(self.spec.lm, override)
         lm_timeout = (chosen.timeout if chosen and chosen.timeout else None) or self.lm_settings.timeout
         clipped = self.time_limit is not None and lm_timeout >= self.time_limit
         if clipped:
             chosen = (chosen or LMOverride()).model_copy(update={"timeout": self.time_limit})
         lm = self._lm(chosen)
+        state = candidate.state if candidate else None
         try:
-            return self._bounded(lambda: self._predict(lm, inputs, counter))
+            if state is not None:
+                return self._candidate_call(lm, inputs, counter, state, trace)
+            return self._bounded(lambda: self._predict(lm, inputs, counter, trace=trace))
         except StageError:
             raise
         except Exception as error:
@@ -183,45 +202,69 @@ class StageRunner:
             lm = self._lms[key] = lm_for(self.lm_settings, chosen)
         return lm
 
-    def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter) -> tuple[dspy.Prediction, Usage]:
+    def _predict(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter,
+                 program: dspy.Module | None = None,
+                 trace: list[TraceStep] | None = None) -> tuple[dspy.Prediction, Usage]:
         # the counter only tells DSPy-cache replays apart; with DSPy's cache off there are none, and a
         # callback makes every DSPy call dearer. Our own usage tracker keeps one entry per LM call
         # (the prediction's `get_lm_usage()` only has totals per model).
         callbacks = [counter] if self.lm_settings.cache else []
+        program = self.program() if program is None else program
         with dspy.context(lm=lm, adapter=self._adapter, track_usage=True, callbacks=callbacks), \
                 track_usage() as tracker:
-            prediction = self.program()(**inputs)
+            if trace is None:
+                prediction = program(**inputs)
+            else:
+                with traced(program, self.spec.name) as steps:
+                    prediction = program(**inputs)
+                trace.extend(steps)
         return prediction, usage_of(dict(tracker.usage_data))
 
-    def _bounded(self, call: Callable[[], tuple[dspy.Prediction, Usage]]) -> tuple[dspy.Prediction, Usage]:
+    def _candidate_call(self, lm: dspy.LM, inputs: dict[str, Any], counter: LMCallCounter, state: str,
+                        trace: list[TraceStep] | None) -> tuple[dspy.Prediction, Usage]:
+        """The call on this thread's instance of the candidate program (never the stage's own instance)."""
+        assert self._candidates is not None, "a worker that runs candidates has a candidate store"
+        program = self._candidates.get(state)
+        try:
+            return self._bounded(lambda: self._predict(lm, inputs, counter, program, trace), program)
+        except StageTimeoutError:
+            self._candidates.forget(state)  # the abandoned call may still use it
+            raise
+
+    def _bounded(self, call: Callable[[], tuple[dspy.Prediction, Usage]],
+                 candidate: dspy.Module | None = None) -> tuple[dspy.Prediction, Usage]:
         """`call()` on a helper thread, waited on for at most the time limit. Not in a prefork child (the
         task runs on its main thread): Celery enforces soft and hard limits there itself, by signals."""
         if self.time_limit is None or threading.current_thread() is threading.main_thread() or self._lm_bound():
             return call()
-        program = self.program()  # the helper uses this thread's program instance
+        program = self.program() if candidate is None else None  # the helper uses this thread's program instance
 
         def work() -> tuple[dspy.Prediction, Usage]:
-            self._local.program = program
+            if program is not None:
+                self._local.program = program
             return call()
 
         future = CALL_THREADS.submit(work)
         try:
             return future.result(self.time_limit)
         except FutureTimeout:  # abandoned: it ends when its LM call does (the LM timeout is clipped too)
-            del self._local.program  # it may still use that instance; the next call gets a fresh one
+            if candidate is None:
+                del self._local.program  # it may still use that instance; the next call gets a fresh one
             raise StageTimeoutError(self.spec.name, self._limit_text()) from None
 
     def _lm_bound(self) -> bool:
         """Whether the LM call is all a call waits on, so its HTTP timeout (clipped to the time limit in
         `_call`) bounds the stage without a deadline thread: a stage whose module is a DSPy signature,
         which Stagecoach runs as one Predict or ChainOfThought call through a JSON adapter (no parse
-        fallback: one LM call). A module class or factory may run any code, so it gets the thread."""
+        fallback: one LM call). A module class or factory may run any code, and an adapter that may make
+        two LM calls (the local model's) could take twice the limit, so those get the thread."""
         if self._signature_stage is None:
             try:
                 target = import_target(self.spec)
             except ModuleLoadError:
                 target = None
-            self._signature_stage = isinstance(target, type) and issubclass(target, dspy.Signature)
+            one_call = not getattr(self._adapter, "may_call_twice", False)  # PlainFirstAdapter: answer, then rest
+            self._signature_stage = one_call and isinstance(target, type) and issubclass(target, dspy.Signature)
         return self._signature_stage
 
     def _limit_text(self) -> str:

@@ -25,6 +25,7 @@ from contracts.fields import problems_of
 from contracts.names import FUSED_TASK, MAX_FUSED_STEPS, STAGE_PREFIX, split_ref, stage_queue, stage_task
 from contracts.specs import Limits, StageNode, StageSpec
 from workers.cache import StageCache
+from workers.candidates import CandidateStore
 from workers.checkpoint import outage_requeues
 from workers.deadletter import MAX_RAW_BYTES, DeadLetterStore, quarantine
 from workers.executor import Guard, StageCall, StageExecutor
@@ -91,7 +92,8 @@ def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Se
     guard = Guard(ledger, RateLimiter(redis.Redis.from_url(settings.backend_url)))
     limits = {ref: Limits.stage(spec, settings.stage_time_limit) for ref, spec in stages.items()}
     # each runner holds its stage's time limit in every pool; all of them are there for on_error fallbacks
-    runners = {ref: StageRunner(spec, settings.lm, cache, limits[ref].soft) for ref, spec in stages.items()}
+    candidates = CandidateStore.from_url(settings.backend_url, settings.result_expires)  # optimisation jobs
+    runners = {ref: StageRunner(spec, settings.lm, cache, limits[ref].soft, candidates) for ref, spec in stages.items()}
     executors = {ref: StageExecutor(runners[ref], ledger.jobs, versions, guard, limits[ref].hard, runners)
                  for ref in stages}
     request = request_class(ledger)

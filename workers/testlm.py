@@ -12,6 +12,8 @@ Fault injection, server-wide or per prompt (markers anywhere in an input):
   [[lm:fail]] / [[lm:status=400]]      always 503 / always this status
   [[lm:garbage]]                       reply with text that is not JSON
   [[lm:set:FIELD=VALUE]]               reply VALUE (JSON, else text) for output FIELD
+  --vary                               text values also depend on the instructions, the demos and the
+                                       temperature (a ` ~xxxx` suffix): candidate programs differ
 Rules (`--rules FILE`, JSON list of {"when": regex, "set": {field: value}}) pin chosen fields.
 `GET /stats` reports request counts.
 
@@ -33,14 +35,16 @@ from typing import Any
 SECTION = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
 MARKER = re.compile(r"\[\[lm:(\w+)(?:=([^\]]*))?\]\]")
 SET_MARKER = re.compile(r"\[\[lm:set:(\w+)=([^\]]*)\]\]")
+JSON_FIELDS = re.compile(r"Respond with a JSON object in the following order of fields: (.*)")
 
 
 class Behaviour:
     """Server-wide settings and the counters fault injection needs."""
 
     def __init__(self, latency_ms: float = 0, fail_rate: float = 0, rules: list[dict[str, Any]] | None = None,
-                 fail_statuses: dict[int, float] | None = None):
+                 fail_statuses: dict[int, float] | None = None, vary: bool = False):
         self.fail_statuses = fail_statuses or {}
+        self.vary = vary
         self.latency_ms = latency_ms
         self.fail_rate = fail_rate
         self.rules = [(re.compile(r["when"], re.S | re.I), r["set"]) for r in rules or []]
@@ -84,9 +88,10 @@ def _short(text: str, limit: int = 60) -> str:
 class Generator:
     """Fill a JSON schema with values derived from the prompt's inputs."""
 
-    def __init__(self, inputs: dict[str, str], seed: str) -> None:
+    def __init__(self, inputs: dict[str, str], seed: str, suffix: str = "") -> None:
         self.inputs = inputs
         self.seed = seed
+        self.suffix = suffix
         self.subject = _short(next(iter(inputs.values()), "nothing"))
         self.haystack = " ".join(inputs.values()).lower()
 
@@ -109,7 +114,7 @@ class Generator:
         return options[digest(self.seed, name) % len(options)]
 
     def _string(self, name: str, schema: dict[str, Any], defs: dict[str, Any]) -> str:
-        text = f"{name} of <{self.subject}>"
+        text = f"{name} of <{self.subject}>{self.suffix}"
         return text[: schema.get("maxLength", len(text))]
 
     def _number(self, name: str, schema: dict[str, Any], defs: dict[str, Any]) -> float:
@@ -133,7 +138,7 @@ class Generator:
 
     def _item(self, name: str, index: int, schema: dict[str, Any], defs: dict[str, Any]) -> Any:
         value = self.value(f"{name}[{index}]", schema, defs)
-        return f"{name} {index + 1} of <{self.subject}>" if isinstance(value, str) else value
+        return f"{name} {index + 1} of <{self.subject}>{self.suffix}" if isinstance(value, str) else value
 
     def _object(self, name: str, schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         props = schema.get("properties", {})
@@ -145,7 +150,8 @@ def reply_fields(body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:
     inputs = parse_inputs(messages)
     seed = json.dumps(inputs, sort_keys=True)
     schema = _schema_of(body)
-    fields = Generator(inputs, seed).value("outputs", schema, schema.get("$defs", {}))
+    suffix = context_suffix(body) if behaviour.vary else ""
+    fields = Generator(inputs, seed, suffix).value("outputs", schema, schema.get("$defs", {}))
     prompt = " ".join(_text(m) for m in messages)
     for pattern, values in behaviour.rules:
         if pattern.search(" ".join(inputs.values()) or prompt):
@@ -153,6 +159,14 @@ def reply_fields(body: dict[str, Any], behaviour: Behaviour) -> dict[str, Any]:
     if isinstance(fields, dict):
         fields.update(pinned_fields(" ".join(inputs.values()), fields))
     return fields if isinstance(fields, dict) else {"value": fields}
+
+
+def context_suffix(body: dict[str, Any]) -> str:
+    """` ~xxxx` from everything before the last message (instructions, demos) and the temperature; from
+    the whole prompt when it has no input sections (a raw prompt, like GEPA's reflection)."""
+    messages = body.get("messages", [])
+    context = messages if not parse_inputs(messages) else messages[:-1]
+    return f" ~{digest(json.dumps([context, body.get('temperature')], sort_keys=True)) % 65536:04x}"
 
 
 def pinned_fields(text: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -168,9 +182,20 @@ def pinned_fields(text: str, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _schema_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The reply's JSON schema: the request's `response_format`, else the fields DSPy's JSON adapter asks
+    for in the prompt (as text), else `{answer}`."""
     fmt = body.get("response_format") or {}
     schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema")
-    return schema or {"type": "object", "properties": {"answer": {"type": "string"}}}
+    return schema or _asked_fields(body) or {"type": "object", "properties": {"answer": {"type": "string"}}}
+
+
+def _asked_fields(body: dict[str, Any]) -> dict[str, Any] | None:
+    user = [m for m in body.get("messages", []) if m.get("role") == "user"]
+    found = JSON_FIELDS.search(_text(user[-1])) if user else None
+    if found is None:
+        return None
+    names = re.findall(r"`(\w+)`", found.group(1))
+    return {"type": "object", "properties": {name: {"type": "string"} for name in names}} if names else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -289,9 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-statuses", type=parse_statuses, default={},
                         help="STATUS:SHARE,... e.g. 429:0.3,500:0.2")
     parser.add_argument("--rules", type=Path)
+    parser.add_argument("--vary", action="store_true", help="text values depend on instructions, demos, temperature")
     args = parser.parse_args(argv)
     rules = json.loads(args.rules.read_text()) if args.rules else None
-    server = make_server(args.host, args.port, Behaviour(args.latency_ms, args.fail_rate, rules, args.fail_statuses))
+    server = make_server(args.host, args.port,
+                         Behaviour(args.latency_ms, args.fail_rate, rules, args.fail_statuses, args.vary))
     print(f"test LM listening on http://{args.host}:{server.server_address[1]}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
