@@ -57,7 +57,7 @@ def submit(body: JobRequest, request: Request, svc: ServicesDep,
     if not idempotency.replay:
         handle = svc.client.submit(body.pipeline, body.inputs, job_id=idempotency.job_id, version=body.version,
                                    outputs=body.outputs, priority=body.priority, webhook=body.webhook,
-                                   metadata=body.metadata)
+                                   metadata=body.metadata, candidates=body.candidates)
         job_id = handle.id
     else:
         job_id = str(idempotency.job_id)
