@@ -16,4 +16,5 @@ SCENARIOS: dict[str, str] = {
     "api": "bench.api",                # POST /v1/jobs per second; latency the HTTP API adds per job vs the client
     "optimize": "bench.optimize",      # DSPy optimisers on the fleet vs in-process; a rerun's LM calls
     "answers": "bench.answers",        # the default local model's answers, each way of asking it (adapters)
+    "scale": "bench.scale",            # bursts vs bare Celery at 0 ms, the monitor, Redis per job, backlog, curve
 }

@@ -179,13 +179,13 @@ class Bench:
 
     @contextmanager
     def stack(self, latency_ms: float, workers: list[WorkerPlan], shared_cache: bool = False,
-              lm_args: tuple[str, ...] = ()) -> Iterator[Stack]:
+              lm_args: tuple[str, ...] = (), **more_env: str) -> Iterator[Stack]:
         """The test LM at `latency_ms` (and `lm_args`) and these workers; the shared stage cache only if
-        `shared_cache`."""
+        `shared_cache`; `more_env`: more settings for the workers (STAGECOACH_...)."""
         redis.Redis.from_url(self.redis_url).flushdb()  # our own server: no one else's data
         with test_lm_server("--latency-ms", str(latency_ms), *lm_args) as lm_url:
             cache_env = SHARED_CACHE_ENV if shared_cache else {}
-            env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS, **cache_env)
+            env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS, **cache_env, **more_env)
             fleet = Fleet(env, self.logdir)
             for plan in workers:
                 fleet.start(plan.name, plan.queues, pool=plan.pool, concurrency=plan.concurrency)

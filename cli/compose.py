@@ -156,8 +156,8 @@ def flower() -> dict[str, Any]:
 
 
 def monitor() -> dict[str, Any]:
-    """`stagecoach monitor` (issue 10): Celery events from the broker, its store in the Redis result backend,
-    HTTP on STAGECOACH_MONITOR_PORT."""
+    """`stagecoach monitor` (issue 10): the fleet's event stream read in a consumer group (replicas may run
+    side by side), its store in the Redis result backend beside the stream, HTTP on STAGECOACH_MONITOR_PORT."""
     return {
         "command": MONITOR_COMMAND,
         "environment": stagecoach_env(STAGECOACH_MONITOR_HOST=COMPOSE_VALUES["STAGECOACH_MONITOR_HOST"],

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from monitor.settings import MonitorSettings
     from monitor.stats import Summary
 
-monitor_app = typer.Typer(help="The monitor: Celery events aggregated per stage and pipeline, per-job traces, "
+monitor_app = typer.Typer(help="The monitor: the fleet's event stream per stage and pipeline, per-job traces, "
                                "JSON, Prometheus /metrics and a web page.", no_args_is_help=False)
 JsonFlag = Annotated[bool, typer.Option("--json", help="print the report as JSON (what /api/stats serves)")]
 
@@ -54,7 +54,7 @@ def monitor(
     except UnsafeBind as error:
         render.err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INPUT) from None
-    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.broker_url})")
+    render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.store})")
     with stop_signals() as stop:
         serve(chosen, stop)
 

@@ -84,7 +84,8 @@ def recovery(settings: Settings) -> "Recovery":
     from workers.factory import create_runtime
 
     runtime = create_runtime(settings)
-    return Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches)
+    return Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches,
+                    settings.watchdog_backlog_seconds)
 
 
 def watch(settings: Settings, interval: float, once: bool) -> None:

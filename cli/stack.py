@@ -1,6 +1,7 @@
 """The local stack: Redis, the local LM server, worker(s) per stage queue, a routing worker, a webhook worker,
-Flower, the monitor (`stagecoach monitor`: Celery events aggregated, JSON, /metrics, web page) and the HTTP
-API (`stagecoach api`, auth on: its admin token in `<state_dir>/api-token` unless STAGECOACH_API_ADMIN_TOKEN).
+Flower, the monitor (`stagecoach monitor`: the fleet's event stream aggregated, JSON, /metrics, web page) and
+the HTTP API (`stagecoach api`, auth on: its admin token in `<state_dir>/api-token` unless
+STAGECOACH_API_ADMIN_TOKEN).
 
 The broker is Redis (started here when none answers) or RabbitMQ (an amqp:// URL: it must be running;
 Redis is then the result backend only). `Settings.workers` asks for several workers on one stage queue.

@@ -8,8 +8,8 @@ a branch taken, a loop iteration, a map fanned out, a recovery); answer fields b
 Workers build them, readers validate them (a malformed one is counted and logged, never a crash),
 and the benchmarks send them; all use these models. They are written to the event log's Redis
 streams (workers/eventlog.py: one per job, one for the monitor) as `{type, data}` entries, in the
-Redis round trips the workers make anyway; `StageOutcome` and `JobFinished` also travel as custom
-Celery events, whose fields are the model's next to what Celery adds (ignored here).
+Redis round trips the workers make anyway. The monitor reads them from the fleet stream through a
+consumer group; Celery's own task events stay for Flower.
 """
 
 import json
@@ -28,8 +28,8 @@ from contracts.names import (
     STAGE_STARTED_EVENT,
 )
 
-# marks the Celery task events the job ledger sends to end a job's tasks in Flower (FAILURE, REVOKED),
-# so the monitor does not count them as crashes of the task
+# marks the Celery task events the job ledger sends to end a job's tasks in Flower (FAILURE, REVOKED):
+# they say how the job ended, not that the task crashed
 LEDGER_FIELD = "stagecoach_ledger"
 PREVIEW_CHARS = 400  # inputs/outputs in an event are previews; the JobResult has the full values
 
@@ -72,6 +72,9 @@ class StageStarted(_Event):
     node: str
     attempt: int = Field(1, description="1 for the first try, +1 per retry")
     worker: str = ""
+    waited: float | None = Field(None, description="seconds since the job's previous stage ended (or since it was "
+                                 "submitted, for its first): the hop and the queue wait before this step")
+    first: bool = Field(False, description="the job's first stage step (no stage had run yet)")
 
 
 class DecisionMade(_Event):

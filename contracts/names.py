@@ -99,8 +99,7 @@ def job_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id
 
 
-# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams, and the
-# first two also as custom Celery events (their own group, not `task-`, so Flower's task states stay Celery's)
+# Stagecoach's own events (contracts/events.py), by type name: on the event log's Redis streams
 STAGE_OUTCOME_EVENT = "stagecoach-stage-outcome"
 JOB_FINISHED_EVENT = "stagecoach-job-finished"
 JOB_QUEUED_EVENT = "stagecoach-job-queued"
@@ -110,6 +109,8 @@ FIELDS_EVENT = "stagecoach-fields"
 
 # the event log (workers/eventlog.py): every job's events on one bounded stream, read by the monitor
 EVENTS_STREAM = KEY_PREFIX + "events"
+# the monitor's consumer group on EVENTS_STREAM: its replicas share it, each entry counted by one of them
+MONITOR_GROUP = "stagecoach-monitor"
 
 
 def job_events_key(job_id: str) -> str:
@@ -186,6 +187,11 @@ def api_rate_key(token: str, minute: int) -> str:
 def candidate_key(digest: str) -> str:
     """A candidate stage state (JSON) stored once by its sha256 (contracts/candidates.py)."""
     return CANDIDATE_KEY_PREFIX + digest
+
+
+def backlog_key(job_id: str) -> str:
+    """When the watchdog first found this stalled job with a backlog in the queues (it waits, up to a bound)."""
+    return JOB_KEY_PREFIX + job_id + ":backlog"
 
 
 def cancel_key(job_id: str) -> str:

@@ -1,4 +1,5 @@
-"""The monitor service: the event consumer in a thread and its HTTP side (FastAPI under uvicorn) in another.
+"""The monitor service: the event consumer (a replica in the fleet stream's consumer group) in a thread and
+its HTTP side (FastAPI under uvicorn) in another.
 
 With STAGECOACH_MONITOR_AUTH on, every route needs an API token (contracts/tokens.py) with the read scope
 over every pipeline; a browser gives it once as `/?token=...` (kept in a cookie). Auth off is refused on
@@ -13,7 +14,7 @@ Routes (all GET):
   /api/graph/NAME.svg   the pipeline drawn by Graphviz (what `stagecoach graph NAME --format svg` prints)
   /api/schema/NAME      JSON Schemas of the pipeline's request and JobResult (`stagecoach schema NAME`)
   /api/jobs             the latest job ids with a trace;  /api/trace/JOB  one job's trace
-  /metrics              Prometheus text;  /healthz  ok;  /api/health  events seen since start
+  /metrics              Prometheus text;  /healthz  ok;  /api/health  events counted here, the stream's lag
 """
 
 import json
@@ -26,7 +27,6 @@ from typing import Any
 
 import redis
 import uvicorn
-from celery import Celery
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
@@ -130,14 +130,13 @@ def create_app(monitor: Monitor, guard: "Guard") -> FastAPI:
         return static(name)
 
     @app.get("/healthz")
-    def healthz() -> Response:  # ready once the event stream is subscribed
+    def healthz() -> Response:  # ready once the consumer reads the event stream in its group
         live = monitor.consumer.live.is_set()
         return _text(200 if live else 503, "ok" if live else "connecting to the event stream")
 
     @app.get("/api/health")
     def health() -> Response:
-        return _json({"events": monitor.consumer.seen, "malformed": monitor.consumer.malformed,
-                      "live": monitor.consumer.live.is_set()})
+        return _json(monitor.consumer.status())
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -272,8 +271,7 @@ def serve(settings: MonitorSettings, stop: threading.Event) -> None:
     """Run the consumer and the HTTP server (uvicorn) until `stop` is set."""
     check_bind(settings)
     store = Store.connect(settings)
-    app = Celery("stagecoach-monitor", broker=settings.broker_url)
-    consumer = Consumer(app, store)
+    consumer = Consumer(store, settings)
     web = create_app(Monitor(settings, store, load(settings), consumer), guard_of(settings, store.r))
     server = uvicorn.Server(uvicorn.Config(web, host=settings.host, port=settings.port, log_level="warning",
                                            timeout_graceful_shutdown=2))
@@ -281,7 +279,8 @@ def serve(settings: MonitorSettings, stop: threading.Event) -> None:
                threading.Thread(target=server.run, name="http", daemon=True)]
     for thread in threads:
         thread.start()
-    log.info("monitor on http://%s:%s (events from %s)", settings.host, settings.port, settings.broker_url)
+    log.info("monitor on http://%s:%s (events from %s, as %s)", settings.host, settings.port, settings.store,
+             settings.consumer_name)
     try:
         stop.wait()
     finally:

@@ -5,59 +5,76 @@ nothing lives in the monitor process, so a restarted monitor carries on where it
 Keys (prefix `contracts.names.MONITOR_KEY_PREFIX`):
   agg:{stage|pipeline}:NAME          hash of counters (runs, succeeded, failed, fail:KIND, retries, ...)
   samples:{stage|pipeline}:NAME      latest runtimes (seconds), newest first
-  waits:{stage|pipeline}:NAME        latest queue waits (sent -> started)
+  waits:{stage|pipeline}:NAME        latest queue waits (previous stage ended, or job submitted -> started)
   series:{stage|pipeline}:NAME:T     one time bucket {runs, errors, seconds}, expires with the window
   errors:GROUP:KIND                  latest error examples (JSON), newest first
   names:{stage|pipeline}, names:errors   what exists
-  task:UUID                          what the events of one Celery task said (name, job, sent time)
-  trace:JOB, jobs                    a job's ordered events; the latest jobs by time
+  trace:JOB, jobs                    a job's ordered events; the latest `traces` jobs by time (older ones deleted)
   evicted                            jobs that fell out of `jobs` lately (their late events are dropped)
 """
 
 import json
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
 from contracts.names import monitor_key
+from monitor.batch import Batch
 from monitor.report import Counts, ErrorExample, ErrorGroup, Figures, Point, Report, Series
 from monitor.settings import MonitorSettings
 from monitor.stats import summarize
 
 KINDS = ("stage", "pipeline")
-TASK_TTL = 24 * 3600
-COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
-# a job evicted from the index is remembered among the latest EVICTED_PER_TRACE x `traces` evicted jobs,
-# long enough for a burst's queued jobs to run: their events come after they fell out
-EVICTED_PER_TRACE = 10
-
-# One trace event, atomically: the job joins the index (scored by the first event seen) unless it was
-# evicted lately; jobs past the bound leave it and their trace lists are deleted in the same step; the
-# event is appended only to a job the index holds. So every trace list belongs to an indexed job, and a
-# late event of an evicted job (or two, from concurrent writers) can never leave an orphan behind.
-# KEYS: index, evicted, this job's trace. ARGV: job, score, event, traces, events per trace, TTL,
-# trace key prefix, now, evicted jobs kept.
-_TRACE_EVENT = """
-local job = ARGV[1]
-if redis.call('ZSCORE', KEYS[2], job) then return 0 end
-redis.call('ZADD', KEYS[1], 'NX', ARGV[2], job)
-local over = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[4])
-if over > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, over - 1)) do
-    redis.call('DEL', ARGV[7] .. old)
-    redis.call('ZADD', KEYS[2], ARGV[8], old)
+# One job's trace events (a batch's `TRACE` command): the job joins the index (scored by its first event)
+# unless it was evicted lately; jobs past the bound leave it and their trace lists are deleted in the same
+# step; the events are appended only to a job the index holds. So every trace list belongs to an indexed
+# job, and a late event of an evicted job never leaves an orphan behind (the number of traces, and so
+# their memory, stays bounded whatever the number of jobs).
+TRACE_LUA = """
+local function trace(index, evicted, key, job, score, traces, per_trace, ttl, prefix, now, evicted_kept, ...)
+  if redis.call('ZSCORE', evicted, job) then return end
+  redis.call('ZADD', index, 'NX', score, job)
+  local over = redis.call('ZCARD', index) - tonumber(traces)
+  if over > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', index, 0, over - 1)) do
+      redis.call('DEL', prefix .. old)
+      redis.call('ZADD', evicted, now, old)
+    end
+    redis.call('ZREMRANGEBYRANK', index, 0, over - 1)
+    redis.call('ZREMRANGEBYRANK', evicted, 0, -tonumber(evicted_kept) - 1)
+    redis.call('EXPIRE', evicted, ttl)
   end
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, over - 1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[9]) - 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('EXPIRE', index, ttl)
+  if not redis.call('ZSCORE', index, job) then return end
+  redis.call('RPUSH', key, ...)
+  redis.call('LTRIM', key, -tonumber(per_trace), -1)
+  redis.call('EXPIRE', key, ttl)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-if not redis.call('ZSCORE', KEYS[1], job) then return 0 end
-redis.call('RPUSH', KEYS[3], ARGV[3])
-redis.call('LTRIM', KEYS[3], -tonumber(ARGV[5]), -1)
-redis.call('EXPIRE', KEYS[3], ARGV[6])
-return 1
+"""
+COUNTERS = tuple(f for f in Counts.model_fields if f != "failures")
+
+# Apply a batch of the monitor's writes and acknowledge the stream entries it came from, atomically, and only
+# if this consumer still owns each of them: a replica that was slow to commit may have lost an entry to
+# another's XAUTOCLAIM, and then that one counts it. So a crash before the commit leaves the entries pending
+# (another replica or the next start counts them) and one after it leaves them counted and acknowledged:
+# every entry is counted once. KEYS stream; ARGV group, consumer, the entry ids (JSON list), the commands
+# (JSON list of lists of strings) -> the entries this consumer lost (then nothing was written)
+_COMMIT = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local ids, commands = cjson.decode(ARGV[3]), cjson.decode(ARGV[4])
+local lost = {}
+for _, id in ipairs(ids) do
+  if #redis.call('XPENDING', stream, group, id, id, 1, consumer) == 0 then lost[#lost + 1] = id end
+end
+if #lost > 0 then return lost end
+""" + TRACE_LUA + """
+for _, command in ipairs(commands) do
+  if command[1] == 'TRACE' then trace(unpack(command, 2)) else redis.call(unpack(command)) end
+end
+if #ids > 0 then redis.call('XACK', stream, group, unpack(ids)) end
+return lost
 """
 
 
@@ -65,7 +82,7 @@ class Store:
     def __init__(self, client: redis.Redis, settings: MonitorSettings) -> None:
         self.r = client
         self.settings = settings
-        self._trace_event = client.register_script(_TRACE_EVENT)
+        self._commit = client.register_script(_COMMIT)
 
     @classmethod
     def connect(cls, settings: MonitorSettings) -> "Store":
@@ -73,67 +90,14 @@ class Store:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def count(self, kind: str, name: str, **amounts: float) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sadd(monitor_key("names", kind), name)
-        for field, amount in amounts.items():
-            if amount:
-                pipe.hincrbyfloat(monitor_key("agg", kind, name), field, amount)
-        pipe.execute()
-
-    def sample(self, what: str, kind: str, name: str, seconds: float) -> None:
-        key = monitor_key(what, kind, name)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lpush(key, seconds)
-        pipe.ltrim(key, 0, self.settings.samples - 1)
-        pipe.execute()
-
-    def tick(self, kind: str, name: str, at: float, error: bool, seconds: float | None) -> None:
-        """One run into the time series bucket of `at`."""
-        key = monitor_key("series", kind, name, str(self.bucket(at)))
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(key, "runs", 1)
-        if error:
-            pipe.hincrby(key, "errors", 1)
-        if seconds is not None:
-            pipe.hincrbyfloat(key, "seconds", seconds)
-            pipe.hincrby(key, "timed", 1)
-        pipe.expire(key, self.settings.window_seconds)
-        pipe.execute()
-
-    def error_example(self, group: str, kind: str, example: ErrorExample) -> None:
-        key = monitor_key("errors", group, kind)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.sadd(monitor_key("names", "errors"), f"{group}\x1f{kind}")
-        pipe.hincrby(monitor_key("errorcounts"), f"{group}\x1f{kind}", 1)
-        pipe.lpush(key, example.model_dump_json())
-        pipe.ltrim(key, 0, self.settings.error_examples - 1)
-        pipe.execute()
-
-    def remember_task(self, uuid: str, fields: dict[str, Any]) -> None:
-        key = monitor_key("task", uuid)
-        values = {k: json.dumps(v) for k, v in fields.items() if v is not None}
-        if values:
-            pipe = self.r.pipeline(transaction=False)
-            for field, value in values.items():
-                pipe.hset(key, field, value)
-            pipe.expire(key, TASK_TTL)
-            pipe.execute()
-
-    def task(self, uuid: str) -> dict[str, Any]:
-        raw = self.r.hgetall(monitor_key("task", uuid))
-        return {str(k): json.loads(v) for k, v in raw.items()}
-
-    def trace_event(self, job_id: str, event: dict[str, Any]) -> bool:
-        """Append an event to the job's trace (at most `trace_events` kept, the latest); False when the job
-        is not among the latest `traces` jobs, or fell out of them lately (see _TRACE_EVENT)."""
-        settings = self.settings
-        keys = [monitor_key("jobs"), monitor_key("evicted"), monitor_key("trace", job_id)]
-        args: list[str | int | float] = [
-            job_id, float(event.get("timestamp") or time.time()), json.dumps(event, default=str), settings.traces,
-            settings.trace_events, settings.trace_ttl, monitor_key("trace", ""), time.time(),
-            EVICTED_PER_TRACE * settings.traces]
-        return bool(self._trace_event(keys=keys, args=args))
+    def commit(self, batch: Batch, stream: str = "", group: str = "", consumer: str = "",
+               entries: Sequence[str] = ()) -> list[str]:
+        """Apply `batch` and acknowledge the stream `entries` it came from, in one atomic step, if `consumer`
+        still owns every one of them; otherwise write nothing and return the entries it lost (another
+        replica claimed them: it counts them). Without entries, just apply the batch."""
+        args = [group, consumer, json.dumps(list(entries)), json.dumps(batch.commands())]
+        lost = self._commit(keys=[stream or monitor_key("none")], args=args)
+        return [str(e) for e in lost]
 
     def bucket(self, at: float) -> int:
         return int(at // self.settings.bucket_seconds * self.settings.bucket_seconds)

@@ -1,10 +1,11 @@
 """Per-job traces: the job's ordered events from the store, as a model saved to and loaded from JSON.
 
-A trace holds every event the monitor saw for the job (Celery's task events of each task whose root
-is the job, each stage outcome with inputs/outputs previews and timings, the job-finished event with
-decisions) and the job's `path`: which stages ran at which node, what each runtime node decided and
-which errors were recorded, in the envelope's order. The path is deterministic for a deterministic
-LM, so a saved trace can be replayed (`stagecoach trace replay`) and the new job's path compared.
+A trace holds the job's events as the monitor read them off the fleet's event stream (queued, each
+stage step started with its queue wait, each stage outcome with inputs/outputs previews and timings,
+decisions, the job-finished event with the path) and the job's `path`: which stages ran at which node,
+what each runtime node decided and which errors were recorded, in the envelope's order. The path is
+deterministic for a deterministic LM, so a saved trace can be replayed (`stagecoach trace replay`) and
+the new job's path compared.
 """
 
 from typing import Any
@@ -21,7 +22,7 @@ class JobPath(BaseModel):
 
 
 class NodeRun(BaseModel):
-    """One stage call of the job, from its stage-outcome event (and its task's Celery events)."""
+    """One stage call of the job, from its stage-outcome event (its queue wait from its stage-started one)."""
 
     node: str
     stage: str
@@ -49,32 +50,14 @@ class Trace(BaseModel):
 
 
 def build(job_id: str, events: list[dict[str, Any]]) -> Trace:
-    ordered = sorted(events, key=_order(events))
+    ordered = sorted(events, key=lambda e: float(e.get("timestamp") or 0.0))
     trace = Trace(job_id=job_id, events=ordered, nodes=_node_runs(ordered))
     for event in ordered:
-        if event.get("type") == "stage-outcome" and not trace.pipeline:
+        if event.get("type") in ("job-queued", "stage-outcome") and not trace.pipeline:
             trace.pipeline = str(event.get("pipeline") or "")
         if event.get("type") == "job-finished":
             _finish(trace, event)
     return trace
-
-
-def _order(events: list[dict[str, Any]]) -> Any:
-    """Time order, except that a task's `task-sent` comes before its other events: Celery emits it
-    after publishing, so a fast worker's `task-received` can carry an earlier timestamp."""
-    first: dict[str, float] = {}
-    for event in events:
-        if event.get("type") != "task-sent" and event.get("uuid"):
-            at = float(event.get("timestamp") or 0.0)
-            first[event["uuid"]] = min(at, first.get(event["uuid"], at))
-
-    def key(event: dict[str, Any]) -> tuple[float, int]:
-        at = float(event.get("timestamp") or 0.0)
-        if event.get("type") == "task-sent" and event.get("uuid") in first:
-            return min(at, first[event["uuid"]]), 0
-        return at, 1
-
-    return key
 
 
 def _finish(trace: Trace, event: dict[str, Any]) -> None:
@@ -91,20 +74,19 @@ def _finish(trace: Trace, event: dict[str, Any]) -> None:
 
 
 def _node_runs(events: list[dict[str, Any]]) -> list[NodeRun]:
-    sent = {e["uuid"]: float(e["timestamp"]) for e in events if e.get("type") == "task-sent" and "uuid" in e}
-    started = {e["uuid"]: float(e["timestamp"]) for e in events if e.get("type") == "task-started" and "uuid" in e}
+    waits = {(e.get("node"), int(e.get("attempt") or 1)): e.get("waited") for e in events
+             if e.get("type") == "stage-started"}
     runs = []
     for event in events:
         if event.get("type") != "stage-outcome":
             continue
-        uuid = event.get("uuid", "")
-        # the sender emits task-sent after publishing, so a fast worker may start "before" it: clamp
-        wait = max(0.0, started[uuid] - sent[uuid]) if uuid in sent and uuid in started else None
+        attempts = int(event.get("attempts") or 1)
         runs.append(NodeRun(node=str(event.get("node")), stage=str(event.get("stage")),
                             outcome=str(event.get("outcome")), started_at=event.get("started_at"),
-                            seconds=event.get("seconds", event.get("elapsed")), queue_wait=wait,
-                            attempts=int(event.get("attempts") or 1), worker=str(event.get("worker") or ""),
-                            inputs=str(event.get("inputs") or ""), outputs=str(event.get("outputs") or ""),
+                            seconds=event.get("seconds", event.get("elapsed")),
+                            queue_wait=waits.get((event.get("node"), attempts)), attempts=attempts,
+                            worker=str(event.get("worker") or ""), inputs=str(event.get("inputs") or ""),
+                            outputs=str(event.get("outputs") or ""),
                             error=f"{event.get('kind')}: {event.get('message')}" if event.get("message") else ""))
     return runs
 

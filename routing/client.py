@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import redis
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
@@ -20,7 +21,7 @@ from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.specs import PipelineSpec
 from contracts.webhooks import Webhook, refused
 from routing.compile import Compiler
-from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError
+from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError, RedisFullError
 from routing.nodes import KINDS
 from routing.tasks import start_envelope
 from workers.checkpoint import BROKER_DOWN, Begin, Claim
@@ -140,8 +141,14 @@ class Client:
         its chain, whose last task answers under the job id. A job id that was started already is refused."""
         job_id = envelope.job_id
         claims: list[Claim] = []
-        self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
-                                                                   final=True)))
+        try:
+            self._with_retries(lambda: claims.append(self.ledger.start(envelope, request, pinned, "client", "client",
+                                                                       final=True)))
+        except redis.exceptions.OutOfMemoryError as error:  # the start script writes all of its keys or none
+            raise RedisFullError(
+                f"job {job_id} not started: Redis at {safe_url(self.runtime.settings.backend_url)} refused the "
+                f"write ({error}); it is at maxmemory. Stagecoach needs maxmemory-policy noeviction and room "
+                "for its jobs' records (docs/reliability.md: Redis memory)", job_id) from None
         if claims[-1].begin is not Begin.RUN:
             raise ContractError("job request", [FieldProblem("job_id", f"job {job_id} was started already")])
         try:

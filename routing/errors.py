@@ -21,3 +21,8 @@ class JobTimeoutError(PipelineError):
 
 class BrokerUnavailableError(PipelineError):
     """The broker did not accept a job within the publish retry time; names the broker URL."""
+
+
+class RedisFullError(PipelineError):
+    """Redis refused a write because it reached `maxmemory` (with `maxmemory-policy noeviction`, which
+    Stagecoach needs): the job was not started. Free memory, raise maxmemory, or shorten retention."""

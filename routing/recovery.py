@@ -6,7 +6,6 @@ stopped; messages of older generations still in the broker are dropped when they
 """
 
 import logging
-import re
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +18,7 @@ from contracts.catalog import Catalog
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
 from contracts.jobs import requested_priority
-from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, stage_queue
+from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, backlog_key, stage_queue
 from contracts.priority import queue_lists
 from routing.compile import Compiler
 from routing.errors import PipelineError
@@ -30,7 +29,6 @@ from workers.ledger import Closer, Ledger
 from workers.onerror import cancelled_record
 
 log = logging.getLogger(__name__)
-_ROOT_ID = re.compile(r'"root_id": ?"([^"]+)"')
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
 
 
@@ -39,8 +37,10 @@ class RecoveryError(PipelineError):
 
 
 class Recovery:
-    def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8) -> None:
+    def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8,
+                 backlog_seconds: float = 3600.0) -> None:
         self.app = app
+        self.backlog_seconds = backlog_seconds
         self.catalog = catalog
         self.compiler = Compiler(app, catalog, KINDS)
         self.ledger = ledger
@@ -60,6 +60,7 @@ class Recovery:
             raise RecoveryError(f"job {job_id} cannot run again on the versions it started with: {error}",
                                 job_id) from None
         generation = self.checkpoints.next_generation(job_id)
+        self.checkpoints.client.delete(backlog_key(job_id))  # a later stall waits behind a backlog afresh
         envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
         self.checkpoints.push_deadline(job_id, time.time() + backoff)
@@ -95,19 +96,28 @@ class Recovery:
         value: Any = result.result
         return str(value.get("state")) if isinstance(value, dict) else "failed"
 
-    def queued_jobs(self) -> set[str]:
-        """Jobs with a message waiting in a routing or stage queue (by the root id in its headers).
-        Reads every queued message: the cost of telling a backlog from a lost message."""
+    def backlog(self) -> bool:
+        """Whether a routing or stage queue holds messages: one LLEN per queue, whatever the number of jobs
+        queued (reading the messages to find a job's would grow with the backlog). Always False on RabbitMQ,
+        which hands a dead consumer's messages back at once."""
         if urlparse(str(self.app.conf.broker_url)).scheme not in ("redis", "rediss"):
-            return set()  # RabbitMQ hands a dead consumer's messages back at once: no backlog scan
+            return False
         broker = redis.Redis.from_url(str(self.app.conf.broker_url))
+        pipe = broker.pipeline(transaction=False)
         queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
-        found: set[str] = set()
         for queue in [key for name in queues for key in queue_lists(name)]:  # one list per priority step
-            for raw in broker.lrange(queue, 0, -1):
-                text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-                found.update(_ROOT_ID.findall(text))
-        return found
+            pipe.llen(queue)
+        return any(int(n) for n in pipe.execute())
+
+    def waits_in_backlog(self, job_id: str, now: float) -> bool:
+        """A stalled job may be waiting behind a backlog rather than lost: it is given more time, for at most
+        `backlog_seconds` from the first sweep that found it so (then it is re-dispatched: a lost message
+        behind a backlog that never drains is recovered too, only later)."""
+        key = backlog_key(job_id)
+        client = self.checkpoints.client
+        client.set(key, now, nx=True, ex=int(self.backlog_seconds * 2) + 1)
+        first = client.get(key)
+        return first is not None and now - float(first) < self.backlog_seconds
 
     def finish_cancelled(self, job_id: str) -> None:
         """A cancelled job that no stage will pick up again: it ends now, as cancelled."""
@@ -123,17 +133,23 @@ class Recovery:
 
 def sweep(recovery: Recovery) -> list[tuple[str, str]]:
     """One watchdog pass: every job past its deadline is closed, finished as cancelled, or re-dispatched;
-    a job whose next message still waits in a queue (a backlog, not a loss) is given more time."""
+    while the queues hold a backlog, a stalled job may be waiting in it, and is given more time (up to
+    STAGECOACH_WATCHDOG_BACKLOG_SECONDS). Its cost: one LLEN per queue, and a few round trips per stalled
+    job (a range of the watch index); a job waiting behind a backlog is looked at 8 times over the
+    allowance, not every stall period, and the queued messages are never read."""
     actions: list[tuple[str, str]] = []
     checkpoints = recovery.checkpoints
-    stalled = checkpoints.stalled()
-    queued = recovery.queued_jobs() if stalled else set()
+    now = time.time()
+    stalled = checkpoints.stalled(now)
+    backlog = recovery.backlog() if stalled else False
     for job_id in stalled:
         if checkpoints.is_finished(job_id) or recovery.result_state(job_id) is not None:
             checkpoints.unwatch(job_id)
             continue
-        if job_id in queued:
-            checkpoints.push_deadline(job_id, time.time() + checkpoints.stall)
+        if backlog and recovery.waits_in_backlog(job_id, now):
+            # looked at again an eighth of the allowance later, not every stall period: a deep backlog's
+            # jobs cost the sweep 8 visits each (a step that starts moves the deadline itself)
+            checkpoints.push_deadline(job_id, now + max(checkpoints.stall, recovery.backlog_seconds / 8))
             continue
         actions.append((job_id, _act(recovery, job_id)))
     return actions

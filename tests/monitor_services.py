@@ -43,21 +43,29 @@ def _up(url: str, token: str | None = None) -> bool:
 def monitor_service(redis_url: str, lm_url: str, logdir: Path, token: str | None = None,
                     **settings: str) -> Iterator[str]:
     """`stagecoach monitor` on a free port (`settings`: more environment, e.g. STAGECOACH_MONITOR_TRACES,
-    STAGECOACH_MONITOR_AUTH); yields its base URL once it receives events (`token`: what to read it with
-    when its auth is on)."""
+    STAGECOACH_MONITOR_AUTH); yields its base URL once it reads the fleet's event stream in its consumer
+    group (/healthz; `token`: what to read it with when its auth is on)."""
+    with monitor_process(redis_url, lm_url, logdir, token, **settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def monitor_process(redis_url: str, lm_url: str, logdir: Path, token: str | None = None, **settings: str
+                    ) -> Iterator[tuple[str, "subprocess.Popen[bytes]"]]:
+    """`monitor_service`, also yielding the process (a test may kill it)."""
     port = free_port()
     env = {**worker_env(redis_url, lm_url), **settings, "STAGECOACH_MONITOR_PORT": str(port)}
-    log = (logdir / "monitor.log").open("wb")
+    name = settings.get("STAGECOACH_MONITOR_CONSUMER", str(port))
+    log = (logdir / f"monitor-{name}.log").open("wb")
     proc = subprocess.Popen([STAGECOACH, "monitor"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz", token), 60, "monitor HTTP")
-        # workers' heartbeats arrive every 2 s: once one is seen, the event subscription is live
-        wait_until(lambda: get_json(f"{url}/api/health", token)["events"] > 0, 60, "monitor event stream")
-        yield url
+        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz", token), 60, "monitor HTTP and event stream")
+        yield url, proc
     finally:
-        proc.terminate()
-        proc.wait(20)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
         log.close()
 
 

@@ -16,11 +16,11 @@ from bench.report import BEGIN, END
 from cli.fleet import PYTHON, ROOT
 
 
-@pytest.mark.timeout(1500)  # the scenarios' fleets start one after another, then the real local model (answers)
+@pytest.mark.timeout(2400)  # the scenarios' fleets start one after another, then the real local model (answers)
 def test_bench_smoke_writes_every_scenario(tmp_path: Path) -> None:
     results, docs = tmp_path / "results.json", tmp_path / "benchmarks.md"
     run = subprocess.run([PYTHON, "-m", "bench", "--smoke", "--results", str(results), "--docs", str(docs)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                         cwd=ROOT, capture_output=True, text=True, timeout=2300)
     assert run.returncode == 0, run.stderr[-4000:]
     doc = json.loads(results.read_text())
     assert set(doc["scenarios"]) == set(SCENARIOS)

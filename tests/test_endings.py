@@ -7,22 +7,20 @@ the run task under the job id), and the monitor counting the job once.
 """
 
 import json
-import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from celery import Celery
 from celery.result import AsyncResult
 
 from contracts.events import JobFinished
 from contracts.jobs import JobResult
-from contracts.names import JOB_FINISHED_EVENT, ROUTING_QUEUE, RUN_TASK, stage_queue
+from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue
 from routing.client import Client
 from routing.recovery import Recovery
 from routing.tasks import start_envelope
@@ -55,36 +53,14 @@ def client(private_redis: str, lm_url: str, fleet: Fleet) -> Client:
 
 
 class FinishedEvents:
-    """Every job-finished event on the broker, validated against its model as the monitor does."""
+    """Every job-finished event on the jobs' own event streams (the fleet stream's copies are the monitor's,
+    which trims them once read), validated against its model as the monitor does."""
 
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-        self.by_job: dict[str, list[JobFinished]] = defaultdict(list)
-        self.receiver: Any = None
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30), "event receiver not subscribed"
+    def __init__(self, client: Client) -> None:
+        self.log = client.runtime.ledger.events
 
-    def _run(self) -> None:
-        with self.app.connection_for_read() as connection:
-            self.receiver = self.app.events.Receiver(connection, handlers={JOB_FINISHED_EVENT: self._on})
-            consume_ready = self.receiver.on_consume_ready
-
-            def ready(*args: Any, **kwargs: Any) -> None:
-                consume_ready(*args, **kwargs)
-                self.ready.set()
-
-            self.receiver.on_consume_ready = ready
-            self.receiver.capture(limit=None, timeout=None, wakeup=False)
-
-    def _on(self, event: dict[str, Any]) -> None:
-        parsed = JobFinished.model_validate(event)
-        self.by_job[parsed.job_id].append(parsed)
-
-    def stop(self) -> None:
-        if self.receiver is not None:
-            self.receiver.should_stop = True
+    def of(self, job_id: str) -> list[JobFinished]:
+        return [e for _, e in self.log.read(job_id, count=1000) if isinstance(e, JobFinished)]
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +71,8 @@ def services(private_redis: str, lm_url: str, fleet: Fleet, logdir: Path) -> Ite
 
 
 @pytest.fixture(scope="module")
-def events(client: Client, services: tuple[str, str]) -> Iterator[FinishedEvents]:
-    watcher = FinishedEvents(client.app)
-    yield watcher
-    watcher.stop()
+def events(client: Client, services: tuple[str, str]) -> FinishedEvents:
+    return FinishedEvents(client)
 
 
 def question(tag: str, marker: str = "") -> dict[str, str]:
@@ -148,7 +122,7 @@ def ended(client: Client, private_redis: str, events: FinishedEvents) -> dict[st
     jobs = end_jobs(client, private_redis)
     for job_id in jobs:
         AsyncResult(job_id, app=client.app).get(timeout=90)
-    wait_for(lambda: all(events.by_job.get(j) for j in jobs), 30, "a job-finished event for every job")
+    wait_for(lambda: all(events.of(j) for j in jobs), 30, "a job-finished event for every job")
     time.sleep(1.0)  # a duplicate event, were there one, would arrive by now
     return jobs
 
@@ -158,7 +132,7 @@ def test_each_ending_has_one_event_one_result_and_its_final_status(
     for job_id, (ending, _) in ended.items():
         result = JobResult.model_validate(AsyncResult(job_id, app=client.app).get(timeout=5))
         assert result.ending == ending, (job_id, result.error)
-        [event] = events.by_job[job_id]
+        [event] = events.of(job_id)
         assert (event.ending, event.state) == (ending, result.state)
         assert client.status(job_id).state == result.state == ("succeeded" if ending == "succeeded" else "failed")
     by_ending = {ending: job_id for job_id, (ending, _) in ended.items()}

@@ -67,11 +67,17 @@ class StoredResult:
 @dataclass(frozen=True)
 class Close:
     """What closing a job writes in one script: its final status, its JobResult stored as Celery stores a
-    result, and its JobFinished event."""
+    result, and its JobFinished event; for a succeeded job, the step claims it ran (`claims`, node path and
+    attempt per generation: `Checkpoints.claims_of`) whose keys then expire early with its checkpoint."""
 
     status: dict[str, str]
     stored: StoredResult
     finished: JobFinished
+    claims: tuple[str, ...] = ()
+
+    @property
+    def succeeded(self) -> bool:
+        return self.finished.state == "succeeded"
 
 
 @dataclass(frozen=True)
@@ -210,10 +216,13 @@ return 'run'
 """
 
 # Close a job once per generation, its result stored with its final status, and out of its pipeline's open
-# jobs: KEYS closed marker, checkpoint, watch, job status, result, job event stream, fleet event stream; ARGV
-# generation ('' for the current one), ttl, job id, now, result record, result ttl (0: none), the event's
-# bounds, type and JSON (JobFinished), prefix of the open-jobs keys, then the final status field/value pairs
-# -> {'run' | 'stale' | 'duplicate', door}
+# jobs: KEYS closed marker, checkpoint, watch, job status, result, job event stream, fleet event stream,
+# published fields, then the job's claim and delivery-counter keys; ARGV generation ('' for the current one),
+# ttl, job id, now, result record, result ttl (0: none), the event's bounds, type and JSON (JobFinished), what
+# a succeeded job's records are kept (0: a failed job, kept for the ttl), what the job's event stream is kept,
+# prefix of the open-jobs keys, then the final status field/value pairs -> {'run' | 'stale' | 'duplicate', door}
+# A succeeded job keeps its result and status; its checkpoint, claims, delivery counters, close marker and
+# published fields only serve a redelivery of one of its messages, so they go once none can come.
 _CLOSE = APPEND_LUA + """
 local current = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
 local door = redis.call('HGET', KEYS[2], 'door') or ''
@@ -222,12 +231,13 @@ if ARGV[1] ~= '' then generation = tonumber(ARGV[1]) end
 if generation < current then return {'stale', door} end
 local closed = redis.call('GET', KEYS[1])
 if closed and tonumber(closed) >= generation then return {'duplicate', door} end
-redis.call('SET', KEYS[1], generation, 'EX', ARGV[2])
+local keep = tonumber(ARGV[11])
+redis.call('SET', KEYS[1], generation, 'EX', keep > 0 and keep or ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'finished_at', ARGV[4]) end
 local pipeline = redis.call('HGET', KEYS[2], 'pipeline')
-if pipeline then redis.call('ZREM', ARGV[11] .. pipeline, ARGV[3]) end
-redis.call('HSET', KEYS[4], unpack(ARGV, 12))
+if pipeline then redis.call('ZREM', ARGV[13] .. pipeline, ARGV[3]) end
+redis.call('HSET', KEYS[4], unpack(ARGV, 14))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 if tonumber(ARGV[6]) > 0 then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
@@ -236,6 +246,11 @@ else
 end
 redis.call('PUBLISH', KEYS[5], ARGV[5])
 append(KEYS[6], KEYS[7], ARGV[7], ARGV[8], ARGV[2], ARGV[9], ARGV[10])
+redis.call('EXPIRE', KEYS[6], ARGV[12])
+if keep > 0 then
+  redis.call('EXPIRE', KEYS[2], keep)
+  for i = 8, #KEYS do redis.call('EXPIRE', KEYS[i], keep) end
+end
 return {'run', door}
 """
 
@@ -259,11 +274,13 @@ class Start:
 class Checkpoints:
     """The Redis side of the job ledger (workers/ledger.py): scripts and keys; nothing else calls it."""
 
-    def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float, events: EventLog | None = None) -> None:
+    def __init__(self, client: redis.Redis, ttl: int, stall_seconds: float, events: EventLog | None = None,
+                 keep: "Keep | None" = None) -> None:
         self.client = client
         self.ttl = ttl
         self.stall = stall_seconds
         self.events = events or EventLog(client, ttl)
+        self.keep = keep or Keep(ttl, ttl)
         self._first_done = client.register_script(_FIRST_DONE)
         self._complete = client.register_script(_COMPLETE)
         self._begin = client.register_script(_BEGIN)
@@ -377,11 +394,13 @@ class Checkpoints:
 
     def queue_close(self, pipe: "redis.client.Pipeline", job_id: str, generation: int | None, ending: Close) -> None:
         """`close` queued on the caller's pipeline (the caller reads the reply with `closed`)."""
+        claims = [key for claim in ending.claims for key in (claim_key(job_id, claim), deliveries_key(
+            claim_key(job_id, claim)))] if ending.succeeded else []
         keys = [closed_key(job_id), checkpoint_key(job_id), WATCH_KEY, job_key(job_id), ending.stored.key,
-                *self.events.script_keys(job_id)]
+                *self.events.script_keys(job_id), job_fields_key(job_id), *claims]
         args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(),
                            ending.stored.value, ending.stored.ttl, *self.events.script_args(ending.finished),
-                           open_jobs_key("")]
+                           self.keep.succeeded if ending.succeeded else 0, self.keep.events, open_jobs_key("")]
         for field, value in ending.status.items():
             args += [field, value]
         queue_script(pipe, self._close, keys, args)
@@ -441,6 +460,29 @@ class Checkpoints:
         return bool(self.client.exists(cancel_key(job_id)))
 
 
+@dataclass(frozen=True)
+class Keep:
+    """How long a job's records stay once it ended (seconds). `succeeded`: a succeeded job's checkpoint,
+    claims, delivery counters, close marker and published fields (a redelivery of one of its messages is
+    dropped while they last); `events`: any ended job's own event stream (an SSE reader that comes back
+    within it replays the job). A failed job keeps the rest for the ttl: `stagecoach resume` needs it."""
+
+    succeeded: int
+    events: int
+
+
+def claims_of(generation: int, steps: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+    """The claim names (`Checkpoints.begin`'s `step` per generation, and the start's) of a job that ran
+    `steps` (node path, attempts), in any generation up to `generation`: keys that do not exist cost nothing."""
+    most: dict[str, int] = {}
+    for path, attempts in steps:
+        most[path] = max(most.get(path, 1), attempts)
+    names = [f"{g}:run" for g in range(generation + 1)]
+    names += [f"{g}:{path}#{attempt}" for g in range(generation + 1) for path, attempts in most.items()
+              for attempt in range(attempts)]
+    return tuple(names)
+
+
 def queue_script(pipe: "redis.client.Pipeline", script: Any, keys: list[str], args: list[Any]) -> None:
     """A script on a pipeline by its sha alone: redis-py's own way asks SCRIPT EXISTS first, a second
     round trip on every execute (see `execute_with_scripts`)."""
@@ -449,11 +491,13 @@ def queue_script(pipe: "redis.client.Pipeline", script: Any, keys: list[str], ar
 
 def execute_with_scripts(client: redis.Redis, build: Callable[["redis.client.Pipeline"], None],
                          scripts: list[Any]) -> list[Any]:
-    """One round trip for a pipeline that `build` fills, scripts queued with `queue_script`. A Redis that
-    lost its script cache (restarted) answers NOSCRIPT: the scripts are loaded and the pipeline sent
-    again, which is safe because every command these pipelines hold is idempotent."""
+    """One round trip for a pipeline that `build` fills, scripts queued with `queue_script`, as one
+    MULTI/EXEC transaction: Redis runs all of it or, at maxmemory, refuses all of it (EXEC of deny-oom
+    commands is refused whole), so a step is never half-written. A Redis that lost its script cache
+    (restarted) answers NOSCRIPT: the scripts are loaded and the pipeline sent again, which is safe
+    because every command these pipelines hold is idempotent."""
     for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=True)
         build(pipe)
         try:
             return pipe.execute()  # type: ignore[no-any-return]

@@ -26,7 +26,6 @@ from workers.errors import PermanentStageError, StageError, StageTimeoutError
 from workers.jobs import JobStore, running_fields
 from workers.ledger import Closer, Closing, Finish, Ledger
 from workers.onerror import cancelled_record, recover
-from workers.outcome import tell_monitor
 from workers.ratelimit import RateLimiter
 from workers.stage import StageRun, StageRunner
 
@@ -133,8 +132,7 @@ class StageExecutor:
         as its checkpoint. The step's events go to the event log in those round trips."""
         report = self.report(call)
         if call.job.failed:  # a fatal error earlier (inside a fan-out member): pass through
-            tell_monitor(call.task, outcome.skipped(report))
-            return Step(call.job)
+            return self._passed_through(call, outcome.skipped(report))
         if self.guard is None:
             return self._told(report, self._unguarded(call))
         ledger = self.guard.ledger
@@ -154,14 +152,21 @@ class StageExecutor:
                                  closing, closer or Closer.of(call.task))
         return replace(step, closed=closed if closing else None, closing=closing)
 
+    def _passed_through(self, call: StageCall, skipped: StagecoachEvent) -> Step:
+        """A step that does not run: its `skipped` outcome goes to the event log now (no claim, so no round
+        trip to share), or with the fused task's events when this runs inside one."""
+        if self.guard is None:
+            return Step(call.job, events=[skipped])
+        self.ledger.events.append(call.job.job_id, [skipped])
+        return Step(call.job)
+
     def report(self, call: StageCall) -> outcome.StepReport:
         inputs = call.job.pick(list(self.spec.inputs), call.node.inputs)
         return outcome.StepReport(call.task, call.job, call.path, self.spec.name, inputs, time.time())
 
     def _told(self, report: outcome.StepReport, step: Step) -> Step:
-        """The step with its events: its outcome (also sent to the monitor) and the decisions it made."""
+        """The step with its events: its outcome and the decisions it made."""
         ended = outcome.ended(report, step.envelope)
-        tell_monitor(report.task, ended)
         return replace(step, events=[ended, *outcome.new_decisions(report.job, step.envelope)])
 
     def _claimed(self, call: StageCall, begun: Begun, report: outcome.StepReport) -> Step:
@@ -257,11 +262,10 @@ class StageExecutor:
     def _retry(self, call: StageCall, error: StageError, report: "outcome.StepReport | None",
                claim: "Claim | None") -> NoReturn:
         """Send the task again after a backoff, with this attempt logged in the envelope and told (its
-        claim done, the retry on the event log and to the monitor); `task.retry` raises Celery's Retry,
+        claim done, the retry on the event log); `task.retry` raises Celery's Retry,
         which ends this run."""
         if report is not None:
             retry = outcome.retried(report, error.kind, str(error))
-            tell_monitor(call.task, retry)
             if claim is not None:
                 self.ledger.complete(claim, call.job.job_id, [retry])
         logged = call.job.with_error(self.record(call, error), fatal=False)

@@ -22,7 +22,7 @@ from workers.executor import StageCall, StageExecutor, Step, final_fields
 from workers.fusion import MergedRunner, mergeable, merged_call, merged_spec, split
 from workers.jobs import JobStore
 from workers.ledger import Ledger
-from workers.outcome import StepReport, tell_monitor
+from workers.outcome import StepReport
 from workers.settings import Settings
 from workers.stage import StageRun
 
@@ -119,9 +119,7 @@ class PairExecutor(StageExecutor):
         for (node, path), spec in zip(self.nodes, self.pair, strict=True):
             part = StepReport(report.task, report.job, path, spec.name, report.job.pick(list(spec.inputs), node.inputs),
                               report.at)
-            ended = outcome.ended(part, step.envelope)
-            tell_monitor(report.task, ended)
-            events.append(ended)
+            events.append(outcome.ended(part, step.envelope))
         return replace(step, events=events)
 
     def _done(self, call: StageCall, run: StageRun, timing: Any) -> tuple[Envelope, dict[str, Any]]:

@@ -10,8 +10,9 @@
   rejected by its contract, dead-lettered, timed out. It runs once per job generation (a script
   takes a close marker, writes the final status and stores the JobResult where Celery's result
   backend would, together), and only the call that closed the job announces it: one typed
-  `JobFinished` event (contracts/events.py) and the Celery task events that end the job's tasks in
-  Flower as the job ended. Whatever must happen at a job's end hangs off `Ledger.announce`.
+  `JobFinished` event (contracts/events.py), on the event log with the close, and the Celery task
+  events that end the job's tasks in Flower as the job ended. Whatever must happen at a job's end
+  hangs off `Ledger.announce`.
 """
 
 import logging
@@ -39,9 +40,9 @@ from contracts.events import (
 )
 from contracts.jobs import JobResult, requested_priority
 from contracts.specs import PipelineSpec
-from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Start, StoredResult
+from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Keep, Start, StoredResult, claims_of
 from workers.eventlog import EventLog
-from workers.events import end_task_event, send
+from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.lease import keeper
 from workers.onerror import cancelled_record
@@ -100,10 +101,10 @@ class Closing:
 class Ledger:
     def __init__(self, app: Celery, client: redis.Redis, catalog: Catalog | None, ttl: int,
                  stall_seconds: float, events: EventLog | None = None, lease_seconds: float = 15.0,
-                 max_deliveries: int = 4) -> None:
+                 max_deliveries: int = 4, keep: Keep | None = None) -> None:
         self.app = app
         self.catalog = catalog  # names a failed job's inputs in its event (None: no inputs named)
-        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events)
+        self.checkpoints = Checkpoints(client, ttl, stall_seconds, events, keep)
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
@@ -113,8 +114,9 @@ class Ledger:
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
         client = redis.Redis.from_url(settings.backend_url)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
+        keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
         return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,
-                   settings.lease_seconds, settings.max_deliveries)
+                   settings.lease_seconds, settings.max_deliveries, keep)
 
     @property
     def stall(self) -> float:
@@ -181,7 +183,8 @@ class Ledger:
         failure before its last step has no answer; its inputs come from the catalog)."""
         inputs = finish.inputs if finish is not None else self._inputs_of(job)
         result = job_result(job, finish.outputs if finish is not None else [])
-        return self._closing(result, job.pick(inputs))
+        steps = [(t.node, t.attempts) for t in job.timings] + [(e.node, e.attempts) for e in job.errors]
+        return self._closing(result, job.pick(inputs), claims_of(job.generation, steps))
 
     def hand_on(self, task: Task, job: Envelope, finish: Finish | None) -> dict[str, Any]:
         """What a task of a job's chain returns: the envelope for the next step; or, when the job is over
@@ -222,13 +225,12 @@ class Ledger:
 
     def announce(self, closing: Closing, door: str, closer: Closer, request: dict[str, Any] | None = None) -> None:
         """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
-        is on the event log already, written by the close itself): the monitor's copy of that event, Flower
-        told how the job's tasks ended, and the job's completion webhook queued (the one `request` names when
-        the caller has the request at hand, else the one recorded at start). Best effort: the job is closed
+        is on the event log already, written by the close itself, where the monitor reads it): Flower told
+        how the job's tasks ended, and the job's completion webhook queued (the one `request` names when the
+        caller has the request at hand, else the one recorded at start). Best effort: the job is closed
         already."""
         result = closing.result
         try:
-            send(self.app, closer.hostname, result.job_id, closing.finished)
             if closer.task_id is not None and not result.ok:  # a task that returns its result gets SUCCESS
                 extra = {"name": closer.task_name} if closer.task_name else None
                 end_task_event(self.app, closer.hostname, closer.task_id, result, extra)
@@ -242,10 +244,10 @@ class Ledger:
         except Exception:
             log.exception("job %s closed, but queueing its webhook failed", result.job_id)
 
-    def _closing(self, result: JobResult, inputs: dict[str, Any]) -> Closing:
+    def _closing(self, result: JobResult, inputs: dict[str, Any], claims: tuple[str, ...] = ()) -> Closing:
         payload = result.model_dump(mode="json")
         stored = stored_result(self.app, result.job_id, payload)
-        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs)))
+        return Closing(result, Close(finished_fields(result.state), stored, finished_event(result, inputs), claims))
 
     def _cancelled_as_such(self, job: Envelope) -> Envelope:
         """A job that failed after an operator cancelled it (a fan-out whose members all stopped, say)

@@ -3,8 +3,8 @@ a retry, skipped), and what it decided on the way (an on_error recovery).
 
 Errors are values here: a stage that fails records an ErrorRecord in the envelope and its task
 returns normally, so the step says what happened in a `StageOutcome`. The executor hands these to
-the job ledger, which appends them to the event log in the round trips it makes anyway, and sends
-the outcome as a Celery event for the monitor.
+the job ledger, which appends them to the event log in the round trips it makes anyway; the monitor
+reads them from there (the fleet stream).
 """
 
 import time
@@ -15,7 +15,6 @@ from celery import Task
 
 from contracts.envelope import Decision, Envelope
 from contracts.events import DecisionMade, StageOutcome, StageStarted, preview
-from workers.events import send
 
 
 @dataclass(frozen=True)
@@ -38,9 +37,19 @@ class StepReport:
 
 
 def started(report: StepReport) -> StageStarted:
-    return StageStarted(job_id=report.job.job_id, pipeline=report.job.pipeline, at=report.at, stage=report.stage,
+    job = report.job
+    return StageStarted(job_id=job.job_id, pipeline=job.pipeline, at=report.at, stage=report.stage,
                         node=report.path, attempt=report.task.request.retries + 1,
-                        worker=str(report.task.request.hostname or ""))
+                        worker=str(report.task.request.hostname or ""), waited=waited(job, report.at),
+                        first=not job.timings and not job.errors)
+
+
+def waited(job: Envelope, now: float) -> float:
+    """Seconds since the job's latest stage ended (since it was submitted, before its first): the checkpoint,
+    the hop through the broker and the wait in the queue. The monitor's queue waits come from this, off the
+    event log, so replicas of the monitor count each once (Celery's task events are Flower's)."""
+    ends = [t.started_at + t.seconds for t in job.timings]
+    return max(0.0, now - max(ends, default=job.submitted_at))
 
 
 def ended(report: StepReport, done: Envelope) -> StageOutcome:
@@ -72,11 +81,6 @@ def decisions(job_id: str, pipeline: str, made: list[Decision]) -> list[Decision
 def new_decisions(before: Envelope, after: Envelope) -> list[DecisionMade]:
     """The decisions a step added to the job's trail (an on_error recovery)."""
     return decisions(after.job_id, after.pipeline, after.trail[len(before.trail):])
-
-
-def tell_monitor(task: Task, outcome: StageOutcome) -> None:
-    """The outcome as a Celery event too, which the monitor counts."""
-    send(task.app, task.request.hostname, task.request.id, outcome)
 
 
 def _timing(before: Envelope, done: Envelope, path: str) -> dict[str, Any]:

@@ -105,8 +105,8 @@ class Settings(BaseSettings):
                           "longest stage's hard limit + 60 (`stagecoach settings` shows the effective value; "
                           "docs/reliability.md)")
     watchdog_stall_seconds: float = Field(
-        30.0, gt=0, description="a job whose next stage has not started this long after the last one (and whose "
-                                "next message waits in no queue) is re-dispatched")
+        30.0, gt=0, description="a job whose next stage has not started this long after the last one (and no "
+                                "queue holds a backlog) is re-dispatched")
     max_deliveries: int = Field(
         4, ge=1, description="a step whose message was delivered this often (its worker died each time: a hard time "
                              "limit, out of memory, a native crash) ends its job as failed instead of running again")
@@ -114,6 +114,9 @@ class Settings(BaseSettings):
         15.0, gt=0, description="a running step's lease: its worker renews it every third of this; a job whose "
                                 "worker died is re-dispatched this long after its last renewal")
     watchdog_interval: float = Field(5.0, gt=0, description="seconds between two watchdog sweeps")
+    watchdog_backlog_seconds: float = Field(
+        3600.0, gt=0, description="a stalled job is given more time while the queues hold messages (a backlog), "
+                                  "for at most this long from its first such stall; then it is re-dispatched")
     watchdog_max_redispatches: int = Field(
         5, ge=0, description="a job re-dispatched this often without finishing ends as timed out")
     stage_time_limit: float = Field(600.0, description="hard limit of one stage call, seconds")
@@ -139,6 +142,13 @@ class Settings(BaseSettings):
     events_per_job: int = Field(1000, gt=0, description="events kept on a job's own event stream (about; oldest go)")
     events_maxlen: int = Field(100_000, ge=0, description="events kept on the fleet's event stream the monitor "
                                                           "reads (about; oldest go; 0: none written)")
+    events_keep_seconds: int = Field(900, gt=0, description="seconds a job's own event stream is kept after the job "
+                                     "ended (an SSE reader that comes back within it replays the job)")
+    succeeded_keep_seconds: int = Field(
+        1800, gt=0, description="seconds a succeeded job's checkpoint, claims, delivery counters, close marker and "
+                                "published fields are kept after it ended (a redelivery of one of its messages is "
+                                "dropped while they last: keep it above the visibility timeout); its result and "
+                                "status stay for STAGECOACH_RESULT_EXPIRES, a failed job's records too (resume)")
     publish_retry_seconds: float = Field(
         30.0, ge=0, description="a client retries publishing a job this long while the broker is down, then fails")
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
