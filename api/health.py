@@ -18,7 +18,7 @@ class Census:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.queues = [*map(stage_queue, runtime.catalog.stages), ROUTING_QUEUE, WEBHOOK_QUEUE]
-        self.depths = depth_reader(runtime.settings.broker_url)
+        self.depths = depth_reader(runtime.settings.broker_url, runtime.settings.sentinel)
         self._lock = threading.Lock()
         self._taken = 0.0
         self._workers: dict[str, int] = {}

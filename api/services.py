@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import redis
 
 from api.settings import APISettings
+from contracts.connections import redis_client
 from contracts.tokens import TokenRecord, TokenStore
 from routing.client import Client
 from routing.recovery import Recovery
@@ -30,7 +31,7 @@ class Services:
     @classmethod
     def build(cls, settings: Settings, api: APISettings) -> "Services":
         runtime = create_runtime(settings)
-        backend = redis.Redis.from_url(settings.backend_url, socket_connect_timeout=2, socket_timeout=10)
+        backend = redis_client(settings.backend_url, settings.sentinel, socket_connect_timeout=2, socket_timeout=10)
         recovery = Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches)
         events = EventLog(backend, settings.result_expires, settings.events_per_job, settings.events_maxlen)
         return cls(settings, api, runtime, Client(runtime), recovery, TokenStore(backend), backend, events)

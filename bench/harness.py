@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import redis
-
 from cli.fleet import ROOT, Fleet, client_for, test_lm_server, worker_env
+from contracts.connections import redis_client
 from contracts.names import ROUTING_QUEUE, bench_bare_task, stage_queue
 from routing.client import Client
 from workers.settings import LMSettings
@@ -182,7 +181,7 @@ class Bench:
               lm_args: tuple[str, ...] = (), **more_env: str) -> Iterator[Stack]:
         """The test LM at `latency_ms` (and `lm_args`) and these workers; the shared stage cache only if
         `shared_cache`; `more_env`: more settings for the workers (STAGECOACH_...)."""
-        redis.Redis.from_url(self.redis_url).flushdb()  # our own server: no one else's data
+        redis_client(self.redis_url).flushdb()  # our own server: no one else's data
         with test_lm_server("--latency-ms", str(latency_ms), *lm_args) as lm_url:
             cache_env = SHARED_CACHE_ENV if shared_cache else {}
             env = worker_env(self.redis_url, lm_url, CATALOG, STAGECOACH_PLUGINS=PLUGINS, **cache_env, **more_env)

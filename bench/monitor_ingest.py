@@ -18,6 +18,7 @@ from typing import Any
 import redis
 
 from cli.fleet import private_redis
+from contracts.connections import redis_client
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageOutcome, StageStarted, event_name
 from contracts.names import EVENTS_STREAM
 from monitor.consumer import Consumer
@@ -78,7 +79,7 @@ def fill(client: redis.Redis, calls: int) -> int:
 
 def measure(url: str, calls: int, batch: int = 500) -> Ingest:
     """One consumer counting a backlog of `calls` stage calls on a fresh Redis at `url`."""
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     client.flushdb()
     events = fill(client, calls)
     consumer = Consumer.connect(MonitorSettings(broker_url=url, batch=batch, consumer="bench"))

@@ -45,6 +45,7 @@ from bench.harness import (
     timed,
 )
 from cli.fleet import CELERY, ROOT, free_port, wait_until
+from contracts.connections import redis_client
 from contracts.names import EVENTS_STREAM, MONITOR_GROUP, stage_queue
 
 STAGES = ["key_terms", "answer"]
@@ -117,7 +118,7 @@ def lag(client: redis.Redis) -> int:
 @contextmanager
 def lag_sampler(url: str) -> Iterator[list[float]]:
     """The monitor's lag every 0.2 s while the block runs."""
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     samples: list[float] = []
     stop = threading.Event()
 
@@ -201,7 +202,7 @@ def _budget_part(bench: Bench, jobs: int, series: list[Series], ratios: list[Rat
             monitor_process(stack):
         for start in range(0, jobs, 1000):
             _stagecoach_burst(stack, "qa", _qa(min(1000, jobs - start), start))
-        client = redis.Redis.from_url(stack.redis_url)
+        client = redis_client(stack.redis_url)
         wait_until(lambda: lag(client) == 0, 300, "the monitor to count every job")
         time.sleep(KEEP + 2)
         found = redis_budget.measure(client)

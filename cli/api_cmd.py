@@ -21,10 +21,9 @@ def _fail(message: str, code: int) -> None:
 
 
 def _store() -> "object":
-    import redis
-
     from cli.jobs import client_settings
     from cli.stack import redis_reachable
+    from contracts.connections import redis_client
     from contracts.tokens import TokenStore
     from routing.client import safe_url
 
@@ -32,7 +31,7 @@ def _store() -> "object":
     if not redis_reachable(settings.backend_url):
         _fail(f"cannot reach Redis at {safe_url(settings.backend_url)}: start the stack with `stagecoach up` or set "
               "STAGECOACH_BROKER_URL", EXIT_SERVICES)
-    return TokenStore(redis.Redis.from_url(settings.backend_url))
+    return TokenStore(redis_client(settings.backend_url, settings.sentinel))
 
 
 def _split(text: str | None) -> list[str]:

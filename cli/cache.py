@@ -25,7 +25,7 @@ def _cache() -> StageCache:
         render.err.print(f"[red]error:[/] cannot reach Redis at {settings.backend_url}: start the stack with "
                          "`stagecoach up` or set STAGECOACH_BROKER_URL", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_SERVICES)
-    return StageCache.from_url(settings.backend_url, settings.cache)
+    return StageCache.from_url(settings.backend_url, settings.cache, settings.sentinel)
 
 
 @cache_app.command()

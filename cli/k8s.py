@@ -2,7 +2,8 @@
 worker commands: cli/deployment.py). One file per service, plus a `kustomization.yaml` to overlay:
 
 - a Deployment per stage queue (`worker-<ref>`), with a PodDisruptionBudget and a KEDA ScaledObject that
-  scales it on the length of exactly the Redis list(s) kombu keeps for that queue (or the RabbitMQ queue);
+  scales it on the length of exactly the Redis list(s) kombu keeps for that queue (through Redis Sentinel with a
+  `sentinel://` broker), or the RabbitMQ queue;
 - the routing worker, the watchdog, the monitor, Flower and the local LM server, with Services;
 - a ConfigMap of the settings; secrets only by reference (Secret `stagecoach-secrets`, made by the
   operator: docs/deploy.md), never a value; a read-only data volume for what stages read.
@@ -35,6 +36,7 @@ from cli.deployment import (
     worker_services,
 )
 from contracts.catalog import Catalog
+from contracts.connections import SentinelURL, is_sentinel, scheme_of
 from contracts.priority import PRIORITY_STEPS
 from workers.settings import AMQP_SCHEMES, LOCAL_MODEL, REDIS_SCHEMES, Settings
 
@@ -45,6 +47,7 @@ LM_API_KEY_KEY = "lm-api-key"  # optional: the local LM needs none
 API_ADMIN_TOKEN_KEY = "api-admin-token"  # the HTTP API's and the monitor's first (admin) bearer token
 RABBITMQ_PASSWORD_KEY = "rabbitmq-password"  # optional: only with an amqp:// broker
 RABBITMQ_URL_KEY = "rabbitmq-url"  # KEDA's rabbitmq trigger: the broker URL with its password
+SENTINEL_PASSWORD_KEY = "sentinel-password"  # only with --sentinel-password: the sentinels' own password
 CONFIGMAP = "stagecoach-settings"
 DATA_CLAIM = "stagecoach-data"
 TRIGGER_AUTH = "stagecoach-broker"
@@ -73,6 +76,9 @@ class K8sOptions:
     # messages sit in one list per step): one KEDA trigger per priority list (KEDA scales on the largest)
     priority_steps: tuple[int, ...] = tuple(PRIORITY_STEPS)
     lm_api_base: str = f"http://lm:{LM_PORT}/v1"
+    # with sentinel:// URLs: the master's name the sentinels know, and whether they want a password of their own
+    sentinel_master: str = "mymaster"
+    sentinel_password: bool = False
 
     @property
     def backend_url(self) -> str:
@@ -80,7 +86,11 @@ class K8sOptions:
 
     @property
     def broker_is_redis(self) -> bool:
-        return urlsplit(self.broker_url).scheme in REDIS_SCHEMES
+        return scheme_of(self.broker_url) in REDIS_SCHEMES
+
+    @property
+    def uses_sentinel(self) -> bool:
+        return is_sentinel(self.broker_url) or is_sentinel(self.backend_url)
 
 
 @dataclass
@@ -98,9 +108,13 @@ class Manifests:
 
 def render(catalog: Catalog, settings: Settings, options: K8sOptions) -> dict[str, str]:
     """File name -> YAML text of every manifest, `kustomization.yaml` included."""
-    if not options.broker_is_redis and urlsplit(options.broker_url).scheme not in AMQP_SCHEMES:
-        # sentinel:// comes with the Redis connection factory (a later issue), and its KEDA trigger with it
-        raise ValueError(f"--broker-url: expected redis://, rediss:// or amqp://, got {options.broker_url!r}")
+    if not options.broker_is_redis and scheme_of(options.broker_url) not in AMQP_SCHEMES:
+        raise ValueError(f"--broker-url: expected redis://, rediss://, sentinel:// or amqp://, "
+                         f"got {options.broker_url!r}")
+    if scheme_of(options.backend_url) not in REDIS_SCHEMES:
+        raise ValueError(f"--result-backend: expected redis://, rediss:// or sentinel://, got {options.backend_url!r}")
+    if is_sentinel(options.broker_url):
+        SentinelURL.parse(options.broker_url)  # a malformed one is refused here, naming itself
     out = Manifests()
     out.add("namespace.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": options.namespace}})
     out.add("configmap.yaml", configmap(options))
@@ -177,6 +191,8 @@ def scaled_object(service: WorkerService, settings: Settings, options: K8sOption
 
 
 def redis_trigger(list_name: str, per_replica: str, options: K8sOptions) -> dict[str, Any]:
+    if is_sentinel(options.broker_url):
+        return sentinel_trigger(list_name, per_replica, options)
     url = urlsplit(options.broker_url)
     return {
         "type": "redis",
@@ -191,8 +207,29 @@ def redis_trigger(list_name: str, per_replica: str, options: K8sOptions) -> dict
     }
 
 
+def sentinel_trigger(list_name: str, per_replica: str, options: K8sOptions) -> dict[str, Any]:
+    """KEDA's `redis-sentinel` trigger: it asks the sentinels (every address of the sentinel:// URL) for the
+    master named `sentinelMaster`, then counts the list there, so scaling follows a failover too."""
+    target = SentinelURL.parse(options.broker_url)
+    return {
+        "type": "redis-sentinel",
+        "authenticationRef": {"name": TRIGGER_AUTH},
+        "metadata": {
+            "addresses": ",".join(f"{host}:{port}" for host, port in target.sentinels),
+            "sentinelMaster": options.sentinel_master,
+            "listName": list_name,
+            "listLength": per_replica,
+            "databaseIndex": str(target.db),
+            "enableTLS": "false",  # STAGECOACH_SENTINEL_TLS deployments: an overlay sets "true" (docs/deploy.md)
+        },
+    }
+
+
 def database_index(url: str) -> int:
-    """`redis://host:6379/2` -> 2 (Redis' default database 0 when the URL names none)."""
+    """`redis://host:6379/2` -> 2 (Redis' default database 0 when the URL names none; a sentinel:// URL's
+    first part names it)."""
+    if is_sentinel(url):
+        return SentinelURL.parse(url).db
     path = urlsplit(url).path.strip("/")
     if not path:
         return 0
@@ -204,11 +241,14 @@ def database_index(url: str) -> int:
 def trigger_authentication(options: K8sOptions) -> dict[str, Any]:
     """KEDA reads the broker's credentials from the operator's Secret: never a value here."""
     parameter, key = ("password", REDIS_PASSWORD_KEY) if options.broker_is_redis else ("host", RABBITMQ_URL_KEY)
+    refs = [{"parameter": parameter, "name": SECRET, "key": key}]
+    if is_sentinel(options.broker_url) and options.sentinel_password:
+        refs.append({"parameter": "sentinelPassword", "name": SECRET, "key": SENTINEL_PASSWORD_KEY})
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "TriggerAuthentication",
         "metadata": {"name": TRIGGER_AUTH, "labels": labels(TRIGGER_AUTH)},
-        "spec": {"secretTargetRef": [{"parameter": parameter, "name": SECRET, "key": key}]},
+        "spec": {"secretTargetRef": refs},
     }
 
 
@@ -217,19 +257,22 @@ def trigger_authentication(options: K8sOptions) -> dict[str, Any]:
 def configmap(options: K8sOptions) -> dict[str, Any]:
     """The settings every container reads (envFrom); any other STAGECOACH_ setting can be added in an overlay
     (`stagecoach settings` lists them)."""
+    data = {
+        "STAGECOACH_BROKER_URL": options.broker_url,
+        "STAGECOACH_RESULT_BACKEND": options.backend_url,
+        "STAGECOACH_LM_MODEL": LOCAL_MODEL,
+        "STAGECOACH_LM_API_BASE": options.lm_api_base,
+        "STAGECOACH_HOTPOTQA_PATH": f"{DATA_DIR}/{HOTPOTQA_FILE}",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if options.uses_sentinel:
+        data["STAGECOACH_SENTINEL_MASTER"] = options.sentinel_master
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": CONFIGMAP, "labels": labels(CONFIGMAP)},
-        "data": {
-            "STAGECOACH_BROKER_URL": options.broker_url,
-            "STAGECOACH_RESULT_BACKEND": options.backend_url,
-            "STAGECOACH_LM_MODEL": LOCAL_MODEL,
-            "STAGECOACH_LM_API_BASE": options.lm_api_base,
-            "STAGECOACH_HOTPOTQA_PATH": f"{DATA_DIR}/{HOTPOTQA_FILE}",
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "PYTHONUNBUFFERED": "1",
-        },
+        "data": data,
     }
 
 
@@ -301,7 +344,8 @@ def container(name: str, options: K8sOptions, command: list[str], env: dict[str,
         "image": options.image,
         "command": command,
         "envFrom": [{"configMapRef": {"name": CONFIGMAP}}],
-        "env": stagecoach_secrets() + (secrets or []) + [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "env": [*stagecoach_secrets(options), *(secrets or []),
+                *({"name": k, "value": v} for k, v in (env or {}).items())],
         "resources": resources or RESOURCES[name],
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False},
         **(probes or {}),
@@ -313,10 +357,12 @@ def container(name: str, options: K8sOptions, command: list[str], env: dict[str,
     return body
 
 
-def stagecoach_secrets() -> list[dict[str, Any]]:
+def stagecoach_secrets(options: K8sOptions) -> list[dict[str, Any]]:
+    sentinel = (secret_env("STAGECOACH_SENTINEL_PASSWORD", SENTINEL_PASSWORD_KEY)
+                if options.uses_sentinel and options.sentinel_password else [])
     return [*secret_env("STAGECOACH_REDIS_PASSWORD", REDIS_PASSWORD_KEY),
             *secret_env("STAGECOACH_RABBITMQ_PASSWORD", RABBITMQ_PASSWORD_KEY, optional=True),
-            *secret_env("STAGECOACH_LM_API_KEY", LM_API_KEY_KEY, optional=True)]
+            *secret_env("STAGECOACH_LM_API_KEY", LM_API_KEY_KEY, optional=True), *sentinel]
 
 
 def secret_env(name: str, key: str, optional: bool = False) -> list[dict[str, Any]]:

@@ -381,6 +381,10 @@ def k8s_manifests(
                                                  "Secret)")] = "redis://redis:6379/0",
     result_backend: Annotated[str | None, typer.Option(help="Redis URL of the result backend inside the cluster; "
                                                             "default: the broker URL")] = None,
+    sentinel_master: Annotated[str | None, typer.Option(help="with sentinel:// URLs: the master's name (default "
+                                                             "STAGECOACH_SENTINEL_MASTER, mymaster)")] = None,
+    sentinel_password: Annotated[bool, typer.Option(help="with sentinel:// URLs: the sentinels want a password of "
+                                                         "their own (Secret key sentinel-password)")] = False,
 ) -> None:
     """Kubernetes manifests for the catalog: a Deployment, PodDisruptionBudget and KEDA ScaledObject per stage
     queue, the routing worker, watchdog, monitor, Flower and local LM with Services, a ConfigMap of the settings,
@@ -389,7 +393,9 @@ def k8s_manifests(
     from contracts.catalog import load_catalog
 
     settings = _settings()
-    options = K8sOptions(namespace=namespace, image=image, broker_url=broker_url, result_backend=result_backend)
+    options = K8sOptions(namespace=namespace, image=image, broker_url=broker_url, result_backend=result_backend,
+                         sentinel_master=sentinel_master or settings.sentinel.master,
+                         sentinel_password=sentinel_password)
     try:
         texts = render(load_catalog(settings.catalog), settings, options)
     except ValueError as error:
@@ -511,6 +517,7 @@ def watchdog(
 ) -> None:
     """Re-dispatch jobs that made no progress past their stage deadline (lost messages, killed workers)."""
     import redis
+    from kombu.exceptions import OperationalError
 
     from cli.jobs import client_settings
     from cli.reliability import watch
@@ -520,7 +527,7 @@ def watchdog(
         watch(settings, interval or settings.watchdog_interval, once)
     except KeyboardInterrupt:
         return
-    except redis.RedisError as error:  # only with --once (a health check): the loop itself waits
+    except (redis.RedisError, OperationalError) as error:  # only with --once (a health check): the loop waits
         fail(f"watchdog: Redis unavailable ({error})", EXIT_SERVICES)
 
 

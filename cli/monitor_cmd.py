@@ -29,6 +29,7 @@ def settings(port: int | None = None, host: str | None = None) -> "MonitorSettin
     # the store is Redis, so with a RabbitMQ broker it defaults to the result backend
     stack = client_settings()
     update["broker_url"] = stack.broker_url
+    update["sentinel"] = stack.sentinel
     if found.store_url is None:
         update["store_url"] = stack.backend_url
     return found.model_copy(update=update)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from cli import render
+from contracts.connections import redis_client
 from contracts.deadletters import DeadLetter
 from contracts.names import RUN_TASK
 from workers.deadletter import DeadLetterStore, describe
@@ -24,7 +25,7 @@ class ReplayError(ValueError):
 
 
 def store(settings: Settings) -> DeadLetterStore:
-    return DeadLetterStore(redis.Redis.from_url(settings.backend_url), settings.dead_letter_max)
+    return DeadLetterStore(redis_client(settings.backend_url, settings.sentinel), settings.dead_letter_max)
 
 
 def show_dead_letters(letters: list[DeadLetter], as_json: bool) -> None:
@@ -56,7 +57,7 @@ def replay(settings: Settings, letter_id: str, queue: str | None) -> DeadLetter:
     job_id = (letter.task_id if letter.task == RUN_TASK else None) or letter.root_id
     if job_id:  # the job its dead-lettering ended is open again, so the replayed run can end it
         _ledger(settings).reopen(job_id)
-    redis.Redis.from_url(settings.broker_url).lpush(target, refreshed(letter.raw))
+    redis_client(settings.broker_url, settings.sentinel).lpush(target, refreshed(letter.raw))
     letters.remove(letter.id)
     return letter
 
@@ -85,12 +86,12 @@ def recovery(settings: Settings) -> "Recovery":
 
     runtime = create_runtime(settings)
     return Recovery(runtime.app, runtime.catalog, runtime.ledger, settings.watchdog_max_redispatches,
-                    settings.watchdog_backlog_seconds)
+                    settings.watchdog_backlog_seconds, settings.sentinel)
 
 
 def watch(settings: Settings, interval: float, once: bool) -> None:
     """Sweep for stalled jobs every `interval` seconds (until interrupted), printing what it did."""
-    from routing.recovery import sweep
+    from routing.recovery import OUTAGES, sweep
 
     carer = recovery(settings)  # builds the app without touching Redis
     render.err.print(f"watchdog: a running step's lease is {settings.lease_seconds:g}s; a job between steps gets "
@@ -99,7 +100,7 @@ def watch(settings: Settings, interval: float, once: bool) -> None:
         try:
             for job_id, action in sweep(carer):
                 render.out.print(f"{datetime.now(UTC):%H:%M:%S} job {job_id}: {action}", highlight=False)
-        except redis.RedisError as error:  # the broker restarting: try again next sweep
+        except (redis.RedisError, *OUTAGES) as error:  # Redis or the broker restarting or failing over: next sweep
             render.err.print(f"watchdog: Redis unavailable ({error}); retrying", highlight=False)
             if once:
                 raise

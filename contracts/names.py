@@ -118,6 +118,23 @@ def job_events_key(job_id: str) -> str:
     return JOB_KEY_PREFIX + job_id + ":events"
 
 
+class MonitorKeys:
+    """The parts that name the monitor's keys (monitor/store.py documents their layout): a key is
+    `monitor_key(PART, ...)`, e.g. `monitor_key(MonitorKeys.AGG, "stage", "answer")`."""
+
+    AGG = "agg"  # hash of counters of one stage, pipeline, version or stage|pipeline pair
+    NAMES = "names"  # set of the names of one kind
+    SAMPLES = "samples"  # latest runtimes
+    WAITS = "waits"  # latest queue waits
+    SERIES = "series"  # one time bucket
+    ERRORS = "errors"  # latest error examples of a group and kind
+    ERROR_COUNTS = "errorcounts"  # hash: group and kind -> count
+    TRACE = "trace"  # one job's trace events
+    JOBS = "jobs"  # sorted set: the jobs with a trace, by time
+    EVICTED = "evicted"  # sorted set: jobs lately dropped from `jobs` (their late events are dropped)
+    TASK = "task"  # what one Celery task's events said
+
+
 def monitor_key(*parts: str) -> str:
     """A key of the monitor's store, e.g. monitor_key("stage", "answer") -> stagecoach:monitor:stage:answer."""
     return MONITOR_KEY_PREFIX + ":".join(parts)

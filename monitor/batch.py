@@ -11,6 +11,7 @@ from collections import defaultdict
 from functools import lru_cache
 from typing import Any
 
+from contracts.names import MonitorKeys
 from contracts.names import monitor_key as _monitor_key
 from monitor.report import ErrorExample
 from monitor.settings import MonitorSettings
@@ -34,8 +35,8 @@ class Batch:
         self.traces: dict[str, list[tuple[float, str]]] = defaultdict(list)  # job -> (time, entry JSON)
 
     def count(self, kind: str, name: str, **amounts: float) -> None:
-        self.names[monitor_key("names", kind)].add(name)
-        counters = self.amounts[monitor_key("agg", kind, name)]
+        self.names[monitor_key(MonitorKeys.NAMES, kind)].add(name)
+        counters = self.amounts[monitor_key(MonitorKeys.AGG, kind, name)]
         for field, amount in amounts.items():
             if amount:
                 counters[field] += amount
@@ -45,7 +46,7 @@ class Batch:
 
     def tick(self, kind: str, name: str, at: float, error: bool, seconds: float | None) -> None:
         """One run into the time series bucket of `at`."""
-        bucket = self.buckets[monitor_key("series", kind, name, str(self.bucket(at)))]
+        bucket = self.buckets[monitor_key(MonitorKeys.SERIES, kind, name, str(self.bucket(at)))]
         bucket["runs"] += 1
         if error:
             bucket["errors"] += 1
@@ -55,7 +56,7 @@ class Batch:
 
     def error_example(self, group: str, kind: str, example: ErrorExample) -> None:
         self.error_counts[f"{group}\x1f{kind}"] += 1
-        self.examples[monitor_key("errors", group, kind)].append(example.model_dump_json())
+        self.examples[monitor_key(MonitorKeys.ERRORS, group, kind)].append(example.model_dump_json())
 
     def trace_event(self, job_id: str, at: float, entry: str) -> None:
         """`entry`: the trace event as JSON (see monitor/consumer.py: trace_entry)."""
@@ -97,8 +98,9 @@ class Batch:
         keep = self.settings.error_examples
         out: list[tuple[Any, ...]] = []
         if self.error_counts:
-            out.append(("SADD", monitor_key("names", "errors"), *sorted(self.error_counts)))
-        out += [("HINCRBY", monitor_key("errorcounts"), joined, n) for joined, n in self.error_counts.items()]
+            out.append(("SADD", monitor_key(MonitorKeys.NAMES, "errors"), *sorted(self.error_counts)))
+        counts = monitor_key(MonitorKeys.ERROR_COUNTS)
+        out += [("HINCRBY", counts, joined, n) for joined, n in self.error_counts.items()]
         for key, examples in self.examples.items():
             out += [("LPUSH", key, *examples[-keep:]), ("LTRIM", key, 0, keep - 1)]
         return out
@@ -107,8 +109,9 @@ class Batch:
         """One TRACE command per job (monitor/store.py: TRACE_LUA keeps the index and the lists bounded)."""
         settings = self.settings
         now = time.time()
-        return [("TRACE", monitor_key("jobs"), monitor_key("evicted"), monitor_key("trace", job_id), job_id,
+        index, evicted = monitor_key(MonitorKeys.JOBS), monitor_key(MonitorKeys.EVICTED)
+        return [("TRACE", index, evicted, monitor_key(MonitorKeys.TRACE, job_id), job_id,
                  repr(min(at for at, _ in entries)), settings.traces, settings.trace_events, settings.trace_ttl,
-                 monitor_key("trace", ""), repr(now), EVICTED_PER_TRACE * settings.traces,
+                 monitor_key(MonitorKeys.TRACE, ""), repr(now), EVICTED_PER_TRACE * settings.traces,
                  *(entry for _, entry in entries[-settings.trace_events:]))
                 for job_id, entries in self.traces.items()]

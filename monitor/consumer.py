@@ -41,7 +41,7 @@ from contracts.events import (
     parse_event,
 )
 from contracts.fields import problems_of
-from contracts.names import EVENTS_STREAM, MONITOR_GROUP
+from contracts.names import EVENTS_STREAM, MONITOR_GROUP, MonitorKeys
 from monitor.batch import Batch
 from monitor.report import PAIR, ErrorExample
 from monitor.settings import MonitorSettings
@@ -248,9 +248,9 @@ def trace_entry(event: StagecoachEvent, at: float, data: str) -> str:
 def on_stage_started(batch: Batch, event: StageStarted) -> None:
     if event.waited is None:
         return
-    batch.sample("waits", "stage", event.stage, event.waited)
+    batch.sample(MonitorKeys.WAITS, "stage", event.stage, event.waited)
     if event.first:
-        batch.sample("waits", "pipeline", event.pipeline, event.waited)
+        batch.sample(MonitorKeys.WAITS, "pipeline", event.pipeline, event.waited)
 
 
 def on_stage_outcome(batch: Batch, event: StageOutcome, at: float) -> None:
@@ -274,7 +274,7 @@ def _stage_ok(batch: Batch, event: StageOutcome, at: float, shared: dict[str, An
     batch.count("stage", stage, runs=1, succeeded=1, **shared, **sizes)
     batch.count("pair", stage + PAIR + pipeline, runs=1, succeeded=1)
     batch.count("pipeline", pipeline, **shared, **sizes)
-    batch.sample("samples", "stage", stage, seconds)
+    batch.sample(MonitorKeys.SAMPLES, "stage", stage, seconds)
     batch.tick("stage", stage, at, False, seconds)
 
 
@@ -299,7 +299,7 @@ def on_job_finished(batch: Batch, event: JobFinished) -> None:
         batch.error_example(f"pipeline:{pipeline}", kind, example)
     else:
         batch.count("pipeline", pipeline, runs=1, succeeded=1)
-        batch.sample("samples", "pipeline", pipeline, event.seconds)
+        batch.sample(MonitorKeys.SAMPLES, "pipeline", pipeline, event.seconds)
     batch.tick("pipeline", pipeline, at, failed, None if failed else event.seconds)
     if event.version:
         version_figures(batch, f"{pipeline}@{event.version}", at, failed, event.seconds)
@@ -309,5 +309,5 @@ def version_figures(batch: Batch, name: str, at: float, failed: bool, seconds: f
     """The same job counted again per pipeline version (`qa@2`): versions served side by side."""
     batch.count("version", name, runs=1, failed=int(failed), succeeded=int(not failed))
     if not failed:
-        batch.sample("samples", "version", name, seconds)
+        batch.sample(MonitorKeys.SAMPLES, "version", name, seconds)
     batch.tick("version", name, at, failed, None if failed else seconds)

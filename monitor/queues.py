@@ -3,18 +3,18 @@ step, contracts/priority.py); on RabbitMQ (amqp://) the message count a passive 
 
 from collections.abc import Callable
 from contextlib import suppress
-from urllib.parse import urlsplit
 
 import redis
 
+from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_client, scheme_of
 from contracts.priority import PRIORITY_STEPS, queue_lists
 
 Depths = Callable[[list[str]], dict[str, int]]
 
 
-def depth_reader(broker_url: str) -> Depths:
-    if urlsplit(broker_url).scheme in ("redis", "rediss"):
-        return _redis_depths(redis.Redis.from_url(broker_url))
+def depth_reader(broker_url: str, sentinel: SentinelSettings | None = None) -> Depths:
+    if scheme_of(broker_url) in ("redis", "rediss", SENTINEL_SCHEME):
+        return _redis_depths(redis_client(broker_url, sentinel))
     return _amqp_depths(broker_url)
 
 

@@ -57,7 +57,7 @@ class Monitor:
         self.consumer = consumer
         self.store = store
         self.catalog = catalog
-        self.depths = depth_reader(settings.broker_url)
+        self.depths = depth_reader(settings.broker_url, settings.sentinel)
         self.collector = ReportCollector(store.report, self.queue_depths)
 
     def queue_depths(self) -> dict[str, int]:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.connections import SentinelSettings
+
 DEFAULT_CATALOG = Path(__file__).resolve().parents[1] / "pipelines"
 
 
@@ -40,6 +42,8 @@ class MonitorSettings(BaseSettings):
         "a replica's unacknowledged events older than this are taken over by another (it died)"))
     trim_acked: bool = Field(True, description=(
         "trim events every consumer group has read off the fleet stream (it then holds the backlog, not history)"))
+    sentinel: SentinelSettings = Field(default_factory=lambda: SentinelSettings(),
+                                       description="Redis Sentinel (STAGECOACH_SENTINEL_*), as the workers'")
 
     @property
     def store(self) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 
 import redis
 
-from contracts.names import monitor_key
+from contracts.connections import redis_client
+from contracts.names import MonitorKeys, monitor_key
 from monitor.batch import Batch
 from monitor.report import Counts, ErrorExample, ErrorGroup, Figures, Point, Report, Series
 from monitor.settings import MonitorSettings
@@ -86,7 +87,7 @@ class Store:
 
     @classmethod
     def connect(cls, settings: MonitorSettings) -> "Store":
-        return cls(redis.Redis.from_url(settings.store, decode_responses=True), settings)
+        return cls(redis_client(settings.store, settings.sentinel, decode_responses=True), settings)
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -110,15 +111,15 @@ class Store:
     # --- reading -------------------------------------------------------------------------------
 
     def names(self, kind: str) -> list[str]:
-        return sorted(str(n) for n in self.r.smembers(monitor_key("names", kind)))
+        return sorted(str(n) for n in self.r.smembers(monitor_key(MonitorKeys.NAMES, kind)))
 
     def figures(self, kind: str, name: str, now: float) -> Figures:
-        raw = {str(k): float(v) for k, v in self.r.hgetall(monitor_key("agg", kind, name)).items()}
+        raw = {str(k): float(v) for k, v in self.r.hgetall(monitor_key(MonitorKeys.AGG, kind, name)).items()}
         counts = {f: int(raw.get(f, 0)) for f in COUNTERS}
         failures = {k[5:]: int(v) for k, v in raw.items() if k.startswith("fail:")}
         return Figures(name=name, **counts, failures=failures,
-                       runtime=self._summary("samples", kind, name),
-                       queue_wait=self._summary("waits", kind, name),
+                       runtime=self._summary(MonitorKeys.SAMPLES, kind, name),
+                       queue_wait=self._summary(MonitorKeys.WAITS, kind, name),
                        throughput_per_min=self._last_minute(kind, name, now))
 
     def _summary(self, what: str, kind: str, name: str) -> Any:
@@ -134,15 +135,15 @@ class Store:
         starts = [self.bucket(now) - step * i for i in reversed(range(buckets))]
         pipe = self.r.pipeline(transaction=False)
         for start in starts:
-            pipe.hgetall(monitor_key("series", kind, name, str(start)))
+            pipe.hgetall(monitor_key(MonitorKeys.SERIES, kind, name, str(start)))
         return [_point(start, raw) for start, raw in zip(starts, pipe.execute(), strict=True)]
 
     def error_groups(self) -> list[ErrorGroup]:
-        counts = {str(k): int(v) for k, v in self.r.hgetall(monitor_key("errorcounts")).items()}
+        counts = {str(k): int(v) for k, v in self.r.hgetall(monitor_key(MonitorKeys.ERROR_COUNTS)).items()}
         groups = []
         for joined, count in sorted(counts.items()):
             group, kind = joined.split("\x1f")
-            raw = self.r.lrange(monitor_key("errors", group, kind), 0, -1)
+            raw = self.r.lrange(monitor_key(MonitorKeys.ERRORS, group, kind), 0, -1)
             latest = [ErrorExample.model_validate_json(item) for item in raw]
             groups.append(ErrorGroup(stage=group, kind=kind, count=count, latest=latest))
         return groups
@@ -164,10 +165,10 @@ class Store:
                       pipelines={n: self.points("pipeline", n, now, buckets) for n in self.names("pipeline")})
 
     def trace(self, job_id: str) -> list[dict[str, Any]]:
-        return [json.loads(item) for item in self.r.lrange(monitor_key("trace", job_id), 0, -1)]
+        return [json.loads(item) for item in self.r.lrange(monitor_key(MonitorKeys.TRACE, job_id), 0, -1)]
 
     def jobs(self, limit: int = 50) -> list[str]:
-        return [str(j) for j in self.r.zrevrange(monitor_key("jobs"), 0, limit - 1)]
+        return [str(j) for j in self.r.zrevrange(monitor_key(MonitorKeys.JOBS), 0, limit - 1)]
 
 
 def _point(start: int, raw: dict[str, str]) -> Point:

@@ -75,7 +75,7 @@ def fleet_program(client: Client, pipeline: str, stages: list[str] | None, journ
     catalog = client.runtime.catalog
     spec = catalog.pipeline(pipeline)
     settings = client.runtime.settings
-    store = CandidateStore.from_url(settings.backend_url, settings.result_expires)
+    store = CandidateStore.from_url(settings.backend_url, settings.result_expires, settings.sentinel)
     runner = FleetRunner(client, versioned(spec.name, spec.version), store, journal, job_timeout, on_evaluation)
     return FleetProgram(runner, stage_modules(catalog, spec, stages)), spec
 

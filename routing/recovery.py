@@ -8,13 +8,14 @@ stopped; messages of older generations still in the broker are dropped when they
 import logging
 import time
 from typing import Any
-from urllib.parse import urlparse
 
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
 from contracts.catalog import Catalog
+from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_client, scheme_of
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
 from contracts.jobs import requested_priority
@@ -29,6 +30,8 @@ from workers.ledger import Closer, Ledger
 from workers.onerror import cancelled_record
 
 log = logging.getLogger(__name__)
+# errors that say the store is away for now, not that the job is bad: the job stays watched
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
 
 
@@ -38,9 +41,10 @@ class RecoveryError(PipelineError):
 
 class Recovery:
     def __init__(self, app: Celery, catalog: Catalog, ledger: Ledger, max_redispatches: int = 8,
-                 backlog_seconds: float = 3600.0) -> None:
+                 backlog_seconds: float = 3600.0, sentinel: SentinelSettings | None = None) -> None:
         self.app = app
         self.backlog_seconds = backlog_seconds
+        self.sentinel = sentinel  # how to reach a sentinel:// broker's sentinels (default: the environment's)
         self.catalog = catalog
         self.compiler = Compiler(app, catalog, KINDS)
         self.ledger = ledger
@@ -100,9 +104,9 @@ class Recovery:
         """Whether a routing or stage queue holds messages: one LLEN per queue, whatever the number of jobs
         queued (reading the messages to find a job's would grow with the backlog). Always False on RabbitMQ,
         which hands a dead consumer's messages back at once."""
-        if urlparse(str(self.app.conf.broker_url)).scheme not in ("redis", "rediss"):
+        if scheme_of(str(self.app.conf.broker_url)) not in ("redis", "rediss", SENTINEL_SCHEME):
             return False
-        broker = redis.Redis.from_url(str(self.app.conf.broker_url))
+        broker = redis_client(str(self.app.conf.broker_url), self.sentinel)
         pipe = broker.pipeline(transaction=False)
         queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
         for queue in [key for name in queues for key in queue_lists(name)]:  # one list per priority step
@@ -172,6 +176,8 @@ def _act(recovery: Recovery, job_id: str) -> str:
         recovery.ledger.fail(job_id, ErrorRecord(node="", kind="pipeline", error_type="RecoveryError",
                                                  message=str(error)), recovery.closer)
         return f"ended: {error}"
+    except OUTAGES:  # Redis or the broker away (a restart, a Sentinel failover): the next sweep tries again
+        raise
     except Exception as error:
         log.exception("cannot re-dispatch job %s", job_id)
         checkpoints.unwatch(job_id)

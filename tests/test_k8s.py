@@ -116,9 +116,14 @@ def strict(schema: Any) -> Any:
     return schema
 
 
-@pytest.mark.parametrize("broker", ["redis://redis:6379/0", "amqp://stagecoach@rabbitmq:5672//"])
+SENTINELS = "sentinel://redis-sentinel-0.redis-sentinel:26379/2;sentinel://redis-sentinel-1.redis-sentinel:26379;" \
+            "sentinel://redis-sentinel-2.redis-sentinel:26380"
+
+
+@pytest.mark.parametrize("broker", ["redis://redis:6379/0", "amqp://stagecoach@rabbitmq:5672//", SENTINELS])
 def test_keda_resources_validate_against_kedas_crds(broker: str) -> None:
-    texts = generated(K8sOptions(broker_url=broker, result_backend="redis://redis:6379/0"))
+    backend = SENTINELS if broker == SENTINELS else "redis://redis:6379/0"
+    texts = generated(K8sOptions(broker_url=broker, result_backend=backend, sentinel_password=True))
     found = 0
     for kind in ("ScaledObject", "TriggerAuthentication"):
         for doc in of_kind(texts, kind):
@@ -278,5 +283,51 @@ def test_every_worker_mounts_the_data_volume_and_knows_the_corpus_path() -> None
 
 
 def test_a_broker_url_it_cannot_scale_on_is_refused_naming_the_option() -> None:
-    with pytest.raises(ValueError, match=r"--broker-url: expected redis://, rediss:// or amqp://"):
-        generated(K8sOptions(broker_url="sentinel://s1:26379"))
+    with pytest.raises(ValueError, match=r"--broker-url: expected redis://, rediss://, sentinel:// or amqp://"):
+        generated(K8sOptions(broker_url="unix:///run/redis.sock"))
+    with pytest.raises(ValueError, match=r"--result-backend: expected redis://, rediss:// or sentinel://"):
+        generated(K8sOptions(broker_url="amqp://stagecoach@rabbitmq:5672//"))
+    with pytest.raises(ValueError, match=r"sentinel URL .*got redis://r:6379"):
+        generated(K8sOptions(broker_url="sentinel://s1:26379;redis://r:6379"))
+
+
+# --- Redis Sentinel: KEDA asks the sentinels for the master ---------------------------------------------------
+
+def test_a_sentinel_broker_gives_redis_sentinel_triggers_on_kombus_lists() -> None:
+    texts = generated(K8sOptions(broker_url=SENTINELS, sentinel_master="stagecoach-master"))
+    scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in of_kind(texts, "ScaledObject")}
+    assert len(scaled) == len(catalog().stages)
+    for name, doc in scaled.items():
+        (trigger,) = doc["spec"]["triggers"]
+        assert trigger["type"] == "redis-sentinel" and trigger["authenticationRef"] == {"name": "stagecoach-broker"}
+        meta = trigger["metadata"]
+        assert meta["addresses"] == ("redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379,"
+                                     "redis-sentinel-2.redis-sentinel:26380")
+        assert meta["sentinelMaster"] == "stagecoach-master" and meta["databaseIndex"] == "2"
+        deployment = next(d for d in of_kind(texts, "Deployment") if d["metadata"]["name"] == name)
+        assert meta["listName"] == queue_of(deployment)
+    configmap = of_kind(texts, "ConfigMap")[0]["data"]
+    assert configmap["STAGECOACH_SENTINEL_MASTER"] == "stagecoach-master"
+    assert configmap["STAGECOACH_BROKER_URL"] == configmap["STAGECOACH_RESULT_BACKEND"] == SENTINELS
+    (auth,) = of_kind(texts, "TriggerAuthentication")
+    assert [ref["parameter"] for ref in auth["spec"]["secretTargetRef"]] == ["password"]  # the master's only
+
+
+def test_sentinels_with_a_password_of_their_own_get_it_from_the_secret() -> None:
+    texts = generated(K8sOptions(broker_url=SENTINELS, sentinel_password=True))
+    (auth,) = of_kind(texts, "TriggerAuthentication")
+    assert {"parameter": "sentinelPassword", "name": "stagecoach-secrets",
+            "key": "sentinel-password"} in auth["spec"]["secretTargetRef"]
+    for doc in of_kind(texts, "Deployment"):
+        (container,) = containers(doc)
+        env = {e["name"]: e for e in container["env"]}
+        assert env["STAGECOACH_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "stagecoach-secrets", "key": "sentinel-password"}
+    plain = generated()  # a plain Redis broker: nothing about sentinels anywhere
+    assert "SENTINEL" not in "".join(plain.values()) and "sentinel" not in "".join(plain.values())
+
+
+def test_sentinel_manifests_validate_strictly() -> None:
+    for doc in docs_of(generated(K8sOptions(broker_url=SENTINELS, sentinel_password=True))):
+        if not doc["apiVersion"].startswith("keda.sh/"):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)

@@ -195,7 +195,7 @@ def test_an_amqp_broker_without_a_redis_backend_is_a_clear_error(amqp_url: str, 
     env["STAGECOACH_BROKER_URL"] = amqp_url
     done = subprocess.run([STAGECOACH, "up"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "STAGECOACH_RESULT_BACKEND must be a redis:// URL" in " ".join(done.stderr.split())
+    assert "STAGECOACH_RESULT_BACKEND must be a redis://, rediss:// or sentinel:// URL" in " ".join(done.stderr.split())
 
 
 def _free_port() -> int:

@@ -23,6 +23,7 @@ import redis
 from pydantic import BaseModel
 
 from contracts.candidates import TraceStep
+from contracts.connections import SentinelSettings, redis_client
 from contracts.envelope import Usage
 from contracts.names import (
     CACHE_ENTRY_PREFIX,
@@ -142,8 +143,8 @@ class StageCache:
         self._forget = client.register_script(_FORGET_MANY)
 
     @classmethod
-    def from_url(cls, url: str, settings: CacheSettings) -> "StageCache":
-        return cls(redis.Redis.from_url(url), settings)
+    def from_url(cls, url: str, settings: CacheSettings, sentinel: SentinelSettings | None = None) -> "StageCache":
+        return cls(redis_client(url, sentinel), settings)
 
     def get(self, stage: str, digest: str, ttl: int | None = None) -> CacheHit | None:
         """The entry for this stage version and key digest, counting a hit or a miss."""

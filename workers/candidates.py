@@ -19,6 +19,7 @@ import redis
 from pydantic_core import to_jsonable_python
 
 from contracts.candidates import CandidateLM, StageCandidate, TraceStep, canonical, state_digest
+from contracts.connections import SentinelSettings, redis_client
 from contracts.names import candidate_key
 from contracts.specs import LMOverride
 from workers.errors import PermanentStageError, RetryableStageError
@@ -37,8 +38,8 @@ class CandidateStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, ttl: int) -> "CandidateStore":
-        return cls(redis.Redis.from_url(url), ttl)
+    def from_url(cls, url: str, ttl: int, sentinel: SentinelSettings | None = None) -> "CandidateStore":
+        return cls(redis_client(url, sentinel), ttl)
 
     def put(self, state: dict[str, Any]) -> str:
         """Store a state (once per process); returns its digest."""

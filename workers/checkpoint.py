@@ -23,6 +23,7 @@ from celery.exceptions import Reject, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError
 
 from contracts.candidates import TraceStep
+from contracts.connections import SentinelSettings, redis_client
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
@@ -288,8 +289,9 @@ class Checkpoints:
         self._close = client.register_script(_CLOSE)
 
     @classmethod
-    def from_url(cls, url: str, ttl: int, stall_seconds: float) -> "Checkpoints":
-        return cls(redis.Redis.from_url(url), ttl, stall_seconds)
+    def from_url(cls, url: str, ttl: int, stall_seconds: float,
+                 sentinel: SentinelSettings | None = None) -> "Checkpoints":
+        return cls(redis_client(url, sentinel), ttl, stall_seconds)
 
     # --- the job ------------------------------------------------------------------------------
 

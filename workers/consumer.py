@@ -16,14 +16,13 @@ import re
 import ssl
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlparse
 
-import redis
 from celery import Celery
 from celery.worker.consumer import Consumer
 from kombu.connection import Connection
 from kombu.message import Message
 
+from contracts.connections import SENTINEL_SCHEME, redis_client, scheme_of
 from contracts.deadletters import DeadLetter
 from contracts.fields import unencodable_problems, utf8_json
 from contracts.names import STAGE_PREFIX
@@ -42,18 +41,18 @@ class PoisonProofConsumer(Consumer):  # type: ignore[misc]
         settings = Settings()
         self.max_message_bytes = settings.max_message_bytes
         self.max_envelope_bytes = settings.max_envelope_bytes
-        self.dead_letters = DeadLetterStore(redis.Redis.from_url(self.app.conf.result_backend),
+        self.dead_letters = DeadLetterStore(redis_client(self.app.conf.result_backend, settings.sentinel),
                                             settings.dead_letter_max)
         self.ledger = Ledger.from_settings(self.app, settings)
 
-    # --- the connection: kombu's Redis transport with raw screening ----------------------------
+    # --- the connection: kombu's Redis (or Sentinel) transport with raw screening ----------------
 
     def connection_for_read(self, heartbeat: float | None = None) -> Connection:
         url = str(self.app.conf.broker_read_url or self.app.conf.broker_url)
-        scheme = urlparse(url).scheme
-        if scheme not in ("redis", "rediss"):
+        scheme = scheme_of(url)
+        if scheme not in ("redis", "rediss", SENTINEL_SCHEME):
             return super().connection_for_read(heartbeat)  # type: ignore[no-any-return]
-        transport = screening_transport(self._quarantine, self.max_message_bytes)
+        transport = screening_transport(self._quarantine, self.max_message_bytes, sentinel=scheme == SENTINEL_SCHEME)
         options: dict[str, Any] = {"transport": transport}
         # our transport replaces kombu's 'rediss' alias, so TLS is switched on here; the URL's own
         # ssl_* query options (ssl_cert_reqs, ssl_ca_certs) take precedence over this default

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
+from contracts.connections import is_sentinel
 from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, WEBHOOK_QUEUE, WEBHOOK_TASK, stage_queue
 from contracts.priority import MAX_PRIORITY, PRIORITY_STEPS, REDIS_PRIORITY_SEPARATOR
 from contracts.specs import Limits
@@ -121,8 +122,7 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         # priorities (contracts/priority.py): the job's first messages carry it, every later one inherits it
         # from the task that sends it; on Redis one list per priority step, on RabbitMQ priority queues
         "task_inherit_parent_priority": True,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout(settings, catalog),
-                                     "priority_steps": PRIORITY_STEPS, "sep": REDIS_PRIORITY_SEPARATOR},
+        **redis_connection_config(settings, visibility_timeout(settings, catalog)),
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
@@ -140,6 +140,24 @@ def stage_queue_of(name: str) -> Queue:
     The routing queue is not: clients in other languages (celery-node) declare it when they publish
     `pipeline.run`, without arguments, and RabbitMQ refuses a declaration whose arguments differ."""
     return Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY})  # type: ignore[no-untyped-call]
+
+
+def redis_connection_config(settings: Settings, visibility: int) -> dict[str, Any]:
+    """The broker's transport options (the visibility timeout; kombu's Redis priority steps, one list per
+    priority: contracts/priority.py), and with Redis Sentinel (sentinel:// URLs) what kombu's sentinel
+    transport and Celery's sentinel result backend need: the master's name and how to reach the sentinels
+    (contracts/connections.py; the same settings every Stagecoach Redis client uses)."""
+    options = {"visibility_timeout": visibility, "priority_steps": PRIORITY_STEPS, "sep": REDIS_PRIORITY_SEPARATOR}
+    config: dict[str, Any] = {"broker_transport_options": options}
+    if is_sentinel(settings.broker_url):
+        config["broker_transport_options"].update(settings.sentinel.transport_options())
+        if settings.sentinel.tls:
+            config["broker_use_ssl"] = settings.sentinel.certificate_options()
+    if is_sentinel(settings.backend_url):
+        config["result_backend_transport_options"] = settings.sentinel.transport_options()
+        if settings.sentinel.tls:
+            config["redis_backend_use_ssl"] = settings.sentinel.certificate_options()
+    return config
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:

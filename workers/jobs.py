@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 
+from contracts.connections import SentinelSettings, redis_client
 from contracts.jobs import JobState, JobStatus
 from contracts.names import JOBS_INDEX_KEY, job_fields_key, job_key, open_jobs_key, pipeline_jobs_key
 from contracts.webhooks import WebhookDelivery
@@ -43,8 +44,8 @@ class JobStore:
         self.ttl = ttl_seconds
 
     @classmethod
-    def from_url(cls, url: str, ttl_seconds: int) -> "JobStore":
-        return cls(redis.Redis.from_url(url), ttl_seconds)
+    def from_url(cls, url: str, ttl_seconds: int, sentinel: SentinelSettings | None = None) -> "JobStore":
+        return cls(redis_client(url, sentinel), ttl_seconds)
 
     def queued(self, job_id: str, pipeline: str, pipe: "redis.client.Pipeline | None" = None) -> None:
         """Each field written only where absent: the client records the status after sending the job,

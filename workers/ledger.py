@@ -27,6 +27,7 @@ from celery import Celery, Task, states
 from celery.exceptions import Ignore
 
 from contracts.catalog import Catalog, static_stage_count
+from contracts.connections import redis_client
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.events import (
     FieldsPublished,
@@ -112,7 +113,7 @@ class Ledger:
 
     @classmethod
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
-        client = redis.Redis.from_url(settings.backend_url)
+        client = redis_client(settings.backend_url, settings.sentinel)
         events = EventLog(client, settings.result_expires, settings.events_per_job, settings.events_maxlen)
         keep = Keep(settings.succeeded_keep_seconds, settings.events_keep_seconds)
         return cls(app, client, catalog, settings.result_expires, settings.watchdog_stall_seconds, events,

@@ -8,12 +8,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from contracts.connections import SENTINEL_SCHEME, SentinelSettings, SentinelURL, scheme_of
 from contracts.webhooks import LOOPBACK
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = PROJECT_ROOT / "pipelines"
 LOCAL_MODEL = "openai/smollm2-135m-instruct"
-REDIS_SCHEMES = ("redis", "rediss")
+REDIS_SCHEMES = ("redis", "rediss", SENTINEL_SCHEME)  # Celery's broker and result backend on Redis
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 
@@ -85,11 +86,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STAGECOACH_", extra="ignore")
 
     broker_url: str = Field("redis://127.0.0.1:6379/0",
-                            description="Celery broker: redis://host:6379/0, or RabbitMQ amqp://user@host:5672/vhost")
+                            description="Celery broker: redis://host:6379/0, Redis Sentinel "
+                                        "sentinel://host:26379;sentinel://host2:26379 (STAGECOACH_SENTINEL_*), "
+                                        "or RabbitMQ amqp://user@host:5672/vhost")
     result_backend: str | None = Field(
-        None, description="Redis URL of the result backend; default: the broker URL (required with an amqp:// broker)")
+        None, description="Redis URL of the result backend (redis://, rediss:// or sentinel://); default: the broker "
+                          "URL (required with an amqp:// broker)")
     redis_password: SecretStr | None = Field(
-        None, description="Redis password, added to redis:// URLs that carry none (keeps it out of URLs in files)")
+        None, description="Redis password, added to redis:// URLs that carry none (keeps it out of URLs in files); "
+                          "with sentinel:// it is the master's")
     rabbitmq_password: SecretStr | None = Field(
         None, description="RabbitMQ password, added to an amqp:// broker URL that carries none")
     catalog: list[Path] = Field(default_factory=lambda: [DEFAULT_CATALOG],
@@ -155,6 +160,7 @@ class Settings(BaseSettings):
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
     webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings())
+    sentinel: SentinelSettings = Field(default_factory=lambda: SentinelSettings())
 
     @model_validator(mode="after")
     def _resolve_urls(self) -> "Settings":
@@ -164,8 +170,11 @@ class Settings(BaseSettings):
         if self.result_backend is not None:
             self.result_backend = _with_password(self.result_backend, self.redis_password, REDIS_SCHEMES)
         if _scheme(self.backend_url) not in REDIS_SCHEMES:
-            raise ValueError(f"STAGECOACH_RESULT_BACKEND must be a redis:// URL (chords and job records live in "
-                             f"Redis); got {_scheme(self.backend_url)}:// (with an amqp:// broker set it explicitly)")
+            raise ValueError(f"STAGECOACH_RESULT_BACKEND must be a redis://, rediss:// or sentinel:// URL (chords and "
+                             f"job records live in Redis); got {_scheme(self.backend_url)}:// (with an amqp:// broker "
+                             f"set it explicitly)")
+        for name, url in (("STAGECOACH_BROKER_URL", self.broker_url), ("STAGECOACH_RESULT_BACKEND", self.backend_url)):
+            _check_sentinel_url(name, url)
         return self
 
     @model_validator(mode="after")
@@ -200,17 +209,30 @@ class Settings(BaseSettings):
 
 
 def _scheme(url: str) -> str:
-    return urlsplit(url).scheme
+    return scheme_of(url)
+
+
+def _check_sentinel_url(name: str, url: str) -> None:
+    """A sentinel:// URL parses (every part a sentinel with a host, a database number), named by its setting:
+    kombu and Celery read the first part's scheme only and would fail later, less clearly."""
+    if _scheme(url) != SENTINEL_SCHEME:
+        return
+    try:
+        SentinelURL.parse(url)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _with_password(url: str, password: SecretStr | None, schemes: tuple[str, ...]) -> str:
-    """The URL with the password added, unless it has one already or is of another scheme."""
-    parts = urlsplit(url)
+    """The URL with the password added, unless it has one already or is of another scheme. A sentinel:// URL
+    gets it on its first part, where kombu and Celery read the master's password."""
+    first, sep, rest = url.partition(";")
+    parts = urlsplit(first)
     if password is None or parts.scheme not in schemes or parts.password is not None:
         return url
     user, _, host = parts.netloc.rpartition("@")
     secret = quote(password.get_secret_value(), safe="")
-    return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:{secret}@{host}")) + sep + rest
 
 
 def parse_autoscale(text: str) -> dict[str, tuple[int, int]]:

@@ -12,13 +12,13 @@ import json
 import logging
 from typing import Any, NoReturn
 
-import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 from celery.exceptions import Ignore
 from celery.worker.request import Request
 from pydantic import ValidationError
 
+from contracts.connections import redis_client
 from contracts.deadletters import DeadLetter
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.fields import problems_of
@@ -86,13 +86,15 @@ def request_class(ledger: Ledger) -> type[StageRequest]:
 
 def register_stage_tasks(app: Celery, stages: dict[str, StageSpec], settings: Settings, ledger: Ledger) -> None:
     """One task per stage version, named by its catalog ref (`answer`, or `answer@1` for an older one)."""
-    cache = StageCache.from_url(settings.backend_url, settings.cache) if settings.cache.enabled else None
+    cache = (StageCache.from_url(settings.backend_url, settings.cache, settings.sentinel) if settings.cache.enabled
+             else None)
     versions = {(spec.name, spec.version): ref for ref, spec in stages.items()}
-    dead_letters = DeadLetterStore(redis.Redis.from_url(settings.backend_url), settings.dead_letter_max)
-    guard = Guard(ledger, RateLimiter(redis.Redis.from_url(settings.backend_url)))
+    dead_letters = DeadLetterStore(redis_client(settings.backend_url, settings.sentinel), settings.dead_letter_max)
+    guard = Guard(ledger, RateLimiter(redis_client(settings.backend_url, settings.sentinel)))
     limits = {ref: Limits.stage(spec, settings.stage_time_limit) for ref, spec in stages.items()}
     # each runner holds its stage's time limit in every pool; all of them are there for on_error fallbacks
-    candidates = CandidateStore.from_url(settings.backend_url, settings.result_expires)  # optimisation jobs
+    candidates = CandidateStore.from_url(settings.backend_url, settings.result_expires,  # optimisation jobs
+                                         settings.sentinel)
     runners = {ref: StageRunner(spec, settings.lm, cache, limits[ref].soft, candidates) for ref, spec in stages.items()}
     executors = {ref: StageExecutor(runners[ref], ledger.jobs, versions, guard, limits[ref].hard, runners)
                  for ref in stages}

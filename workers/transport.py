@@ -1,4 +1,5 @@
-"""A Redis transport whose consumer screens every raw message before kombu builds a Message of it.
+"""A Redis transport (plain or Sentinel) whose consumer screens every raw message before kombu builds a
+Message of it.
 
 kombu's Redis channel pops a message (BRPOP) and parses it in one step; a payload that is not
 JSON, not an object, lacks `properties`, or whose body does not decode raises out of the
@@ -143,11 +144,16 @@ class ScreeningChannel(kombu_redis.Channel):  # type: ignore[misc]
         self.connection._deliver(payload, queue)
 
 
-def screening_transport(quarantine: Quarantine, max_message_bytes: int) -> type[kombu_redis.Transport]:
-    """kombu's Redis transport with a channel that hands unfit messages to `quarantine`."""
-    channel = type("ScreeningChannel", (ScreeningChannel,),
+def screening_transport(quarantine: Quarantine, max_message_bytes: int,
+                        sentinel: bool = False) -> type[kombu_redis.Transport]:
+    """kombu's Redis transport with a channel that hands unfit messages to `quarantine`; `sentinel`: kombu's
+    Sentinel transport (`sentinel://` URLs: the channel asks the sentinels for the master), screened the same."""
+    base_channel, base_transport, name = ((kombu_redis.SentinelChannel, kombu_redis.SentinelTransport, "sentinel")
+                                          if sentinel else (kombu_redis.Channel, kombu_redis.Transport, "redis"))
+    # the screening overrides come first; the Sentinel channel's pool (master_for) comes from its own class
+    channel = type("ScreeningChannel", (ScreeningChannel, base_channel),
                    {"quarantine": staticmethod(quarantine), "max_message_bytes": max_message_bytes})
     # `__json__`: kombu's JSON encoder calls it, so the connection's info (in `celery inspect stats` and
     # Flower's worker pages) names the transport instead of failing on a class object
-    return type("ScreeningTransport", (kombu_redis.Transport,),
-                {"Channel": channel, "__json__": classmethod(lambda cls: "redis (screening)")})
+    return type("ScreeningTransport", (base_transport,),
+                {"Channel": channel, "__json__": classmethod(lambda cls: f"{name} (screening)")})

@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 import httpx
-import redis
 from celery import Celery, Task
 
+from contracts.connections import redis_client
 from contracts.deadletters import DeadLetter
 from contracts.names import WEBHOOK_QUEUE, WEBHOOK_TASK
 from contracts.webhooks import SIGNATURE_HEADER, Webhook, WebhookDelivery, refused, sign
@@ -53,7 +53,7 @@ def backoff(settings: WebhookSettings, attempt: int) -> float:
 
 def register_webhook_task(app: Celery, settings: Settings, jobs: JobStore) -> None:
     hooks = settings.webhook
-    dead_letters = DeadLetterStore(redis.Redis.from_url(settings.backend_url), settings.dead_letter_max)
+    dead_letters = DeadLetterStore(redis_client(settings.backend_url, settings.sentinel), settings.dead_letter_max)
 
     @app.task(name=WEBHOOK_TASK, shared=False, bind=True, queue=WEBHOOK_QUEUE, acks_late=True, ignore_result=True,
               max_retries=None)
