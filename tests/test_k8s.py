@@ -298,14 +298,16 @@ def test_a_sentinel_broker_gives_redis_sentinel_triggers_on_kombus_lists() -> No
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in of_kind(texts, "ScaledObject")}
     assert len(scaled) == len(catalog().stages)
     for name, doc in scaled.items():
-        (trigger,) = doc["spec"]["triggers"]
-        assert trigger["type"] == "redis-sentinel" and trigger["authenticationRef"] == {"name": "stagecoach-broker"}
-        meta = trigger["metadata"]
-        assert meta["addresses"] == ("redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379,"
-                                     "redis-sentinel-2.redis-sentinel:26380")
-        assert meta["sentinelMaster"] == "stagecoach-master" and meta["databaseIndex"] == "2"
+        triggers = doc["spec"]["triggers"]  # one per priority list (contracts/priority.py)
         deployment = next(d for d in of_kind(texts, "Deployment") if d["metadata"]["name"] == name)
-        assert meta["listName"] == queue_of(deployment)
+        assert [t["metadata"]["listName"] for t in triggers] == queue_lists(str(queue_of(deployment)))
+        for trigger in triggers:
+            assert trigger["type"] == "redis-sentinel"
+            assert trigger["authenticationRef"] == {"name": "stagecoach-broker"}
+            meta = trigger["metadata"]
+            assert meta["addresses"] == ("redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379,"
+                                         "redis-sentinel-2.redis-sentinel:26380")
+            assert meta["sentinelMaster"] == "stagecoach-master" and meta["databaseIndex"] == "2"
     configmap = of_kind(texts, "ConfigMap")[0]["data"]
     assert configmap["STAGECOACH_SENTINEL_MASTER"] == "stagecoach-master"
     assert configmap["STAGECOACH_BROKER_URL"] == configmap["STAGECOACH_RESULT_BACKEND"] == SENTINELS
