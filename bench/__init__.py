@@ -13,6 +13,7 @@ SCENARIOS: dict[str, str] = {
     "scaling": "bench.scaling",        # 1/2/4 worker processes on one stage queue
     "cache": "bench.cache",            # a job answered by the shared stage cache vs the same job cold
     "fusion": "bench.fusion",          # a three-stage chain fused into one task (or one LM call fewer too) vs unfused
+    "api": "bench.api",                # POST /v1/jobs per second; latency the HTTP API adds per job vs the client
     "optimize": "bench.optimize",      # DSPy optimisers on the fleet vs in-process; a rerun's LM calls
     "answers": "bench.answers",        # the default local model's answers, each way of asking it (adapters)
     "scale": "bench.scale",            # bursts vs bare Celery at 0 ms, the monitor, Redis per job, backlog, curve

@@ -1,13 +1,13 @@
 """What every deployment renderer (compose: cli/compose.py, Kubernetes: cli/k8s.py) deploys, walked once
-from the catalog: the routing worker and one worker per stage queue (versioned stages too), each with
-its command from the one worker-command builder, plus the service commands and ports they share. The
+from the catalog: the routing worker, the webhook worker and one worker per stage queue (versioned stages
+too), each with its command from the one worker-command builder, plus the service commands and ports they share. The
 renderers differ only in the format they write.
 """
 
 import math
 from dataclasses import dataclass
 
-from cli.workercmd import WorkerCommand, routing_worker, stage_worker
+from cli.workercmd import WorkerCommand, routing_worker, stage_worker, webhook_worker
 from contracts.catalog import Catalog
 from contracts.names import service_name
 from contracts.specs import Limits, ScaleSpec, StageSpec
@@ -15,6 +15,7 @@ from workers.factory import longest_hard_limit
 from workers.settings import Settings
 
 MONITOR_PORT = 8095
+API_PORT = 8000
 FLOWER_PORT = 5555
 LM_PORT = 8090
 DATA_DIR = "/data"  # where a container finds data that stages read (the HotPotQA corpus), mounted read-only
@@ -24,6 +25,7 @@ SHUTDOWN_MARGIN_SECONDS = 30
 
 FLOWER_COMMAND = f"celery -A workers.app flower --port={FLOWER_PORT}"
 MONITOR_COMMAND = "stagecoach monitor"
+API_COMMAND = "stagecoach api"
 WATCHDOG_COMMAND = "stagecoach watchdog"
 LM_COMMAND = f"python -m workers.local_lm --host 0.0.0.0 --port {LM_PORT}"
 
@@ -52,12 +54,16 @@ class WorkerService:
 
 
 ROUTING_CONCURRENCY = 8  # routing tasks only compile and send: light, many at once
+WEBHOOK_CONCURRENCY = 8  # deliveries wait on receivers: I/O-bound
+WEBHOOK_LIMIT = 60.0  # seconds a delivery may take, beyond its own timeout (STAGECOACH_WEBHOOK_TIMEOUT)
 
 
 def worker_services(catalog: Catalog, settings: Settings) -> list[WorkerService]:
-    """The routing worker, then one worker per stage ref in name order (pool and concurrency: the settings')."""
+    """The routing worker, the webhook worker, then one worker per stage ref in name order (pool and
+    concurrency: the settings')."""
     longest = longest_hard_limit(settings, catalog)
-    services = [WorkerService("routing", routing_worker(concurrency=ROUTING_CONCURRENCY), None, longest)]
+    services = [WorkerService("routing", routing_worker(concurrency=ROUTING_CONCURRENCY), None, longest),
+                WorkerService("webhook", webhook_worker(concurrency=WEBHOOK_CONCURRENCY), None, WEBHOOK_LIMIT)]
     for ref in sorted(catalog.stages):
         spec = catalog.stages[ref]
         command = stage_worker(ref, pool=settings.pool, concurrency=settings.concurrency)

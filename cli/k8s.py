@@ -21,6 +21,8 @@ import yaml
 from kombu.transport.redis import Channel  # type: ignore[import-untyped]
 
 from cli.deployment import (
+    API_COMMAND,
+    API_PORT,
     DATA_DIR,
     FLOWER_COMMAND,
     FLOWER_PORT,
@@ -35,12 +37,14 @@ from cli.deployment import (
 )
 from contracts.catalog import Catalog
 from contracts.connections import SentinelURL, is_sentinel, scheme_of
+from contracts.priority import PRIORITY_STEPS
 from workers.settings import AMQP_SCHEMES, LOCAL_MODEL, REDIS_SCHEMES, Settings
 
 SECRET = "stagecoach-secrets"  # made by the operator (docs/deploy.md); its keys:
 REDIS_PASSWORD_KEY = "redis-password"
 FLOWER_AUTH_KEY = "flower-basic-auth"
 LM_API_KEY_KEY = "lm-api-key"  # optional: the local LM needs none
+API_ADMIN_TOKEN_KEY = "api-admin-token"  # the HTTP API's and the monitor's first (admin) bearer token
 RABBITMQ_PASSWORD_KEY = "rabbitmq-password"  # optional: only with an amqp:// broker
 RABBITMQ_URL_KEY = "rabbitmq-url"  # KEDA's rabbitmq trigger: the broker URL with its password
 SENTINEL_PASSWORD_KEY = "sentinel-password"  # only with --sentinel-password: the sentinels' own password
@@ -57,6 +61,7 @@ RESOURCES = {
     "watchdog": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"cpu": "250m", "memory": "256Mi"}},
     "monitor": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
     "flower": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"cpu": "500m", "memory": "512Mi"}},
+    "api": {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
     "lm": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
 }
 
@@ -67,9 +72,9 @@ class K8sOptions:
     image: str = "stagecoach:latest"
     broker_url: str = "redis://redis:6379/0"  # inside the cluster: a Service named redis (bring your own)
     result_backend: str | None = None
-    # kombu's priority steps the broker's lists use: (0,) while jobs carry no priority; with priorities on,
-    # one KEDA trigger per priority list (KEDA scales on the largest)
-    priority_steps: tuple[int, ...] = NO_PRIORITIES
+    # kombu's priority steps the broker's lists use (contracts/priority.py: jobs carry a priority, so a stage's
+    # messages sit in one list per step): one KEDA trigger per priority list (KEDA scales on the largest)
+    priority_steps: tuple[int, ...] = tuple(PRIORITY_STEPS)
     lm_api_base: str = f"http://lm:{LM_PORT}/v1"
     # with sentinel:// URLs: the master's name the sentinels know, and whether they want a password of their own
     sentinel_master: str = "mymaster"
@@ -122,15 +127,18 @@ def render(catalog: Catalog, settings: Settings, options: K8sOptions) -> dict[st
         out.add(f"{service.name}.yaml", *docs)
     out.add("watchdog.yaml", deployment("watchdog", options, container(
         "watchdog", options, WATCHDOG_COMMAND.split(), probes=exec_probes(["stagecoach", "watchdog", "--once"]))))
+    # the monitor and the API listen on every interface of their pod: behind the API's tokens (auth on)
+    admin_token = secret_env("STAGECOACH_API_ADMIN_TOKEN", API_ADMIN_TOKEN_KEY)
     out.add("monitor.yaml", *web_service("monitor", MONITOR_PORT, "/healthz", options, MONITOR_COMMAND.split(),
                                          {"STAGECOACH_MONITOR_HOST": "0.0.0.0",
-                                          "STAGECOACH_MONITOR_PORT": str(MONITOR_PORT)}))
+                                          "STAGECOACH_MONITOR_PORT": str(MONITOR_PORT),
+                                          "STAGECOACH_MONITOR_AUTH": "true"}, admin_token))
     out.add("flower.yaml", *web_service("flower", FLOWER_PORT, "/healthcheck", options, FLOWER_COMMAND.split(), {},
                                         secret_env("FLOWER_BASIC_AUTH", FLOWER_AUTH_KEY)))
     out.add("lm.yaml", *web_service("lm", LM_PORT, "/v1/models", options, LM_COMMAND.split(), {}))
-    # The HTTP API (`stagecoach api`, STAGECOACH_API_HOST/PORT, port 8000) joins here once it is in main:
-    # `out.add("api.yaml", *web_service("api", 8000, <its health path>, options, ["stagecoach", "api"], ...))`
-    # with its tokens as secret_env(..., "api-tokens").
+    out.add("api.yaml", *web_service("api", API_PORT, "/openapi.json", options, API_COMMAND.split(),
+                                     {"STAGECOACH_API_HOST": "0.0.0.0", "STAGECOACH_API_PORT": str(API_PORT),
+                                      "STAGECOACH_API_AUTH": "true"}, admin_token))
     return out.texts(options)
 
 

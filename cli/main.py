@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 
 from cli import render
+from cli.api_cmd import api, tokens_app
 from cli.cache import cache_app
 from cli.exits import EXIT_FAILED, EXIT_INPUT, EXIT_PENDING, EXIT_SERVICES
 from cli.monitor_cmd import monitor_app
@@ -32,6 +33,8 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="print machine-readable J
 StateDir = Annotated[Path, typer.Option(help="where logs and the stack's state file go")]
 DEFAULT_STATE_DIR = Path(".stagecoach")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(tokens_app, name="tokens")
+app.command("api")(api)
 
 
 @app.callback()

@@ -44,11 +44,17 @@ def monitor(
     """Run the monitor service in the foreground until Ctrl-C."""
     if ctx.invoked_subcommand is not None:
         return
+    from cli.exits import EXIT_INPUT
     from cli.up import stop_signals
-    from monitor.server import serve
+    from monitor.server import UnsafeBind, check_bind, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = settings(port, host)
+    try:
+        check_bind(chosen)
+    except UnsafeBind as error:
+        render.err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INPUT) from None
     render.err.print(f"monitor: http://{chosen.host}:{chosen.port}  (events from {chosen.store})")
     with stop_signals() as stop:
         serve(chosen, stop)

@@ -6,22 +6,25 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from api.settings import APISettings
 from contracts.connections import SentinelSettings
-from workers.settings import PROJECT_ROOT, CacheSettings, LMSettings, Settings
+from workers.settings import PROJECT_ROOT, CacheSettings, LMSettings, Settings, WebhookSettings
 
 Row = tuple[str, str, str, str]
 
 
 def rows() -> list[Row]:
-    return (_rows(Settings, "STAGECOACH_", skip={"lm", "cache", "sentinel"}) + _rows(LMSettings, "STAGECOACH_LM_")
-            + _rows(CacheSettings, "STAGECOACH_CACHE_") + _rows(SentinelSettings, "STAGECOACH_SENTINEL_"))
+    return (_rows(Settings, "STAGECOACH_", skip={"lm", "cache", "webhook", "sentinel"})
+            + _rows(LMSettings, "STAGECOACH_LM_") + _rows(CacheSettings, "STAGECOACH_CACHE_")
+            + _rows(SentinelSettings, "STAGECOACH_SENTINEL_") + _rows(APISettings, "STAGECOACH_API_")
+            + _rows(WebhookSettings, "STAGECOACH_WEBHOOK_"))
 
 
 def monitor_rows() -> list[Row]:
     """The monitor's own settings (docs/monitor.md); it shares the broker and catalog settings above."""
     from monitor.settings import MonitorSettings
 
-    return _rows(MonitorSettings, "STAGECOACH_MONITOR_", skip={"broker_url", "catalog", "sentinel"})
+    return _rows(MonitorSettings, "STAGECOACH_MONITOR_", skip={"broker_url", "catalog", "sentinel", "admin_token"})
 
 
 def _rows(model: type[BaseModel], prefix: str, skip: frozenset[str] | set[str] = frozenset()) -> list[Row]:

@@ -1,5 +1,7 @@
-"""The local stack: Redis, the local LM server, worker(s) per stage queue, a routing worker, Flower
-and the monitor (`stagecoach monitor`: the fleet's event stream aggregated, JSON, /metrics, web page).
+"""The local stack: Redis, the local LM server, worker(s) per stage queue, a routing worker, a webhook worker,
+Flower, the monitor (`stagecoach monitor`: the fleet's event stream aggregated, JSON, /metrics, web page) and
+the HTTP API (`stagecoach api`, auth on: its admin token in `<state_dir>/api-token` unless
+STAGECOACH_API_ADMIN_TOKEN).
 
 The broker is Redis (started here when none answers) or RabbitMQ (an amqp:// URL: it must be running;
 Redis is then the result backend only). `Settings.workers` asks for several workers on one stage queue.
@@ -26,7 +28,7 @@ from urllib.parse import urlparse, urlunparse
 
 import redis
 
-from cli.workercmd import Autoscale, WorkerCommand, routing_worker, stage_worker
+from cli.workercmd import Autoscale, WorkerCommand, routing_worker, stage_worker, webhook_worker
 from contracts.catalog import Catalog, load_catalog
 from contracts.connections import SentinelSettings, is_sentinel, redis_client, scheme_of
 from contracts.connections import redact as redact_url
@@ -76,6 +78,8 @@ class Stack:
     logdir: Path
     services: list[Service] = field(default_factory=list)
     monitor_url: str = ""
+    api_url: str = ""
+    api_token_file: Path | None = None  # where `up` left the API's admin token (None: it came from the environment)
 
     @property
     def broker_url(self) -> str:
@@ -111,6 +115,7 @@ class Stack:
         """Where the stack runs, for other `stagecoach` commands in other terminals."""
         state = {"broker_url": self.broker_url, "result_backend": self.settings.backend_url,
                  "flower_url": self.flower_url, "lm_url": self.lm_url, "monitor_url": self.monitor_url,
+                 "api_url": self.api_url,
                  "pids": {s.name: s.proc.pid for s in self.services}}
         path.write_text(json.dumps(state, indent=1))
 
@@ -125,16 +130,20 @@ def start_stack(settings: Settings, state_dir: Path, catalog: Catalog | None = N
     try:
         broker_url, backend_url = _broker_and_backend(settings, state_dir, logdir, services)
         lm_url, lm_env = _local_lm(settings, logdir, services)
-        env = child_env(broker_url, backend_url, lm_env)
+        token_env, token_file = _api_token(state_dir)
+        env = child_env(broker_url, backend_url, {**lm_env, **token_env})
         _workers(catalog, settings, env, logdir, services)
+        services.append(_worker(webhook_worker(pool=settings.pool, concurrency=settings.concurrency, program=CELERY),
+                                logdir, env))  # completion webhooks
         _watchdog(env, logdir, services)
         flower_url = _flower(settings, env, logdir, services)
         monitor_url = _monitor(env, logdir, services)
+        api_url = _api(env, logdir, services)
     except BaseException:
         Stack(settings, "", None, logdir, services).stop()
         raise
     client_settings = settings.model_copy(update={"broker_url": broker_url, "result_backend": backend_url})
-    return Stack(client_settings, flower_url, lm_url, logdir, services, monitor_url)
+    return Stack(client_settings, flower_url, lm_url, logdir, services, monitor_url, api_url, token_file)
 
 
 def child_env(broker_url: str, backend_url: str, extra: dict[str, str]) -> dict[str, str]:
@@ -308,6 +317,32 @@ def _monitor(env: dict[str, str], logdir: Path, services: list[Service]) -> str:
     url = f"http://{wanted.host}:{port}"
     cmd = [str(BIN / "stagecoach"), "monitor", "--port", str(port), "--host", wanted.host]
     services.append(_spawn("monitor", "monitor", url, cmd, logdir, env, lambda: http_ok(f"{url}/healthz")))
+    return url
+
+
+def _api_token(state_dir: Path) -> tuple[dict[str, str], Path | None]:
+    """The API's admin token: STAGECOACH_API_ADMIN_TOKEN if set, else one made for this stack and kept in
+    `<state_dir>/api-token` (mode 600) for the operator (`stagecoach tokens create` makes narrower ones)."""
+    if os.environ.get("STAGECOACH_API_ADMIN_TOKEN"):
+        return {}, None
+    from contracts.tokens import new_token
+
+    path = state_dir / "api-token"
+    token = path.read_text().strip() if path.exists() else new_token()
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return {"STAGECOACH_API_ADMIN_TOKEN": token}, path
+
+
+def _api(env: dict[str, str], logdir: Path, services: list[Service]) -> str:
+    """`stagecoach api`: the HTTP API with auth on (its default), on 127.0.0.1."""
+    from api.settings import APISettings
+
+    wanted = APISettings()
+    port = wanted.port if port_free(wanted.port, wanted.host) else free_port()
+    url = f"http://{wanted.host}:{port}"
+    cmd = [str(BIN / "stagecoach"), "api", "--port", str(port), "--host", wanted.host]
+    services.append(_spawn("api", "api", url, cmd, logdir, env, lambda: http_ok(f"{url}/openapi.json")))
     return url
 
 

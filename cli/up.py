@@ -56,6 +56,8 @@ def show(stack: Stack) -> None:
     render.out.print(f"broker: {redact(stack.broker_url)}   results: {redact(stack.settings.backend_url)}   "
                      f"flower: {stack.flower_url}   monitor: {stack.monitor_url}   LM: {stack.lm_url or 'configured'}",
                      highlight=False)
+    token = f"token in {stack.api_token_file}" if stack.api_token_file else "token: STAGECOACH_API_ADMIN_TOKEN"
+    render.out.print(f"HTTP API: {stack.api_url} ({stack.api_url}/docs; {token})", highlight=False)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ consumes the same queues with the same pool.
 import shlex
 from dataclasses import dataclass
 
-from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, service_name, stage_queue
+from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, WEBHOOK_QUEUE, service_name, stage_queue
 
 APP = "workers.app"
 ROUTING_QUEUES = (ROUTING_QUEUE, DEFAULT_QUEUE)  # the routing worker also serves clients that name no queue
@@ -85,3 +85,8 @@ def stage_worker(ref: str, index: int = 1, *, pool: str = "threads", concurrency
 
 def routing_worker(*, pool: str = "threads", concurrency: int = 8, program: str = "celery") -> WorkerCommand:
     return WorkerCommand("routing", ROUTING_QUEUES, pool=pool, concurrency=concurrency, program=program)
+
+
+def webhook_worker(*, pool: str = "threads", concurrency: int = 8, program: str = "celery") -> WorkerCommand:
+    """The worker of completion webhooks (I/O-bound: waiting on receivers), never a stage worker."""
+    return WorkerCommand("webhook", (WEBHOOK_QUEUE,), pool=pool, concurrency=concurrency, program=program)

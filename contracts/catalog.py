@@ -223,6 +223,44 @@ def iter_nodes(node: AnyNode) -> Iterator[AnyNode]:
         yield from iter_nodes(child)
 
 
+STATIC_KINDS = frozenset({"stage", "sequence", "parallel", "ensemble"})  # every stage in them runs, once
+
+
+def static_stage_count(spec: PipelineSpec) -> int | None:
+    """How many stage calls a job of `spec` makes, when the tree alone says (None: a branch, loop, map,
+    adaptive or sub-pipeline node decides at run time)."""
+    nodes = list(iter_nodes(spec.root))
+    if any(node.kind not in STATIC_KINDS for node in nodes):
+        return None
+    return sum(1 for node in nodes if node.kind == "stage")
+
+
+def pipeline_stages(catalog: Catalog, spec: PipelineSpec) -> list[str]:
+    """Every stage a job of this pipeline may run, in tree order, entering named sub-pipelines."""
+    found: list[str] = []
+    for node in _walk(catalog, spec):
+        if isinstance(node, StageNode) and node.stage not in found:
+            found.append(node.stage)
+    return found
+
+
+def pipeline_kinds(catalog: Catalog, spec: PipelineSpec) -> list[str]:
+    found: list[str] = []
+    for node in _walk(catalog, spec):
+        if node.kind not in found:
+            found.append(node.kind)
+    return found
+
+
+def _walk(catalog: Catalog, spec: PipelineSpec) -> list[Any]:
+    nodes: list[Any] = []
+    for node in iter_nodes(spec.root):
+        nodes.append(node)
+        if isinstance(node, SubPipelineNode) and node.pipeline in catalog.pipelines:
+            nodes.extend(_walk(catalog, catalog.pipelines[node.pipeline]))
+    return nodes
+
+
 def _spec_files(paths: Iterable[Path | str]) -> list[Path]:
     files: list[Path] = []
     for raw in paths:

@@ -9,6 +9,8 @@ from contracts.candidates import StageCandidate, TraceStep
 from contracts.envelope import Decision, ErrorRecord, StageTiming, Usage
 from contracts.errors import encodable
 from contracts.fields import UNENCODABLE, unencodable
+from contracts.priority import MAX_PRIORITY, MIN_PRIORITY
+from contracts.webhooks import Webhook, WebhookDelivery
 
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 # how a job ended: every ending goes through the one close path (workers/ledger.py)
@@ -27,6 +29,10 @@ class JobRequest(BaseModel):
     version: str | None = Field(None, description="pipeline version (alternative to `name@version`)")
     inputs: dict[str, Any] = Field(default_factory=dict)
     outputs: list[str] | None = Field(None, description="only these declared outputs; stages feeding only others skip")
+    priority: int | None = Field(None, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+                                 description="0 (default, lowest) to 9 (most urgent): every stage message of the job")
+    webhook: Webhook | None = Field(None, description="called with the JobResult once the job ends, however it ends")
+    metadata: dict[str, Any] | None = Field(None, description="the caller's own data, kept with the job's status")
     candidates: dict[str, StageCandidate] | None = Field(
         None, description="optimisation: per stage name, a candidate state and LM settings for this job only; "
                           "those stages also return their predictor traces")
@@ -49,6 +55,15 @@ def _unencodable_error(loc: tuple[str | int, ...], problem: str) -> InitErrorDet
                             loc=tuple(encodable(p) if isinstance(p, str) else p for p in loc), input=None)
 
 
+def requested_priority(request: Any) -> int | None:
+    """The priority a raw request (as a Celery client sent it, or as the checkpoint keeps it) asks for, as
+    validated (`"7"` is 7); None when it asks for none or is not a valid request."""
+    try:
+        return JobRequest.model_validate(request).priority
+    except ValidationError:
+        return None
+
+
 class JobStatus(BaseModel):
     job_id: str
     state: JobState
@@ -56,8 +71,13 @@ class JobStatus(BaseModel):
     node: str | None = Field(None, description="node path the job is in now")
     stage: str | None = Field(None, description="stage the job is in now")
     stages_done: int = 0
+    stages_total: int | None = Field(None, description="stage calls the job makes, when its pipeline's tree alone "
+                                                       "says (None: branches, loops, maps decide at run time)")
     updated_at: float | None = None
     submitted_at: float | None = None
+    priority: int | None = None
+    metadata: dict[str, Any] | None = None
+    webhook: WebhookDelivery | None = Field(None, description="the completion webhook's delivery, if one was asked")
 
 
 class JobResult(BaseModel):

@@ -16,6 +16,10 @@ VERSION_SEPARATOR = "@"
 FUSED_TASK = "stage.fused"
 MAX_FUSED_STEPS = 8  # the compiler fuses at most this many stages into one task
 
+# completion webhooks: delivered by tasks on a queue of their own, never by a stage worker
+WEBHOOK_QUEUE = "webhook.delivery"
+WEBHOOK_TASK = "webhook.deliver"
+
 RUN_TASK = "pipeline.run"
 FINISH_TASK = "pipeline.finish"
 LOOP_NEXT_TASK = "pipeline.loop.next"  # a loop's check after each iteration
@@ -34,6 +38,11 @@ CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
 WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
+JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id -> submit time (listing, newest first; trimmed by age)
+TOKENS_KEY = KEY_PREFIX + "tokens"  # hash: SHA-256 of an API token -> its record (name, scopes, pipelines)
+API_KEY_PREFIX = KEY_PREFIX + "api:"  # the HTTP API's own keys: idempotency records, rate windows
+
+
 CANDIDATE_KEY_PREFIX = KEY_PREFIX + "candidate:"  # optimisation: candidate stage states by sha256
 
 CACHE_ENTRY_PREFIX = CACHE_KEY_PREFIX + "entry:"
@@ -170,6 +179,26 @@ def deliveries_key(claim: str) -> str:
 def closed_key(job_id: str) -> str:
     """The generation that closed the job: a job closes once per generation (a resume opens the next)."""
     return JOB_KEY_PREFIX + job_id + ":closed"
+
+
+def pipeline_jobs_key(pipeline: str) -> str:
+    """Sorted set: job id -> submit time of one pipeline's jobs (listing by pipeline)."""
+    return f"{JOBS_INDEX_KEY}:pipeline:{pipeline}"
+
+
+def open_jobs_key(pipeline: str) -> str:
+    """Sorted set: job id -> submit time of one pipeline's jobs not ended yet (its backlog, `max_queued`)."""
+    return f"{JOBS_INDEX_KEY}:open:{pipeline}"
+
+
+def idempotency_key(token: str, key: str) -> str:
+    """The job an `Idempotency-Key` of one caller (token name, or "" with auth off) started."""
+    return f"{API_KEY_PREFIX}idempotency:{token}:{key}"
+
+
+def api_rate_key(token: str, minute: int) -> str:
+    """Requests of one caller in one minute (the per-token rate limit)."""
+    return f"{API_KEY_PREFIX}rate:{token}:{minute}"
 
 
 def candidate_key(digest: str) -> str:

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from contracts.fields import Fields
+from contracts.webhooks import Webhook
 
 
 class Model(BaseModel):
@@ -425,6 +426,9 @@ class PipelineSpec(Model):
     outputs: list[str] = Field(default_factory=list, description="state fields reported as the answer")
     example: dict[str, Any] = Field(default_factory=dict)
     lazy: bool = Field(True, description="skip stages whose outputs nothing later reads and the job does not return")
+    max_queued: int | None = Field(None, ge=1, description="jobs of this pipeline not ended yet above which the HTTP "
+                                                          "API answers 429 (None: no limit)")
+    webhook: Webhook | None = Field(None, description="completion webhook of jobs whose request names none")
     traffic: dict[Version, int] | None = Field(
         None, description="on the latest version: shares of unpinned jobs per version, e.g. {'1': 90, '2': 10} "
                           "(chosen at submit from the job id, contracts/traffic.py)")

@@ -1,5 +1,5 @@
-"""Messages waiting per queue, on either broker: LLEN of the queue's list on Redis; on RabbitMQ
-(amqp://) the message count a passive queue declare reports."""
+"""Messages waiting per queue, on either broker: on Redis the LLENs of the queue's lists (one per priority
+step, contracts/priority.py); on RabbitMQ (amqp://) the message count a passive queue declare reports."""
 
 from collections.abc import Callable
 from contextlib import suppress
@@ -7,6 +7,7 @@ from contextlib import suppress
 import redis
 
 from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_client, scheme_of
+from contracts.priority import PRIORITY_STEPS, queue_lists
 
 Depths = Callable[[list[str]], dict[str, int]]
 
@@ -21,8 +22,10 @@ def _redis_depths(client: redis.Redis) -> Depths:
     def read(queues: list[str]) -> dict[str, int]:
         pipe = client.pipeline(transaction=False)
         for queue in queues:
-            pipe.llen(queue)
-        return {q: int(n) for q, n in zip(queues, pipe.execute(), strict=True)}
+            for key in queue_lists(queue):
+                pipe.llen(key)
+        counts = iter(pipe.execute())
+        return {queue: sum(int(next(counts)) for _ in PRIORITY_STEPS) for queue in queues}
 
     return read
 

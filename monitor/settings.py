@@ -4,7 +4,7 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.connections import SentinelSettings
@@ -23,6 +23,10 @@ class MonitorSettings(BaseSettings):
         "STAGECOACH_CATALOG", "catalog"), description="pipeline catalog (graphs, stage queues)")
     host: str = Field("127.0.0.1", description="interface of the monitor's HTTP server")
     port: int = Field(8095, description="port of the monitor's HTTP server (JSON, /metrics, web page)")
+    auth: bool = Field(False, description="require API tokens (read scope, every pipeline) for the page and JSON; "
+                                          "required on a non-loopback host")
+    admin_token: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "STAGECOACH_API_ADMIN_TOKEN", "admin_token"), description="the deployment's admin token (shared with the API)")
     samples: int = Field(1000, ge=10, description="latest runtimes kept per stage/pipeline for percentiles")
     bucket_seconds: int = Field(10, ge=1, description="width of one time-series bucket")
     window_buckets: int = Field(360, ge=2, description="buckets kept (rolling window of the time series)")

@@ -11,12 +11,15 @@ import redis
 from celery.canvas import Signature
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from contracts.candidates import StageCandidate
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem
+from contracts.fields import problems_of
 from contracts.jobs import JobRequest, JobResult, JobStatus
 from contracts.specs import PipelineSpec
+from contracts.webhooks import Webhook, refused
 from routing.compile import Compiler
 from routing.errors import BrokerUnavailableError, JobTimeoutError, PipelineError, RedisFullError
 from routing.nodes import KINDS
@@ -108,22 +111,29 @@ class Client:
         self.compiler = Compiler(runtime.app, runtime.catalog, KINDS)
 
     def submit(self, pipeline: str, inputs: dict[str, Any], job_id: str | None = None,
-               version: str | None = None, outputs: list[str] | None = None,
+               version: str | None = None, outputs: list[str] | None = None, priority: int | None = None,
+               webhook: Webhook | None = None, metadata: dict[str, Any] | None = None,
                candidates: dict[str, StageCandidate] | None = None) -> JobHandle:
         """Validate inputs against the pipeline's contract now (raises ContractError), then enqueue
         the validated (coerced) inputs; `job_id` defaults to a fresh one. `pipeline` may pin a
         version (`qa@2`), or `version` may; otherwise the latest runs. `outputs` asks for only
-        some declared outputs: stages that feed only the others are skipped. `candidates`: an optimiser's
-        candidate per stage (contracts/candidates.py)."""
+        some declared outputs: stages that feed only the others are skipped. `priority` 0-9 (9 most
+        urgent), `webhook` called once the job ends, `metadata` kept with its status. `candidates`: an
+        optimiser's candidate per stage (contracts/candidates.py)."""
         checked = self.runtime.catalog.validate_inputs(pipeline, inputs, version)
         self.runtime.catalog.wanted_outputs(pipeline, outputs, version)
         fresh = job_id is None
         job_id = job_id or uuid.uuid4().hex
-        request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs, candidates=candidates)
+        try:
+            request = JobRequest(pipeline=pipeline, version=version, inputs=checked, outputs=outputs,
+                                 priority=priority, webhook=webhook, metadata=metadata, candidates=candidates)
+        except ValidationError as error:
+            raise ContractError("job request", problems_of(error)) from None
         check_size(request, self.runtime.settings.max_request_bytes)
+        check_webhook(request, self.runtime.settings.webhook.allow)
         payload = request.model_dump(mode="json")
         envelope, spec, pinned = start_envelope(self.runtime.catalog, payload, job_id)  # versions pinned, lazy plan
-        canvas = self.compiler.job(spec, envelope)
+        canvas = self.compiler.job(spec, envelope, priority)
         self._start(envelope, payload, pinned, canvas, fresh)
         return JobHandle(self, job_id)
 
@@ -239,6 +249,13 @@ def safe_url(url: str) -> str:
         return url
     netloc = parsed.netloc.replace(f":{parsed.password}@", ":***@")
     return parsed._replace(netloc=netloc).geturl()
+
+
+def check_webhook(request: JobRequest, allowed: list[str]) -> None:
+    """Refuse a webhook URL off the allow-list (STAGECOACH_WEBHOOK_ALLOW) now, not when the job ends."""
+    problem = refused(request.webhook.url, allowed) if request.webhook is not None else None
+    if problem is not None:
+        raise ContractError("job request", [FieldProblem("webhook.url", problem)])
 
 
 def check_size(request: JobRequest, max_bytes: int) -> None:

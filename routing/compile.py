@@ -10,6 +10,7 @@ by where it ran (`retrieve`, `hops[2]/retrieve`).
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery import Celery, chain
 from celery.canvas import Signature, _chain, chord, group
@@ -17,6 +18,7 @@ from celery.canvas import Signature, _chain, chord, group
 from contracts.catalog import Catalog
 from contracts.envelope import Envelope
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, STAGE_PREFIX, routing_task, stage_queue, stage_task
+from contracts.priority import broker_priority
 from contracts.specs import AnyNode, Limits, PipelineSpec, StageNode
 from routing.errors import RoutingError
 from routing.kinds import NodeKind
@@ -48,15 +50,22 @@ class Compiler:
                 step.set(ignore_result=True)
         return chain(*steps)
 
-    def job(self, spec: PipelineSpec, envelope: Envelope) -> _chain:
+    def job(self, spec: PipelineSpec, envelope: Envelope, priority: int | None = None) -> _chain:
         """The job's chain, its envelope bound to the first task(s). Each step's message shows the job id
         in place of Celery's repr of the envelope (what Flower lists; computing that repr was a good
-        share of a stage's overhead)."""
+        share of a stage's overhead). `priority` (0-9, None: the default) goes on the chain's first
+        messages as the broker's number; every later message of the job inherits it from the task that
+        sends it (`task_inherit_parent_priority`), runtime-compiled canvases (`task.replace`) included."""
         canvas = bind_input(self.pipeline(spec), envelope.model_dump(mode="json"))
         for step in canvas.tasks:
             if type(step) is Signature:
                 step.set(argsrepr=f"(<envelope of job {envelope.job_id}>,)")
+        canvas.set(priority=broker_priority(priority, self.redis_broker))
         return canvas  # type: ignore[no-any-return]
+
+    @property
+    def redis_broker(self) -> bool:
+        return urlsplit(str(self.app.conf.broker_url)).scheme in ("redis", "rediss")
 
     def node(self, node: AnyNode, prefix: str) -> Signature:
         kind = self.kinds.get(node.kind)

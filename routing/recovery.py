@@ -18,7 +18,9 @@ from contracts.catalog import Catalog
 from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_client, scheme_of
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
+from contracts.jobs import requested_priority
 from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, backlog_key, stage_queue
+from contracts.priority import queue_lists
 from routing.compile import Compiler
 from routing.errors import PipelineError
 from routing.nodes import KINDS
@@ -66,7 +68,8 @@ class Recovery:
         envelope = first.model_copy(update={"generation": generation})
         backoff = self.checkpoints.stall * min(2 ** generation, MAX_BACKOFF)
         self.checkpoints.push_deadline(job_id, time.time() + backoff)
-        job_canvas(self.compiler, pipeline, envelope).apply_async(root_id=job_id)  # finish answers as the job
+        canvas = job_canvas(self.compiler, pipeline, envelope, requested_priority(request))
+        canvas.apply_async(root_id=job_id)  # finish answers as the job
         return generation
 
     def resume(self, job_id: str) -> int:
@@ -105,7 +108,8 @@ class Recovery:
             return False
         broker = redis_client(str(self.app.conf.broker_url), self.sentinel)
         pipe = broker.pipeline(transaction=False)
-        for queue in [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]:
+        queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
+        for queue in [key for name in queues for key in queue_lists(name)]:  # one list per priority step
             pipe.llen(queue)
         return any(int(n) for n in pipe.execute())
 

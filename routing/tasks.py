@@ -17,7 +17,7 @@ from contracts.catalog import Catalog, iter_nodes, pin_versions
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.errors import ContractError, FieldProblem, StagecoachError, encodable
 from contracts.fields import problems_of
-from contracts.jobs import JobRequest
+from contracts.jobs import JobRequest, requested_priority
 from contracts.names import FINISH_TASK, ROUTING_QUEUE, RUN_TASK, finish_task_id, routing_task
 from contracts.specs import PipelineSpec, StageNode
 from contracts.traffic import routed_version
@@ -56,18 +56,21 @@ def _register_run(app: Celery, catalog: Catalog, compiler: Compiler, ledger: Led
             request = request_of(args, kwargs, max_bytes)
             envelope, spec, pinned = start_envelope(catalog, request, job_id)
         except StagecoachError as error:
-            ledger.fail(job_id, rejected_record(error), Closer.of(self), pipeline=pipeline_named(request), inputs={})
+            ledger.fail(job_id, rejected_record(error), Closer.of(self), pipeline=pipeline_named(request), inputs={},
+                        rejected=request)
             raise Ignore() from None  # the ledger stored the failed JobResult and told Flower
         with outage_requeues(f"{RUN_TASK} of job {job_id}"):
             claim = ledger.start(envelope, request, pinned, "run", *delivery(self))
             if claim.begin is not Begin.RUN:
                 raise Ignore()  # a duplicate `pipeline.run` of a started job starts nothing
-            return replace_once(self, job_canvas(compiler, spec, envelope), ledger, claim)
+            canvas = job_canvas(compiler, spec, envelope, requested_priority(request))
+            return replace_once(self, canvas, ledger, claim)
 
 
-def job_canvas(compiler: Compiler, spec: PipelineSpec, envelope: Envelope) -> Any:
-    """The whole job as canvas, the envelope bound to its first task(s); its last task closes the job."""
-    canvas = compiler.job(spec, envelope)
+def job_canvas(compiler: Compiler, spec: PipelineSpec, envelope: Envelope, priority: int | None) -> Any:
+    """The whole job as canvas, the envelope bound to its first task(s); its last task closes the job.
+    `priority`: the job's (contracts/priority.py), set on its first messages; the rest inherit it."""
+    canvas = compiler.job(spec, envelope, priority)
     canvas.tasks[-1].set(task_id=finish_task_id(envelope.job_id))  # see finish_task_id
     return canvas
 

@@ -21,33 +21,36 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--hide-scrollbars"]
 
 
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def get(url: str, token: str | None = None) -> bytes:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
         return bytes(response.read())
 
 
-def get_json(url: str) -> Any:
-    return json.loads(get(url))
+def get_json(url: str, token: str | None = None) -> Any:
+    return json.loads(get(url, token))
 
 
-def _up(url: str) -> bool:
+def _up(url: str, token: str | None = None) -> bool:
     try:
-        get(url)
+        get(url, token)
         return True
     except OSError:
         return False
 
 
 @contextmanager
-def monitor_service(redis_url: str, lm_url: str, logdir: Path, **settings: str) -> Iterator[str]:
-    """`stagecoach monitor` on a free port (`settings`: more environment, e.g. STAGECOACH_MONITOR_TRACES);
-    yields its base URL once it reads the fleet's event stream in its consumer group (/healthz)."""
-    with monitor_process(redis_url, lm_url, logdir, **settings) as (url, _):
+def monitor_service(redis_url: str, lm_url: str, logdir: Path, token: str | None = None,
+                    **settings: str) -> Iterator[str]:
+    """`stagecoach monitor` on a free port (`settings`: more environment, e.g. STAGECOACH_MONITOR_TRACES,
+    STAGECOACH_MONITOR_AUTH); yields its base URL once it reads the fleet's event stream in its consumer
+    group (/healthz; `token`: what to read it with when its auth is on)."""
+    with monitor_process(redis_url, lm_url, logdir, token, **settings) as (url, _):
         yield url
 
 
 @contextmanager
-def monitor_process(redis_url: str, lm_url: str, logdir: Path, **settings: str
+def monitor_process(redis_url: str, lm_url: str, logdir: Path, token: str | None = None, **settings: str
                     ) -> Iterator[tuple[str, "subprocess.Popen[bytes]"]]:
     """`monitor_service`, also yielding the process (a test may kill it)."""
     port = free_port()
@@ -57,7 +60,7 @@ def monitor_process(redis_url: str, lm_url: str, logdir: Path, **settings: str
     proc = subprocess.Popen([STAGECOACH, "monitor"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz"), 60, "monitor HTTP and event stream")
+        wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz", token), 60, "monitor HTTP and event stream")
         yield url, proc
     finally:
         if proc.poll() is None:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -171,7 +172,8 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     assert "stage.key_terms" in table and "pipeline.routing" in table
     state = json.loads((tmp_path / ".stagecoach" / "stack.json").read_text())
     pids = state["pids"]
-    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "watchdog", "flower", "monitor"}
+    assert set(pids) == {"redis", "stage-key_terms", "stage-answer", "routing", "webhook", "watchdog", "flower",
+                         "monitor", "api"}
     settings = Settings(broker_url=broker, catalog=[ROOT / "pipelines" / "qa.yaml"],
                         lm=LMSettings(model="openai/test-lm", api_base=lm_url))
     result = Client(create_runtime(settings)).submit("qa", {"question": "Up and running?"}).get(timeout=60)
@@ -180,6 +182,16 @@ def test_up_starts_serves_and_stops_everything(up_process: tuple[subprocess.Pope
     with urllib.request.urlopen(f"{state['flower_url']}/api/workers", timeout=10) as response:
         assert response.status == 200
     wait_until(lambda: _stage_runs(state["monitor_url"]) == {"key_terms": 1, "answer": 1}, 30, "monitor counts")
+    # the HTTP API, auth on, with the admin token `up` made (kept in the state dir, mode 600)
+    token_file = tmp_path / ".stagecoach" / "api-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    request = urllib.request.Request(f"{state['api_url']}/v1/jobs/{result.job_id}",
+                                     headers={"Authorization": f"Bearer {token_file.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["state"] == "succeeded"
+    with pytest.raises(urllib.error.HTTPError) as anonymous:
+        urllib.request.urlopen(f"{state['api_url']}/v1/jobs/{result.job_id}", timeout=10)
+    assert anonymous.value.code == 401
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 0
     wait_until(lambda: not any(alive(pid) for pid in pids.values()), 10, "stack processes to exit")

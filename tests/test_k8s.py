@@ -18,6 +18,7 @@ from celery import Celery
 from cli.k8s import HEAD, K8sOptions, database_index, redis_lists, render
 from contracts.catalog import load_catalog
 from contracts.names import stage_queue
+from contracts.priority import queue_lists
 from contracts.specs import Limits, ScaleSpec
 from tests.services import ROOT, private_redis
 from workers.settings import Settings
@@ -147,9 +148,9 @@ def test_every_stage_queue_has_a_scaled_object_on_its_list() -> None:
         queue = stage_queue(ref)
         consumers = [name for name, d in deployments.items() if queue_of(d) == queue]
         assert len(consumers) == 1, (ref, consumers)
-        (trigger,) = scaled[consumers[0]]["spec"]["triggers"]
-        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
-        assert trigger["authenticationRef"] == {"name": "stagecoach-broker"}
+        triggers = scaled[consumers[0]]["spec"]["triggers"]  # one per priority list (contracts/priority.py)
+        assert [t["metadata"]["listName"] for t in triggers] == queue_lists(queue)
+        assert all(t["type"] == "redis" and t["authenticationRef"] == {"name": "stagecoach-broker"} for t in triggers)
     assert "routing" in deployments and "routing" not in scaled
 
 
@@ -243,6 +244,8 @@ def test_no_secret_value_in_any_manifest() -> None:
         assert doc["kind"] != "Secret"
         for container in containers(doc):
             for env in container.get("env", []):
+                if env.get("value") in ("true", "false"):  # a switch (STAGECOACH_API_AUTH), not a secret
+                    continue
                 if any(word in env["name"] for word in ("PASSWORD", "AUTH", "KEY", "TOKEN")):
                     assert env["valueFrom"]["secretKeyRef"]["name"] == "stagecoach-secrets", env
     configmap = of_kind(generated(), "ConfigMap")[0]["data"]
@@ -295,14 +298,16 @@ def test_a_sentinel_broker_gives_redis_sentinel_triggers_on_kombus_lists() -> No
     scaled = {doc["spec"]["scaleTargetRef"]["name"]: doc for doc in of_kind(texts, "ScaledObject")}
     assert len(scaled) == len(catalog().stages)
     for name, doc in scaled.items():
-        (trigger,) = doc["spec"]["triggers"]
-        assert trigger["type"] == "redis-sentinel" and trigger["authenticationRef"] == {"name": "stagecoach-broker"}
-        meta = trigger["metadata"]
-        assert meta["addresses"] == ("redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379,"
-                                     "redis-sentinel-2.redis-sentinel:26380")
-        assert meta["sentinelMaster"] == "stagecoach-master" and meta["databaseIndex"] == "2"
+        triggers = doc["spec"]["triggers"]  # one per priority list (contracts/priority.py)
         deployment = next(d for d in of_kind(texts, "Deployment") if d["metadata"]["name"] == name)
-        assert meta["listName"] == queue_of(deployment)
+        assert [t["metadata"]["listName"] for t in triggers] == queue_lists(str(queue_of(deployment)))
+        for trigger in triggers:
+            assert trigger["type"] == "redis-sentinel"
+            assert trigger["authenticationRef"] == {"name": "stagecoach-broker"}
+            meta = trigger["metadata"]
+            assert meta["addresses"] == ("redis-sentinel-0.redis-sentinel:26379,redis-sentinel-1.redis-sentinel:26379,"
+                                         "redis-sentinel-2.redis-sentinel:26380")
+            assert meta["sentinelMaster"] == "stagecoach-master" and meta["databaseIndex"] == "2"
     configmap = of_kind(texts, "ConfigMap")[0]["data"]
     assert configmap["STAGECOACH_SENTINEL_MASTER"] == "stagecoach-master"
     assert configmap["STAGECOACH_BROKER_URL"] == configmap["STAGECOACH_RESULT_BACKEND"] == SENTINELS

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.catalog import Catalog
@@ -204,6 +205,42 @@ def test_burst_figures_agree_everywhere(services: tuple[str, str], burst: list[J
     assert sorted(t["name"] for t in found.values()) == ["stage.answer", "stage.key_terms"]
     if os.environ.get("STAGECOACH_SCREENSHOT_DIR"):  # how docs/monitor-page.png is made
         shutil.copy(shot, Path(os.environ["STAGECOACH_SCREENSHOT_DIR"]) / "monitor-page.png")
+
+
+def test_page_and_json_behind_auth(services: tuple[str, str], burst: list[JobResult], redis_url: str, lm_url: str,
+                                   logdir: Path) -> None:
+    """With auth on, the monitor answers nothing without an API token; with one (the page: `/?token=` once,
+    then a cookie) the page renders the same figures in headless Chromium."""
+    from contracts.tokens import TokenRecord, TokenStore
+
+    tokens = TokenStore(redis.Redis.from_url(redis_url))
+    token = tokens.create(TokenRecord(name=f"viewer-{uuid.uuid4().hex[:6]}", scopes=["read"]))
+    narrow = tokens.create(TokenRecord(name=f"qa-{uuid.uuid4().hex[:6]}", scopes=["read"], pipelines=["qa"]))
+    with ms.monitor_service(redis_url, lm_url, logdir, token, STAGECOACH_MONITOR_AUTH="true") as guarded:
+        for path in ("/", "/api/stats", "/metrics", f"/api/trace/{burst[0].job_id}"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                ms.get(f"{guarded}{path}")
+            assert refused.value.code == 401, path
+        with pytest.raises(urllib.error.HTTPError) as narrowed:
+            ms.get(f"{guarded}/api/stats", narrow)
+        assert narrowed.value.code == 403
+        counts = stats_counts(ms.get_json(f"{guarded}/api/stats", token))
+        shot = logdir / "monitor-page-auth.png"
+        dom = ms.browse(f"{guarded}/?token={token}", shot)
+        assert 'data-ready="1"' in dom, dom[:2000]
+        for stage, (runs, _, failed) in counts.items():
+            row = re.search(rf'<tr data-stage="{stage}"><td class="text">{stage}</td><td>(\d+)</td><td>(\d+)</td>'
+                            rf'<td[^>]*>(\d+)', dom)
+            assert row is not None and (int(row.group(1)), int(row.group(3))) == (runs, failed), (stage, dom[:3000])
+        width, height, distinct = ms.png_stats(shot)
+        assert (width, height) == (1400, 2000) and distinct > 50
+
+
+def test_monitor_refuses_a_public_address_with_auth_off(redis_url: str, lm_url: str) -> None:
+    env = {**worker_env(redis_url, lm_url), "STAGECOACH_MONITOR_HOST": "0.0.0.0"}
+    done = subprocess.run([ms.STAGECOACH, "monitor", "--host", "0.0.0.0", "--port", str(ms.free_port())], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "refusing to listen on 0.0.0.0 with auth off" in done.stderr
 
 
 def test_page_graph_is_the_cli_drawing_and_a_new_monitor_reads_the_same_store(

@@ -19,6 +19,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from contracts.names import DEAD_LETTER_KEY, ROUTING_QUEUE, RUN_TASK, stage_queue
+from contracts.priority import queue_lists
 from tests.reliability_kit import EMBED, headers, letters, message, qa_fleet, run_message, wait_for
 from tests.services import Fleet, client_for, worker_env
 
@@ -366,7 +367,8 @@ def test_good_jobs_alongside_every_poison_all_succeed(app: Celery, db: redis.Red
     assert [r.answer["answer"] for r in results] == [f"answer of <Good {i}?>" for i in range(len(RAW_CASES))]
     assert all(worker.proc.poll() is None for worker in poison_env[1].workers)
     # nothing left behind to crash-loop a restarted worker
-    wait_for(lambda: not db.hlen("unacked") and not db.llen(ROUTING_QUEUE), 60, "empty queues and unacked")
+    wait_for(lambda: not db.hlen("unacked") and not any(db.llen(key) for key in queue_lists(ROUTING_QUEUE)), 60,
+             "empty queues and unacked")
 
 
 def test_a_restarted_worker_starts_clean_and_serves(poison_env: tuple[str, Fleet], lm_url: str) -> None:

@@ -17,6 +17,7 @@ from celery import Celery
 
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, checkpoint_key, stage_queue
+from contracts.priority import queue_lists
 from routing.client import Client
 from routing.compile import Compiler, bind_input
 from routing.nodes import KINDS
@@ -119,8 +120,9 @@ def test_watchdog_redispatches_a_lost_message_from_the_checkpoint(client: Client
     answer.stop()
     fleet.workers.remove(answer)
     handle = client.submit("qa", {"question": "Lost in transit?"})
-    wait_for(lambda: db.llen(stage_queue("answer")), 30, "the answer stage's message in its queue")
-    db.delete(stage_queue("answer"))  # the message is lost (what a consumer killed mid-pop does)
+    lists = queue_lists(stage_queue("answer"))  # one Redis list per priority step
+    wait_for(lambda: sum(db.llen(key) for key in lists), 30, "the answer stage's message in its queue")
+    db.delete(*lists)  # the message is lost (what a consumer killed mid-pop does)
     fleet.start("answer-1", [stage_queue("answer")], concurrency=2)
     fleet.wait_ready()
     before = lm_calls(own_lm)

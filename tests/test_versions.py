@@ -25,6 +25,7 @@ from contracts.envelope import Envelope
 from contracts.errors import SpecError, UnknownVersionError
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, RUN_TASK, stage_queue, stage_task
+from contracts.priority import queue_lists
 from routing.client import Client
 from routing.recovery import Recovery, RecoveryError
 from routing.tasks import start_envelope
@@ -199,9 +200,10 @@ def test_a_job_resumed_after_a_deploy_runs_the_versions_it_started_with(
     deployed = load_catalog([*catalog_paths, newer])
     assert deployed.stage("vprobe").version == "3"
     db = redis.Redis.from_url(private_redis)
-    before = db.llen(stage_queue("vprobe@2"))
+    lists = queue_lists(stage_queue("vprobe@2"))  # one Redis list per priority step
+    before = sum(db.llen(key) for key in lists)
     Recovery(client.app, deployed, client.ledger).redispatch(job_id)
-    assert db.llen(stage_queue("vprobe@2")) == before + 1  # version 2's queue, not the latest's
+    assert sum(db.llen(key) for key in lists) == before + 1  # version 2's queue, not the latest's
     gone = tmp_path / "only-v3"
     gone.mkdir()
     (gone / "stages.yaml").write_text(newer.read_text())

@@ -27,6 +27,7 @@ from contracts.connections import SentinelSettings, redis_client
 from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
+    JOBS_INDEX_KEY,
     WATCH_KEY,
     cancel_key,
     checkpoint_key,
@@ -35,6 +36,8 @@ from contracts.names import (
     deliveries_key,
     job_fields_key,
     job_key,
+    open_jobs_key,
+    pipeline_jobs_key,
 )
 from workers.eventlog import APPEND_EACH_LUA, APPEND_LUA, EventLog
 
@@ -76,6 +79,16 @@ class Close:
     @property
     def succeeded(self) -> bool:
         return self.finished.state == "succeeded"
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A close's reply: whether this delivery closed the job, the door it came in by (client or run) and
+    the completion webhook its request named (JSON, "" for none), read in the close's own round trip."""
+
+    closed: bool
+    door: str = ""
+    webhook: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,10 +195,11 @@ return {'run', deliveries, cancelled, done}
 """
 
 # Start a job once, before its first message is sent: KEYS checkpoint, start claim, job status, watch, job
-# event stream, fleet event stream; ARGV owner, redelivered (0/1), claim value ('running:<owner>', or 'done'
-# for a sender that cannot be redelivered), claim ttl, ttl, request, pipeline, door, pinned spec, deadline,
-# job id, the event's bounds, type and JSON (JobQueued), then the job's status field/value pairs
-# -> 'run' | 'duplicate'
+# event stream, fleet event stream, job index, the pipeline's job index, the pipeline's open jobs; ARGV owner,
+# redelivered (0/1), claim value ('running:<owner>', or 'done:<owner>' for a sender never redelivered), claim
+# ttl, ttl, request, pipeline, door, pinned spec, deadline, job id, the event's bounds, type and JSON
+# (JobQueued), submit time, oldest submit time kept in the indexes, the webhook's JSON ('' for none), then the
+# job's status field/value pairs -> 'run' | 'duplicate'
 _START = APPEND_LUA + """
 local owner = 'running:' .. ARGV[1]
 local held = redis.call('GET', KEYS[2])
@@ -201,36 +215,45 @@ redis.call('HSETNX', KEYS[1], 'door', ARGV[8])
 redis.call('HSETNX', KEYS[1], 'spec', ARGV[9])
 redis.call('HSETNX', KEYS[1], 'generation', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+if ARGV[18] ~= '' then redis.call('HSETNX', KEYS[1], 'webhook', ARGV[18]) end
 if redis.call('HEXISTS', KEYS[3], 'state') == 0 then  -- a job that began already is never set back to queued
-  redis.call('HSET', KEYS[3], unpack(ARGV, 16))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 19))
 end
 redis.call('EXPIRE', KEYS[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[10], ARGV[11])
 append(KEYS[5], KEYS[6], ARGV[12], ARGV[13], ARGV[5], ARGV[14], ARGV[15])
+for i = 7, 9 do
+  redis.call('ZADD', KEYS[i], ARGV[16], ARGV[11])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. ARGV[17])
+  redis.call('EXPIRE', KEYS[i], ARGV[5])
+end
 return 'run'
 """
 
-# Close a job once per generation, its result stored with its final status: KEYS closed marker,
-# checkpoint, watch, job status, result, job event stream, fleet event stream, published fields, then the
-# job's claim and delivery-counter keys; ARGV generation ('' for the current one), ttl, job id, now, result
-# record, result ttl (0: none), the event's bounds, type and JSON (JobFinished), what a succeeded job's
-# records are kept (0: a failed job, kept for the ttl), what the job's event stream is kept, then the final
-# status field/value pairs -> {'run' | 'stale' | 'duplicate', door}
+# Close a job once per generation, its result stored with its final status, and out of its pipeline's open
+# jobs: KEYS closed marker, checkpoint, watch, job status, result, job event stream, fleet event stream,
+# published fields, then the job's claim and delivery-counter keys; ARGV generation ('' for the current one),
+# ttl, job id, now, result record, result ttl (0: none), the event's bounds, type and JSON (JobFinished), what
+# a succeeded job's records are kept (0: a failed job, kept for the ttl), what the job's event stream is kept,
+# prefix of the open-jobs keys, then the final status field/value pairs -> {'run' | 'stale' | 'duplicate', door}
 # A succeeded job keeps its result and status; its checkpoint, claims, delivery counters, close marker and
 # published fields only serve a redelivery of one of its messages, so they go once none can come.
 _CLOSE = APPEND_LUA + """
 local current = tonumber(redis.call('HGET', KEYS[2], 'generation') or '0')
 local door = redis.call('HGET', KEYS[2], 'door') or ''
+local webhook = redis.call('HGET', KEYS[2], 'webhook') or ''
 local generation = current
 if ARGV[1] ~= '' then generation = tonumber(ARGV[1]) end
-if generation < current then return {'stale', door} end
+if generation < current then return {'stale', door, webhook} end
 local closed = redis.call('GET', KEYS[1])
-if closed and tonumber(closed) >= generation then return {'duplicate', door} end
+if closed and tonumber(closed) >= generation then return {'duplicate', door, webhook} end
 local keep = tonumber(ARGV[11])
 redis.call('SET', KEYS[1], generation, 'EX', keep > 0 and keep or ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HSET', KEYS[2], 'finished_at', ARGV[4]) end
-redis.call('HSET', KEYS[4], unpack(ARGV, 13))
+local pipeline = redis.call('HGET', KEYS[2], 'pipeline')
+if pipeline then redis.call('ZREM', ARGV[13] .. pipeline, ARGV[3]) end
+redis.call('HSET', KEYS[4], unpack(ARGV, 14))
 redis.call('EXPIRE', KEYS[4], ARGV[2])
 if tonumber(ARGV[6]) > 0 then
   redis.call('SET', KEYS[5], ARGV[5], 'EX', ARGV[6])
@@ -244,7 +267,7 @@ if keep > 0 then
   redis.call('EXPIRE', KEYS[2], keep)
   for i = 8, #KEYS do redis.call('EXPIRE', KEYS[i], keep) end
 end
-return {'run', door}
+return {'run', door, webhook}
 """
 
 
@@ -261,6 +284,7 @@ class Start:
     request: dict[str, Any]  # the request as received (the watchdog and `resume` start again from it)
     spec: dict[str, Any]  # the pipeline as the job runs it, every version pinned (resumed on the same)
     door: str  # who started it: "client" (the Python client) or "run" (a `pipeline.run` task)
+    webhook: dict[str, Any] | None = None  # the completion webhook the request names (read back at the close)
 
 
 class Checkpoints:
@@ -295,12 +319,15 @@ class Checkpoints:
         the job's first message meanwhile (one round trip saved on every job)."""
         key = claim_key(job.job_id, f"{job.generation}:run")
         keys = [checkpoint_key(job.job_id), key, job_key(job.job_id), WATCH_KEY,
-                *self.events.script_keys(job.job_id)]
+                *self.events.script_keys(job.job_id), JOBS_INDEX_KEY, pipeline_jobs_key(job.pipeline),
+                open_jobs_key(job.pipeline)]
         value = f"done:{owner}" if final else f"running:{owner}"
         ttl = self.ttl if final else max(int(self.stall), 1)
+        now = time.time()
         args: list[Any] = [owner, int(redelivered), value, ttl, self.ttl, json.dumps(start.request), job.pipeline,
-                           start.door, json.dumps(start.spec), time.time() + self.stall, job.job_id,
-                           *self.events.script_args(queued)]
+                           start.door, json.dumps(start.spec), now + self.stall, job.job_id,
+                           *self.events.script_args(queued), job.submitted_at or now, now - self.ttl,
+                           json.dumps(start.webhook) if start.webhook else ""]
         for field, encoded_value in status.items():
             args += [field, encoded_value]
         reply = send_script(self.client, self._start, keys, args)
@@ -341,6 +368,9 @@ class Checkpoints:
         pipe.execute()
         if self.request(job_id) is not None:
             self.client.zadd(WATCH_KEY, {job_id: time.time() + self.stall})
+            pipeline = self.client.hget(checkpoint_key(job_id), "pipeline")
+            if pipeline:  # open again: part of its pipeline's backlog
+                self.client.zadd(open_jobs_key(_text(pipeline)), {job_id: time.time()})
 
     def stalled(self, now: float | None = None) -> list[str]:
         """Jobs past their deadline of progress."""
@@ -372,10 +402,10 @@ class Checkpoints:
         claim = Claim(outcome, key if outcome is Begin.RUN else "", max(int(deliveries) - 1, 0))
         return Begun(claim, bool(cancelled), Done.load(done) if done else None)
 
-    def close(self, job_id: str, generation: int | None, ending: Close) -> tuple[bool, str]:
+    def close(self, job_id: str, generation: int | None, ending: Close) -> Closed:
         """Close the job once per generation (None: whichever is current), marking it finished (checkpoint,
         watch index, status), storing its result and appending its JobFinished event in one atomic step.
-        Returns (closed, door): closed is False for a duplicate or a stale generation (another delivery
+        Returns whether it closed (False for a duplicate or a stale generation: another delivery
         answers for the job)."""
         replies = execute_with_scripts(self.client, lambda pipe: self.queue_close(pipe, job_id, generation, ending),
                                        [self._close])
@@ -389,7 +419,7 @@ class Checkpoints:
                 *self.events.script_keys(job_id), job_fields_key(job_id), *claims]
         args: list[Any] = ["" if generation is None else generation, self.ttl, job_id, time.time(),
                            ending.stored.value, ending.stored.ttl, *self.events.script_args(ending.finished),
-                           self.keep.succeeded if ending.succeeded else 0, self.keep.events]
+                           self.keep.succeeded if ending.succeeded else 0, self.keep.events, open_jobs_key("")]
         for field, value in ending.status.items():
             args += [field, value]
         queue_script(pipe, self._close, keys, args)
@@ -407,12 +437,12 @@ class Checkpoints:
     # --- stage checkpoints -------------------------------------------------------------------------
 
     def save(self, job: Envelope, path: str, done: Done, claim: Claim | None = None, close: Close | None = None,
-             publish: dict[str, Any] | None = None, events: Sequence[StagecoachEvent] = ()) -> tuple[bool, str]:
+             publish: dict[str, Any] | None = None, events: Sequence[StagecoachEvent] = ()) -> Closed:
         """The envelope after a stage and the stage's outputs for replay; the job's deadline moves on.
         The job's `stages_done` counts the stage and its `events` are appended in the same atomic step,
         once however often it ran. In the same round trip: the step's `claim` completed, the answer
         fields it made final published (`publish`, as JobStore.publish), and with `close` (the job's
-        ending) the job closed as `close` does; returns `close`'s reply ((True, "") when not asked)."""
+        ending) the job closed as `close` does; returns `close`'s reply (closed, when not asked to close)."""
         key = checkpoint_key(job.job_id)
         first_done = [f"done:{path}", done.dump(), *self.events.each_args(events)]
 
@@ -431,7 +461,7 @@ class Checkpoints:
                 self.queue_close(pipe, job.job_id, job.generation, close)
 
         replies = execute_with_scripts(self.client, build, [self._first_done, self._close])
-        return closed(replies[-1]) if close is not None else (True, "")
+        return closed(replies[-1]) if close is not None else Closed(True)
 
     def envelope(self, job_id: str) -> Envelope | None:
         raw = self.client.hget(checkpoint_key(job_id), "envelope")
@@ -525,10 +555,9 @@ def execute_with_scripts(client: redis.Redis, build: Callable[["redis.client.Pip
     raise AssertionError("unreachable")
 
 
-def closed(reply: Any) -> tuple[bool, str]:
-    """Whether a `_CLOSE` reply says this delivery closed the job, and the door the job came in by."""
-    outcome, door = reply
-    return _text(outcome) == "run", _text(door)
+def closed(reply: Any) -> Closed:
+    outcome, door, webhook = reply
+    return Closed(_text(outcome) == "run", _text(door), _text(webhook))
 
 
 def _text(value: bytes | str) -> str:

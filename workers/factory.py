@@ -18,12 +18,14 @@ from kombu import Queue  # type: ignore[attr-defined]
 
 from contracts.catalog import Catalog, load_catalog
 from contracts.connections import is_sentinel
-from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, stage_queue
+from contracts.names import ROUTING_QUEUE, STAGE_PREFIX, WEBHOOK_QUEUE, WEBHOOK_TASK, stage_queue
+from contracts.priority import MAX_PRIORITY, PRIORITY_STEPS, REDIS_PRIORITY_SEPARATOR
 from contracts.specs import Limits
 from workers.ledger import Ledger
 from workers.runtime import Runtime
 from workers.settings import Settings
 from workers.tasks import register_stage_tasks
+from workers.webhook_task import register_webhook_task
 
 Plugin = Callable[[Runtime], None]
 
@@ -39,6 +41,7 @@ def create_runtime(settings: Settings | None = None, catalog: Catalog | None = N
     shorter_reprs(app)
     runtime = Runtime(app, settings, catalog, Ledger.from_settings(app, settings, catalog))
     register_stage_tasks(app, catalog.stages, settings, runtime.ledger)
+    register_webhook_task(app, settings, runtime.jobs)
     for plugin in [*plugins, *(_load_plugin(path) for path in settings.plugins)]:
         plugin(runtime)
     return runtime
@@ -116,11 +119,15 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
         # precedes it (job progress lives in the job's status record, workers/jobs.py)
         "result_extended": False,
         "task_track_started": False,
+        # priorities (contracts/priority.py): the job's first messages carry it, every later one inherits it
+        # from the task that sends it; on Redis one list per priority step, on RabbitMQ priority queues
+        "task_inherit_parent_priority": True,
         **redis_connection_config(settings, visibility_timeout(settings, catalog)),
         "broker_connection_retry_on_startup": True,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
-        "task_queues": [Queue(stage_queue(name)) for name in catalog.stages] + [Queue(ROUTING_QUEUE)],  # type: ignore[no-untyped-call]
+        "task_queues": [*(stage_queue_of(stage_queue(name)) for name in catalog.stages),
+                        Queue(ROUTING_QUEUE), Queue(WEBHOOK_QUEUE)],  # type: ignore[no-untyped-call]
         "task_routes": (route_task,),
         "task_default_queue": ROUTING_QUEUE,
         "worker_hijack_root_logger": False,
@@ -128,11 +135,20 @@ def celery_config(settings: Settings, catalog: Catalog) -> dict[str, Any]:
     }
 
 
+def stage_queue_of(name: str) -> Queue:
+    """A stage queue as declared: on RabbitMQ a priority queue (`x-max-priority`; Redis ignores the argument).
+    The routing queue is not: clients in other languages (celery-node) declare it when they publish
+    `pipeline.run`, without arguments, and RabbitMQ refuses a declaration whose arguments differ."""
+    return Queue(name, queue_arguments={"x-max-priority": MAX_PRIORITY})  # type: ignore[no-untyped-call]
+
+
 def redis_connection_config(settings: Settings, visibility: int) -> dict[str, Any]:
-    """The broker's transport options, and with Redis Sentinel (sentinel:// URLs) what kombu's sentinel transport
-    and Celery's sentinel result backend need: the master's name and how to reach the sentinels
+    """The broker's transport options (the visibility timeout; kombu's Redis priority steps, one list per
+    priority: contracts/priority.py), and with Redis Sentinel (sentinel:// URLs) what kombu's sentinel
+    transport and Celery's sentinel result backend need: the master's name and how to reach the sentinels
     (contracts/connections.py; the same settings every Stagecoach Redis client uses)."""
-    config: dict[str, Any] = {"broker_transport_options": {"visibility_timeout": visibility}}
+    options = {"visibility_timeout": visibility, "priority_steps": PRIORITY_STEPS, "sep": REDIS_PRIORITY_SEPARATOR}
+    config: dict[str, Any] = {"broker_transport_options": options}
     if is_sentinel(settings.broker_url):
         config["broker_transport_options"].update(settings.sentinel.transport_options())
         if settings.sentinel.tls:
@@ -145,9 +161,11 @@ def redis_connection_config(settings: Settings, visibility: int) -> dict[str, An
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str]:
-    """stage.<name> goes to its own queue; every routing task goes to the routing queue."""
+    """stage.<name> goes to its own queue, webhook deliveries to theirs; every routing task to the routing queue."""
     if name.startswith(STAGE_PREFIX):
         return {"queue": name}
+    if name == WEBHOOK_TASK:
+        return {"queue": WEBHOOK_QUEUE}
     return {"queue": ROUTING_QUEUE}
 
 

@@ -15,6 +15,7 @@
   hangs off `Ledger.announce`.
 """
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ import redis
 from celery import Celery, Task, states
 from celery.exceptions import Ignore
 
-from contracts.catalog import Catalog
+from contracts.catalog import Catalog, static_stage_count
 from contracts.connections import redis_client
 from contracts.envelope import Envelope, ErrorRecord
 from contracts.events import (
@@ -39,15 +40,16 @@ from contracts.events import (
     StageStarted,
     preview,
 )
-from contracts.jobs import JobResult
+from contracts.jobs import JobResult, requested_priority
 from contracts.specs import PipelineSpec
-from workers.checkpoint import Begun, Checkpoints, Claim, Close, Done, Keep, Start, StoredResult, claims_of
+from workers.checkpoint import Begun, Checkpoints, Claim, Close, Closed, Done, Keep, Start, StoredResult, claims_of
 from workers.eventlog import EventLog
 from workers.events import end_task_event
 from workers.jobs import JobStore, encoded, finished_fields
 from workers.lease import keeper
 from workers.onerror import cancelled_record
 from workers.settings import Settings
+from workers.webhooks import Deliveries, webhook_of
 
 log = logging.getLogger(__name__)
 TRAIL_CHARS = 20_000  # a job-finished event drops a longer decision trail (the JobResult keeps it)
@@ -108,6 +110,7 @@ class Ledger:
         self.lease_seconds = lease_seconds
         self.max_deliveries = max_deliveries
         self.jobs = JobStore(client, ttl)
+        self.deliveries = Deliveries(app, self.jobs, catalog)  # completion webhooks, queued at the close
 
     @classmethod
     def from_settings(cls, app: Celery, settings: Settings, catalog: Catalog | None = None) -> "Ledger":
@@ -144,9 +147,12 @@ class Ledger:
         """`start`, its record sent to Redis at once and its answer read when the returned function is called:
         a sender whose job id cannot have been started before (a fresh one) sends the job's first message
         in between, so recording the job costs it no round trip of its own."""
-        start = Start(request, spec.model_dump(mode="json"), door)
+        start = Start(request, spec.model_dump(mode="json"), door, request.get("webhook"))
+        total = static_stage_count(spec)
         status = encoded({"state": "queued", "pipeline": job.pipeline, "submitted_at": job.submitted_at,
-                          "updated_at": time.time()})
+                          "updated_at": time.time(), "priority": requested_priority(request),
+                          "metadata": request.get("metadata"),
+                          "stages_total": None if total is None else total - len(job.skipped)})
         queued = JobQueued(job_id=job.job_id, pipeline=job.pipeline, at=time.time(), door=door,
                            pipeline_version=job.pipeline_version, skipped=job.skipped)
         return self.checkpoints.start(job, start, status, owner, redelivered, final, queued)
@@ -173,13 +179,15 @@ class Ledger:
              events: Sequence[StagecoachEvent], closing: Closing | None, closer: Closer) -> bool:
         """Checkpoint a completed step with its events; with `closing` (the job's last step) close the job in
         the same round trip. Returns whether this call closed it (True when not asked to close)."""
+        if closing is not None:  # the job's end carries its fields: none to publish early
+            publish = {}
         published = [FieldsPublished(job_id=job.job_id, pipeline=job.pipeline, at=time.time(), fields=publish)]
         events = [*events, *(published if publish else [])]
-        closed, door = self.checkpoints.save(job, path, done, claim, closing.record if closing else None, publish,
+        reply = self.checkpoints.save(job, path, done, claim, closing.record if closing else None, publish,
                                              events)
-        if closing is not None and closed:
-            self.announce(closing, door, closer)
-        return closed
+        if closing is not None and reply.closed:
+            self.announce(closing, reply, closer)
+        return reply.closed
 
     # --- end ------------------------------------------------------------------------------------
 
@@ -205,41 +213,51 @@ class Ledger:
     def close_step(self, job: Envelope, finish: Finish | None, closer: Closer) -> Closing | None:
         """Close the job from a task of its chain; None when another delivery closed it already."""
         closing = self.closing(self._cancelled_as_such(job), finish)
-        closed, door = self.checkpoints.close(job.job_id, job.generation, closing.record)
-        if not closed:
+        reply = self.checkpoints.close(job.job_id, job.generation, closing.record)
+        if not reply.closed:
             return None
-        self.announce(closing, door, closer)
+        self.announce(closing, reply, closer)
         return closing
 
     def fail(self, job_id: str, record: ErrorRecord, closer: Closer, pipeline: str | None = None,
-             inputs: dict[str, Any] | None = None) -> bool:
+             inputs: dict[str, Any] | None = None, rejected: Any = None) -> bool:
         """End a job that has no envelope at hand (rejected, dead-lettered, cancelled while no stage runs,
-        given up by the watchdog) as failed with `record`; whichever generation is current. Returns
-        whether this call closed it."""
-        request = self.checkpoints.request(job_id) or {}
+        given up by the watchdog) as failed with `record`; whichever generation is current. `rejected`: the
+        request of a job refused before it started (no checkpoint holds it; its webhook is still called).
+        Returns whether this call closed it."""
+        request = self.checkpoints.request(job_id) or (rejected if isinstance(rejected, dict) else {})
         name = pipeline if pipeline is not None else str(request.get("pipeline") or self.jobs.status(job_id).pipeline
                                                          or "")
         result = JobResult(job_id=job_id, pipeline=name.partition("@")[0], pipeline_version="", state="failed",
                            error=record, errors=[record], finished_at=time.time())
         closing = self._closing(result, inputs if inputs is not None else dict(request.get("inputs") or {}))
-        closed, door = self.checkpoints.close(job_id, None, closing.record)
-        if closed:
-            self.announce(closing, door, closer)
-        return closed
+        reply = self.checkpoints.close(job_id, None, closing.record)
+        if reply.closed:
+            self.announce(closing, reply, closer, request)
+        return reply.closed
 
-    def announce(self, closing: Closing, door: str, closer: Closer) -> None:
+    def announce(self, closing: Closing, reply: Closed, closer: Closer,
+                 request: dict[str, Any] | None = None) -> None:
         """What happens once a job has ended (only the call that closed it gets here; its JobFinished event
         is on the event log already, written by the close itself, where the monitor reads it): Flower told
-        how the job's tasks ended. Best effort: the job is closed already."""
+        how the job's tasks ended, and the job's completion webhook queued (the one `request` names when the
+        caller has the request at hand, else the one recorded at start). Best effort: the job is closed
+        already."""
         result = closing.result
         try:
             if closer.task_id is not None and not result.ok:  # a task that returns its result gets SUCCESS
                 extra = {"name": closer.task_name} if closer.task_name else None
                 end_task_event(self.app, closer.hostname, closer.task_id, result, extra)
-            if door == "run" and closer.task_id != result.job_id:  # the `pipeline.run` task under the job id
+            if reply.door == "run" and closer.task_id != result.job_id:  # the `pipeline.run` task under the job id
                 end_task_event(self.app, closer.hostname, result.job_id, result)
         except Exception:
             log.exception("job %s closed, but announcing its end failed", result.job_id)
+        try:
+            named = request.get("webhook") if request is not None else (json.loads(reply.webhook) if reply.webhook
+                                                                          else None)
+            self.deliveries.after_close(result, webhook_of(named))
+        except Exception:
+            log.exception("job %s closed, but queueing its webhook failed", result.job_id)
 
     def _closing(self, result: JobResult, inputs: dict[str, Any], claims: tuple[str, ...] = ()) -> Closing:
         payload = result.model_dump(mode="json")

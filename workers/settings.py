@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from contracts.connections import SENTINEL_SCHEME, SentinelSettings, SentinelURL, scheme_of
+from contracts.webhooks import LOOPBACK
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CATALOG = PROJECT_ROOT / "pipelines"
@@ -66,6 +67,19 @@ class CacheSettings(BaseSettings):
         256 * 1024 * 1024, gt=0, description="total size of all entries; least recently used go first"
     )
     max_entry_bytes: int = Field(1024 * 1024, gt=0, description="a larger stage output is not cached")
+
+
+class WebhookSettings(BaseSettings):
+    """Completion webhooks (workers/webhooks.py): delivered by the `webhook` worker, never by a stage worker."""
+
+    model_config = SettingsConfigDict(env_prefix="STAGECOACH_WEBHOOK_", extra="ignore")
+
+    attempts: int = Field(5, ge=1, description="deliveries tried (errors, timeouts, non-2xx) before a dead letter")
+    timeout: float = Field(10.0, gt=0, description="seconds one delivery may take")
+    backoff: float = Field(1.0, gt=0, description="seconds before the first retry; doubles each retry")
+    backoff_max: float = Field(60.0, gt=0, description="longest pause between two retries")
+    allow: list[str] = Field(default_factory=lambda: list(LOOPBACK), description=(
+        "hosts (exact or *.domain) and IP networks webhooks may call, JSON list; default: loopback only"))
 
 
 class Settings(BaseSettings):
@@ -145,6 +159,7 @@ class Settings(BaseSettings):
     flower_port: int = Field(5555, description="port of Flower started by `stagecoach up`")
     lm: LMSettings = Field(default_factory=lambda: LMSettings())
     cache: CacheSettings = Field(default_factory=lambda: CacheSettings())
+    webhook: WebhookSettings = Field(default_factory=lambda: WebhookSettings())
     sentinel: SentinelSettings = Field(default_factory=lambda: SentinelSettings())
 
     @model_validator(mode="after")
