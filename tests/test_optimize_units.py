@@ -7,13 +7,12 @@ from pathlib import Path
 import dspy
 import pytest
 import redis
-from celery import Celery
 
 from contracts.candidates import StageCandidate, TraceStep, state_digest
 from contracts.catalog import load_catalog
 from contracts.errors import SpecError
-from contracts.events import JobFinished
-from contracts.names import JOB_FINISHED_EVENT
+from contracts.events import JobFinished, event_name
+from contracts.names import EVENTS_STREAM
 from contracts.traffic import pick, routed_version
 from examples.basic import Answer
 from monitor.consumer import Consumer
@@ -103,13 +102,15 @@ def test_the_journal_replays_finished_evaluations(tmp_path: Path) -> None:
 
 
 def test_the_monitor_counts_jobs_per_pipeline_version(private_redis: str) -> None:
-    store = Store.connect(MonitorSettings(broker_url=private_redis))
+    settings = MonitorSettings(broker_url=private_redis)
+    store = Store.connect(settings)
     store.clear()
-    consumer = Consumer(Celery("unit", broker=private_redis), store)
-    for i in range(6):
+    consumer = Consumer(store, settings)
+    for i in range(6):  # appended to the fleet stream as the ledger appends them
         event = JobFinished(job_id=f"job{i}", pipeline="qa", version="2" if i % 3 == 0 else "1", at=1000.0 + i,
                             state="succeeded", ending="succeeded", seconds=0.5)
-        consumer.handle({**event.payload(), "type": JOB_FINISHED_EVENT, "uuid": f"f{i}", "timestamp": 1000.0 + i})
+        consumer.r.xadd(EVENTS_STREAM, {"type": event_name(event), "data": event.model_dump_json()})
+    assert consumer.drain() == 6
     report = store.report(now=1010.0)
     assert [(f.name, f.runs) for f in report.pipelines] == [("qa", 6)]
     assert sorted((f.name, f.runs, f.succeeded) for f in report.pipeline_versions) == [("qa@1", 4, 4), ("qa@2", 2, 2)]

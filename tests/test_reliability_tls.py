@@ -149,7 +149,7 @@ def test_the_projects_own_redis_clients_speak_tls(server: TlsRedis) -> None:
     job = Envelope(job_id=job_id, pipeline="qa", pipeline_version="1")
     start = Start({"question": "q"}, {"name": "qa"}, "client")
     queued = JobQueued(job_id=job_id, pipeline="qa", at=time.time(), door="client")
-    assert checkpoints.start(job, start, {"state": '"queued"'}, "client", False, True, queued).begin is Begin.RUN
+    assert checkpoints.start(job, start, {"state": '"queued"'}, "client", False, True, queued)().begin is Begin.RUN
     assert checkpoints.request(job_id) == {"question": "q"}
     assert StageCache.from_url(server.url, CacheSettings()).report() is not None
     store = Store.connect(MonitorSettings(broker_url=server.url))
