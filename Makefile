@@ -44,8 +44,12 @@ demo: install
 up: install
 	$(VENV)/bin/stagecoach up
 
+# Two pytest workers (pytest-xdist), a module at a time each: every worker is its own session with its own
+# private redis-server and fleets, and the suite's fleets mostly wait on each other, so two overlap well.
+# TEST_WORKERS=0 runs one session in this process (needed with STAGECOACH_TEST_REDIS_URL: one database).
+TEST_WORKERS ?= 2
 test: install system-deps
-	$(PY) -m pytest $(PYTEST_ARGS) --ignore=tests/chaos
+	$(PY) -m pytest $(PYTEST_ARGS) -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --ignore=tests/chaos
 
 # Slow fault injection (issue 9): SIGKILLs under load, a Redis restart, LM 429/500 storms; prints its figures
 test-chaos: install

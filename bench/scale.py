@@ -73,7 +73,7 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
     ratios.append(Ratio("monitor: stage calls/s one process counts", ingest_series, None, 5000, "higher"))
     notes += _budget_part(bench, sizes["budget_jobs"], series, ratios)
     _backlog_part(bench, sizes, series, ratios)
-    curve = _curve_part(bench, scale, sizes["curve_burst"], series, CURVE_PROCESSES if full else (1, 2))
+    curve = _curve_part(bench, scale, sizes["curve_burst"], series, CURVE_PROCESSES if full else (1,))
     notes.append(f"curve (jobs/s, largest monitor lag in events): {curve}")
     _plot(curve, PNG if full else bench.logdir / "scale-curve.png")  # a smoke run leaves the docs' plot alone
     return ScenarioResult("scale", "Fleet scale: bursts vs bare Celery, the monitor, Redis per job, a deep backlog, "

@@ -13,6 +13,18 @@ from routing.client import Client
 from tests import services
 from tests.services import Fleet, client_for, default_catalog, hotpotqa_path, redis_server, test_lm, worker_env
 
+# The longest modules go first: `make test` runs two pytest workers (xdist, one module per worker at a time,
+# in collection order: --no-loadscope-reorder), and a long module started last would run alone at the end.
+LONG_MODULES = ("test_bench_smoke.py", "test_examples.py", "test_multihop_local.py", "test_local_model.py",
+                "test_api.py", "test_optimize_resume.py", "test_rabbitmq.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+    items.sort(key=rank)  # stable: a module's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:

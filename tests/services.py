@@ -48,6 +48,9 @@ def default_catalog() -> list[Path]:
 def redis_server() -> Iterator[str]:
     """This session's Redis: a private server, unless STAGECOACH_TEST_REDIS_URL names one."""
     if os.environ.get("STAGECOACH_TEST_REDIS_URL"):
+        if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:  # two sessions would share the database
+            raise RuntimeError("STAGECOACH_TEST_REDIS_URL names one database for the whole suite: run the "
+                               "sessions one at a time (make test TEST_WORKERS=0)")
         yield os.environ["STAGECOACH_TEST_REDIS_URL"]
         return
     with private_redis() as url:
