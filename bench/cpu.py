@@ -23,6 +23,7 @@ from bench.harness import (
     WorkerPlan,
     interleave,
     routing_worker,
+    run_burst,
     timed,
 )
 from contracts.names import stage_queue
@@ -42,7 +43,7 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
             program = InProcess(stack.client.runtime.catalog, [stage])
             burst = max(2, scale.burst // BURST_DIVISOR[label])
             measures[f"{label} stage: stagecoach, {PROCESSES} processes"] = _rate(
-                burst, partial(_stagecoach, stack, stage))
+                burst, partial(run_burst, stack, stage))
             measures[f"{label} stage: in-process"] = _rate(burst, partial(_inproc, stack, program))
         for measure in measures.values():
             measure(-1)
@@ -67,13 +68,6 @@ def _rate(burst: int, action: Callable[[list[dict[str, Any]]], None]) -> Callabl
 
 def _inputs(burst: int, round_: int) -> list[dict[str, Any]]:
     return [{"document": f"Barges carry coal from Basel to Rotterdam. (round {round_} job {j})"} for j in range(burst)]
-
-
-def _stagecoach(stack: Stack, pipeline: str, inputs: list[dict[str, Any]]) -> None:
-    handles = [stack.client.submit(pipeline, item) for item in inputs]
-    for handle in handles:
-        if not handle.get(timeout=300).ok:
-            raise RuntimeError(f"{pipeline} job {handle.id} failed")
 
 
 def _inproc(stack: Stack, program: InProcess, inputs: list[dict[str, Any]]) -> None:

@@ -213,6 +213,14 @@ def timed_job(stack: Stack, pipeline: str, inputs: dict[str, Any]) -> float:
     return timed(job)
 
 
+def run_burst(stack: Stack, pipeline: str, inputs: list[dict[str, Any]], timeout: float = 600) -> None:
+    """Submit every job at once, then wait for each; a failed job stops the benchmark."""
+    handles = [stack.client.submit(pipeline, item) for item in inputs]
+    for handle in handles:
+        if not handle.get(timeout=timeout).ok:
+            raise RuntimeError(f"{pipeline} job {handle.id} failed")
+
+
 def interleave(rounds: int, series: dict[str, Callable[[int], list[float]]]) -> dict[str, list[list[float]]]:
     """Run every series once per round, in turn, so drift on a shared machine hits all alike."""
     out: dict[str, list[list[float]]] = {name: [] for name in series}

@@ -41,6 +41,7 @@ from bench.harness import (
     bare_workers,
     interleave,
     routing_worker,
+    run_burst,
     stage_workers,
     timed,
 )
@@ -148,7 +149,7 @@ def _burst_part(bench: Bench, scale: Scale, sizes: dict[str, int], series: list[
     burst = sizes["burst"]
     with bench.stack(0, plan) as stack, monitor_process(stack):
         measures: dict[str, Callable[[int], list[float]]] = {
-            "burst: stagecoach": lambda r: [burst / timed(lambda: _stagecoach_burst(stack, "qa", _qa(burst, r)))],
+            "burst: stagecoach": lambda r: [burst / timed(lambda: run_burst(stack, "qa", _qa(burst, r)))],
             "burst: bare chain": lambda r: [burst / timed(lambda: _bare_burst(stack, _qa(burst, r)))],
         }
         for measure in measures.values():
@@ -173,13 +174,6 @@ def _qa(n: int, round_: int) -> list[dict[str, Any]]:
     return [{"question": f"Why do barges use the Rhine? (round {round_} job {j} {time.time_ns()})"} for j in range(n)]
 
 
-def _stagecoach_burst(stack: Stack, pipeline: str, inputs: list[dict[str, Any]]) -> None:
-    handles = [stack.client.submit(pipeline, item) for item in inputs]
-    for handle in handles:
-        if not handle.get(timeout=600).ok:
-            raise RuntimeError(f"{pipeline} job {handle.id} failed")
-
-
 def _bare_burst(stack: Stack, inputs: list[dict[str, Any]]) -> None:
     results = [bare_chain(stack.client.app, STAGES, item).apply_async() for item in inputs]
     for result in results:
@@ -187,7 +181,7 @@ def _bare_burst(stack: Stack, inputs: list[dict[str, Any]]) -> None:
 
 
 def _one(stack: Stack, round_: int, job: int) -> float:
-    return timed(lambda: _stagecoach_burst(stack, "qa", _qa(1, round_ * 1000 + job)))
+    return timed(lambda: run_burst(stack, "qa", _qa(1, round_ * 1000 + job)))
 
 
 def _one_bare(stack: Stack, round_: int, job: int) -> float:
@@ -201,7 +195,7 @@ def _budget_part(bench: Bench, jobs: int, series: list[Series], ratios: list[Rat
     with bench.stack(0, [*stage_workers(STAGES, THREADS), routing_worker(8)], False, **env) as stack, \
             monitor_process(stack):
         for start in range(0, jobs, 1000):
-            _stagecoach_burst(stack, "qa", _qa(min(1000, jobs - start), start))
+            run_burst(stack, "qa", _qa(min(1000, jobs - start), start))
         client = redis_client(stack.redis_url)
         wait_until(lambda: lag(client) == 0, 300, "the monitor to count every job")
         time.sleep(KEEP + 2)
@@ -297,7 +291,7 @@ def _timed_solver(stack: Stack, jobs: int, tag: str) -> float:
 
 
 def _solver_burst(stack: Stack, jobs: int, tag: str) -> None:
-    _stagecoach_burst(stack, "bench_single",
+    run_burst(stack, "bench_single",
                       [{"question": f"What moves barges? ({tag}/{j} {time.time_ns()})", "document": "-"}
                        for j in range(jobs)])
 

@@ -21,6 +21,7 @@ from bench.harness import (
     bare_workers,
     interleave,
     routing_worker,
+    run_burst,
     stage_workers,
     timed,
 )
@@ -40,7 +41,7 @@ def run(bench: Bench, scale: Scale) -> ScenarioResult:
     with bench.stack(LATENCY_MS, plan) as stack:
         program = InProcess(stack.client.runtime.catalog, STAGES)
         measures: dict[str, Callable[[int], list[float]]] = {
-            "stagecoach": lambda r: [_rate(scale.burst, lambda: _stagecoach(stack, _burst(scale, r)))],
+            "stagecoach": lambda r: [_rate(scale.burst, lambda: run_burst(stack, "qa", _burst(scale, r)))],
             "bare chain": lambda r: [_rate(scale.burst, lambda: _bare(stack, _burst(scale, r)))],
             "in-process": lambda r: [_rate(scale.burst, lambda: _inproc(stack, program, _burst(scale, r)))],
         }
@@ -63,13 +64,6 @@ def _burst(scale: Scale, round_: int) -> list[dict[str, Any]]:
 
 def _rate(jobs: int, action: Any) -> float:
     return jobs / timed(action)
-
-
-def _stagecoach(stack: Stack, inputs: list[dict[str, Any]]) -> None:
-    handles = [stack.client.submit("qa", item) for item in inputs]
-    for handle in handles:
-        if not handle.get(timeout=300).ok:
-            raise RuntimeError(f"qa job {handle.id} failed")
 
 
 def _bare(stack: Stack, inputs: list[dict[str, Any]]) -> None:

@@ -5,13 +5,14 @@ title recall scores retrieval against the gold supporting titles. `stagecoach ev
 and the tests share these one definitions.
 """
 
-import json
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from contracts.jsonlines import object_line
 
 
 @dataclass(frozen=True)
@@ -27,20 +28,11 @@ def load_examples(path: Path, limit: int | None = None) -> list[QAExample]:
     examples = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
-            examples.append(_example(path, number, _json_line(path, number, line)))
+            examples.append(_example(path, number, object_line(path, number, line)))
         if limit is not None and len(examples) >= limit:
             break
     return examples
 
-
-def _json_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}:{number}: each line must be a JSON object")
-    return record
 
 
 def _example(path: Path, number: int, record: dict[str, Any]) -> QAExample:

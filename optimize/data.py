@@ -8,7 +8,6 @@ script does; `MODULE:FN` names any DSPy metric `fn(example, prediction, trace=No
 """
 
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from typing import Any
 
 import dspy
 
+from contracts.jsonlines import object_line
 from monitor.evaluation import exact_match, token_f1
 
 Metric = Callable[..., Any]
@@ -47,12 +47,7 @@ def load_set(path: Path, inputs: list[str], limit: int | None = None) -> list[ds
 
 
 def _record(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:{number}: not JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}:{number}: each line must be a JSON object")
+    record = object_line(path, number, line, DataError)
     if "supporting_facts" in record or "_id" in record:  # a HotPotQA record: its question, answer and titles
         titles = list(dict.fromkeys(str(fact[0]) for fact in record.get("supporting_facts") or []))
         return {"id": str(record.get("_id") or number), "question": record.get("question"),

@@ -60,6 +60,18 @@ def redis_server() -> Iterator[str]:
 test_lm = test_lm_server
 
 
+@contextmanager
+def per_stage_fleet(env: dict[str, str], logdir: Path, stages: list[str]) -> Iterator[Fleet]:
+    """One worker per stage queue, ready, stopped on the way out."""
+    fleet = Fleet(env, logdir)
+    fleet.start_per_stage(stages)
+    try:
+        fleet.wait_ready()
+        yield fleet
+    finally:
+        fleet.stop()
+
+
 def client_for(redis_url: str, lm_url: str, catalog: list[Path] | None = None) -> Client:
     return _client_for(redis_url, lm_url, catalog or default_catalog())
 

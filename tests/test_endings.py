@@ -26,7 +26,7 @@ from routing.recovery import Recovery
 from routing.tasks import start_envelope
 from tests import monitor_services as ms
 from tests.reliability_kit import EMBED, headers, message, wait_for
-from tests.services import Fleet, client_for, worker_env
+from tests.services import Fleet, client_for, per_stage_fleet, worker_env
 
 STAGE_LIMIT = 4.0  # seconds: the timed-out job's LM sleeps longer, the cancelled one's less
 
@@ -38,13 +38,9 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(private_redis: str, lm_url: str, logdir: Path) -> Iterator[Fleet]:
-    own = Fleet(worker_env(private_redis, lm_url, STAGECOACH_STAGE_TIME_LIMIT=str(STAGE_LIMIT)), logdir)
-    own.start_per_stage(["key_terms", "answer"])
-    try:
-        own.wait_ready()
+    env = worker_env(private_redis, lm_url, STAGECOACH_STAGE_TIME_LIMIT=str(STAGE_LIMIT))
+    with per_stage_fleet(env, logdir, ["key_terms", "answer"]) as own:
         yield own
-    finally:
-        own.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from monitor.graph import build as build_graph
 from monitor.stats import stage_stats
 from routing.client import Client
 from tests import monitor_services as ms
-from tests.services import ROOT, Fleet, client_for, wait_until, worker_env
+from tests.services import ROOT, Fleet, client_for, per_stage_fleet, wait_until, worker_env
 
 PIPELINES = ("qa", "patterns_branch", "patterns_map")
 
@@ -46,13 +46,8 @@ def redis_url(private_redis: str) -> str:
 @pytest.fixture(scope="module")
 def fleet(redis_url: str, lm_url: str, catalog: Catalog, logdir: Path) -> Iterator[Fleet]:
     stages = sorted({n.stage for p in PIPELINES for n in build_graph(catalog, p).nodes if n.stage})
-    own = Fleet(worker_env(redis_url, lm_url), logdir)
-    own.start_per_stage(stages)
-    try:
-        own.wait_ready()
+    with per_stage_fleet(worker_env(redis_url, lm_url), logdir, stages) as own:
         yield own
-    finally:
-        own.stop()
 
 
 @pytest.fixture(scope="module")

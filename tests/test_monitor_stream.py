@@ -15,7 +15,7 @@ from contracts.events import JobFinished, parse_event
 from contracts.names import EVENTS_STREAM, MONITOR_GROUP
 from routing.client import Client
 from tests import monitor_services as ms
-from tests.services import Fleet, client_for, wait_until, worker_env
+from tests.services import Fleet, client_for, per_stage_fleet, wait_until, worker_env
 
 EVENTS_PER_QA_JOB = 6  # queued, 2 x (stage started, stage outcome), finished
 # a killed replica's unacknowledged events are taken over after this many seconds
@@ -29,13 +29,8 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fleet(private_redis: str, lm_url: str, logdir: Path) -> Iterator[Fleet]:
-    own = Fleet(worker_env(private_redis, lm_url), logdir)
-    own.start_per_stage(["key_terms", "answer"])
-    try:
-        own.wait_ready()
+    with per_stage_fleet(worker_env(private_redis, lm_url), logdir, ["key_terms", "answer"]) as own:
         yield own
-    finally:
-        own.stop()
 
 
 @pytest.fixture(scope="module")
