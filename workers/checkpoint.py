@@ -507,7 +507,7 @@ def send_script(client: redis.Redis, script: Any, keys: list[str], args: list[An
     the caller overlaps the round trip with its own work. A Redis that lost its script cache (restarted)
     answers NOSCRIPT: then the script is run again, loaded, when the reply is read."""
     pool = client.connection_pool
-    connection: Any = pool.get_connection("EVALSHA")
+    connection: Any = pool.get_connection()
     parse: Any = client.parse_response
     try:
         connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
