@@ -21,6 +21,7 @@ from typing import Any, Literal
 import bm25s
 
 from contracts.errors import StagecoachError
+from contracts.jsonlines import object_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ENV = "STAGECOACH_RETRIEVAL_CACHE"
@@ -135,13 +136,7 @@ def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise CorpusError(f"{path}:{number}: not JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise CorpusError(f"{path}:{number}: each line must be a JSON object")
-        out.append((number, record))
+        out.append((number, object_line(path, number, line, CorpusError)))
     return out
 
 
