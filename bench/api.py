@@ -33,7 +33,7 @@ from bench.harness import (
     timed,
     timed_job,
 )
-from cli.fleet import ROOT, free_port, wait_until
+from cli.fleet import ROOT, free_port, stop_process, wait_until
 
 THREADS = 8
 TOKEN = "sc_bench-" + uuid.uuid4().hex
@@ -53,8 +53,7 @@ def api_server(stack: Stack, logdir: Path) -> Iterator[str]:
             wait_until(lambda: proc.poll() is None and _up(url), 60, "stagecoach api")
             yield url
         finally:
-            proc.terminate()
-            proc.wait(20)
+            stop_process(proc)
 
 
 def _up(url: str) -> bool:

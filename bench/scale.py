@@ -45,7 +45,7 @@ from bench.harness import (
     stage_workers,
     timed,
 )
-from cli.fleet import CELERY, ROOT, free_port, wait_until
+from cli.fleet import CELERY, ROOT, free_port, stop_process, wait_until
 from contracts.connections import redis_client
 from contracts.names import EVENTS_STREAM, MONITOR_GROUP, stage_queue
 
@@ -94,8 +94,7 @@ def monitor_process(stack: Stack) -> Iterator[str]:
         wait_until(lambda: proc.poll() is None and _healthy(port), 60, "monitor")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
         log.close()
 
 

@@ -7,6 +7,7 @@ starts Redis the same way (`cli.stack`).
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cli import stack
 from cli.workercmd import Autoscale, WorkerCommand, stage_worker_name
@@ -58,12 +60,19 @@ def process(cmd: list[str], ready: Callable[[], bool], what: str, timeout: float
         wait_until(lambda: _alive(proc, what) and ready(), timeout, what)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
+
+
+def stop_process(proc: "subprocess.Popen[Any]", sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    """Signal `proc` (terminate by default) and wait `grace` seconds for it; then kill it."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def _alive(proc: subprocess.Popen[bytes], what: str) -> bool:
@@ -137,17 +146,8 @@ class Worker:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self, sig: int | None = None) -> None:
-        if self.proc.poll() is None:
-            if sig is None:
-                self.proc.terminate()
-            else:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        stop_process(self.proc, sig)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from cli.fleet import stop_process
 from contracts.names import WEBHOOK_QUEUE
 from contracts.webhooks import SIGNATURE_HEADER, verify
 from tests.services import CELERY, ROOT, free_port, wait_until
@@ -42,12 +43,7 @@ def api_server(env: dict[str, str], logdir: Path, name: str = "api", **settings:
         wait_until(up, 60, "stagecoach api")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 

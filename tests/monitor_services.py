@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cli.fleet import stop_process
 from tests.services import CELERY, ROOT, free_port, wait_until, worker_env
 
 STAGECOACH = str(Path(CELERY).with_name("stagecoach"))
@@ -63,9 +64,7 @@ def monitor_process(redis_url: str, lm_url: str, logdir: Path, token: str | None
         wait_until(lambda: proc.poll() is None and _up(f"{url}/healthz", token), 60, "monitor HTTP and event stream")
         yield url, proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(20)
+        stop_process(proc)
         log.close()
 
 
@@ -82,8 +81,7 @@ def flower(redis_url: str, lm_url: str, logdir: Path) -> Iterator[str]:
         wait_until(lambda: proc.poll() is None and _up(f"{url}/healthcheck"), 60, "flower")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
         log.close()
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from cli.catalog_view import pipeline_stages
 from cli.compose import env_example, http_check, render
+from cli.fleet import stop_process
 from contracts.catalog import load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from tests.services import ROOT, Fleet, free_port, wait_until, worker_env
@@ -220,8 +221,7 @@ def flower(redis_url: str, lm_url: str, tmp_path: Path) -> Iterator[str]:
         wait_until(lambda: _status(f"{url}/healthcheck") == 200, 60, "flower")
         yield url
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
 
 
 def test_flower_wants_the_login_from_the_environment_and_its_health_check_passes(flower: str) -> None:

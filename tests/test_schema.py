@@ -14,6 +14,7 @@ import pytest
 from celery import Celery
 from jsonschema import Draft202012Validator
 
+from cli.fleet import stop_process
 from contracts.catalog import Catalog, load_catalog
 from contracts.names import ROUTING_QUEUE, RUN_TASK
 from contracts.schema import pipeline_schemas
@@ -121,5 +122,4 @@ def test_the_monitor_serves_the_same_schemas(redis_url: str, lm_url: str, tmp_pa
             urllib.request.urlopen(f"{url}/api/schema/nope", timeout=10)
         assert missing.value.code == 404 and b"unknown pipeline 'nope'" in missing.value.read()
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
