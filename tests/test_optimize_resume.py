@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from contracts.names import ROUTING_QUEUE, stage_queue
 from tests import services
 from tests.optimize_kit import QUESTIONS
-from tests.services import ROOT, Fleet, worker_env
+from tests.services import ROOT, Fleet, wait_until, worker_env
 
 STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 CATALOG = [ROOT / "pipelines"]
@@ -60,9 +59,8 @@ def test_ctrl_c_stops_cleanly_and_resume_replays_what_finished(env: dict[str, st
     proc = subprocess.Popen(command(tmp_path, "cut.jsonl"), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     journal = tmp_path / "cut.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not journal.exists() or len(journal.read_text().splitlines()) < 4):
-        time.sleep(0.1)
+    wait_until(lambda: journal.exists() and len(journal.read_text().splitlines()) >= 4, 300,
+               "four evaluations in the journal")
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
