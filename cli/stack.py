@@ -313,11 +313,7 @@ def _monitor(env: dict[str, str], logdir: Path, services: list[Service]) -> str:
     from monitor.settings import MonitorSettings
 
     wanted = MonitorSettings()
-    port = wanted.port if port_free(wanted.port, wanted.host) else free_port()
-    url = f"http://{wanted.host}:{port}"
-    cmd = [str(BIN / "stagecoach"), "monitor", "--port", str(port), "--host", wanted.host]
-    services.append(_spawn("monitor", "monitor", url, cmd, logdir, env, lambda: http_ok(f"{url}/healthz")))
-    return url
+    return _http_service("monitor", wanted.host, wanted.port, "/healthz", env, logdir, services)
 
 
 def _api_token(state_dir: Path) -> tuple[dict[str, str], Path | None]:
@@ -339,10 +335,16 @@ def _api(env: dict[str, str], logdir: Path, services: list[Service]) -> str:
     from api.settings import APISettings
 
     wanted = APISettings()
-    port = wanted.port if port_free(wanted.port, wanted.host) else free_port()
-    url = f"http://{wanted.host}:{port}"
-    cmd = [str(BIN / "stagecoach"), "api", "--port", str(port), "--host", wanted.host]
-    services.append(_spawn("api", "api", url, cmd, logdir, env, lambda: http_ok(f"{url}/openapi.json")))
+    return _http_service("api", wanted.host, wanted.port, "/openapi.json", env, logdir, services)
+
+
+def _http_service(name: str, host: str, port: int, health: str, env: dict[str, str], logdir: Path,
+                  services: list[Service]) -> str:
+    """`stagecoach <name>` on its configured port (a free one if that is taken), ready once `health` answers."""
+    port = port if port_free(port, host) else free_port()
+    url = f"http://{host}:{port}"
+    cmd = [str(BIN / "stagecoach"), name, "--port", str(port), "--host", host]
+    services.append(_spawn(name, name, url, cmd, logdir, env, lambda: http_ok(f"{url}{health}")))
     return url
 
 
