@@ -17,7 +17,7 @@ interleaved on a pool of `CONCURRENCY` threads (the server decodes that many at 
 shared machine slows every variant alike; seconds are wall time, under that load. A variant whose
 first `GIVE_UP_AFTER` items all fail (a parse failure, or the LM timing out while it runs on to
 max_tokens, takes minutes per item here) is stopped there: its figures are over the items it ran, and the
-notes say so. Variants that cannot be the default are asked the first `SOME` questions only.
+notes say so. Every other variant is asked every question and every task of its shapes.
 
     python -m bench.answers [--variants plain_first,schema] [--limit 10]   # a quick look, no files written
 """
@@ -65,8 +65,8 @@ class TwoStepSchemaAdapter(dspy.TwoStepAdapter):
 
 @dataclass(frozen=True)
 class Variant:
-    """A way of asking. `factual_limit`: only the first questions (a shared machine cannot afford all for
-    every variant); `shapes`: only items of these stage shapes (elsewhere its prompt is another's)."""
+    """A way of asking. `factual_limit`: only the first questions (0: none, for a variant whose prompt differs
+    only on other shapes); `shapes`: only items of these stage shapes (elsewhere its prompt is another's)."""
 
     label: str
     adapter: Callable[[dspy.LM], dspy.Adapter]
@@ -80,23 +80,20 @@ class Variant:
         return not self.few_shot and (self.shapes is None or shape_of(item) in self.shapes)
 
 
-SOME = 15  # questions asked of the variants that are not contenders for the default
 CHAIN = frozenset({"chain of thought"})
 VARIANTS: dict[str, Variant] = {
-    "chat": Variant("DSPy ChatAdapter", lambda lm: dspy.ChatAdapter(use_json_adapter_fallback=False),
-                    factual_limit=SOME),
-    "json": Variant("DSPy JSONAdapter", lambda lm: dspy.JSONAdapter(), factual_limit=SOME),
-    "two_step": Variant("DSPy TwoStepAdapter (ChatAdapter extraction)", lambda lm: dspy.TwoStepAdapter(lm),
-                        factual_limit=SOME),
+    "chat": Variant("DSPy ChatAdapter", lambda lm: dspy.ChatAdapter(use_json_adapter_fallback=False)),
+    "json": Variant("DSPy JSONAdapter", lambda lm: dspy.JSONAdapter()),
+    "two_step": Variant("DSPy TwoStepAdapter (ChatAdapter extraction)", lambda lm: dspy.TwoStepAdapter(lm)),
     "schema": Variant("schema-constrained JSON (the old default)", lambda lm: SchemaJSONAdapter()),
     "schema_described": Variant("schema, each field's description in prompt and schema",
-                                lambda lm: SchemaJSONAdapter(describe=True), factual_limit=SOME),
+                                lambda lm: SchemaJSONAdapter(describe=True)),
     "schema_answer_first": Variant("schema, answer before reasoning (chain-of-thought stages only: elsewhere "
                                    "the same prompt as schema)", lambda lm: SchemaJSONAdapter(answer_first=True),
                                    factual_limit=0, shapes=CHAIN),
-    "plain": Variant("plain text parsed into the contract", lambda lm: PlainTextAdapter(), factual_limit=SOME),
+    "plain": Variant("plain text parsed into the contract", lambda lm: PlainTextAdapter()),
     "two_step_schema": Variant("two-step: free reply, schema-constrained extraction",
-                               lambda lm: TwoStepSchemaAdapter(lm), factual_limit=SOME),
+                               lambda lm: TwoStepSchemaAdapter(lm)),
     "plain_first": Variant("plain first: first text field plain, the rest schema", lambda lm: PlainFirstAdapter()),
     "plain_first_few_shot": Variant("plain first + BootstrapFewShot demos (questions only)",
                                     lambda lm: PlainFirstAdapter(), few_shot=True),

@@ -136,6 +136,12 @@ class Envelope(BaseModel):
     def failed(self) -> bool:
         return self.failure is not None
 
+    @property
+    def moved_at(self) -> float:
+        """When the job last moved: its latest stage's end (its submit before its first). The message carrying
+        this envelope was sent no earlier."""
+        return max([t.started_at + t.seconds for t in self.timings], default=self.submitted_at)
+
     def pick(self, names: list[str], rename: dict[str, str] | None = None) -> dict[str, Any]:
         """The state fields a stage reads: contract field name <- state field name (present ones only)."""
         rename = rename or {}

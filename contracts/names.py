@@ -37,6 +37,9 @@ CHECKPOINT_KEY_PREFIX = KEY_PREFIX + "checkpoint:"
 CLAIM_KEY_PREFIX = KEY_PREFIX + "claim:"
 CANCEL_KEY_PREFIX = KEY_PREFIX + "cancel:"
 RATE_KEY_PREFIX = KEY_PREFIX + "rate:"
+# hash: a queue's Redis list -> the latest progress time (previous stage's end, or submit) of a message started
+# from it; the watchdog tells a job waiting behind a backlog from a lost one by it
+QUEUE_PROGRESS_KEY = KEY_PREFIX + "queues:started"
 WATCH_KEY = KEY_PREFIX + "watch"  # sorted set: unfinished job id -> deadline of its next progress
 JOBS_INDEX_KEY = KEY_PREFIX + "jobs"  # sorted set: job id -> submit time (listing, newest first; trimmed by age)
 TOKENS_KEY = KEY_PREFIX + "tokens"  # hash: SHA-256 of an API token -> its record (name, scopes, pipelines)

@@ -7,6 +7,7 @@ stopped; messages of older generations still in the broker are dropped when they
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -19,7 +20,7 @@ from contracts.connections import SENTINEL_SCHEME, SentinelSettings, redis_clien
 from contracts.envelope import ErrorRecord
 from contracts.errors import StagecoachError
 from contracts.jobs import requested_priority
-from contracts.names import DEFAULT_QUEUE, ROUTING_QUEUE, backlog_key, stage_queue
+from contracts.names import DEFAULT_QUEUE, QUEUE_PROGRESS_KEY, ROUTING_QUEUE, backlog_key, stage_queue
 from contracts.priority import queue_lists
 from routing.compile import Compiler
 from routing.errors import PipelineError
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 # errors that say the store is away for now, not that the job is bad: the job stays watched
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The queue lists that hold messages, and how far the least advanced of them has got: the latest
+    progress time (a job's previous stage end, or submit) of a message started from it (0.0: unknown, a
+    list no worker has recorded a start from)."""
+
+    lists: list[str]
+    reached: float
 
 
 class RecoveryError(PipelineError):
@@ -100,28 +111,48 @@ class Recovery:
         value: Any = result.result
         return str(value.get("state")) if isinstance(value, dict) else "failed"
 
-    def backlog(self) -> bool:
-        """Whether a routing or stage queue holds messages: one LLEN per queue, whatever the number of jobs
-        queued (reading the messages to find a job's would grow with the backlog). Always False on RabbitMQ,
-        which hands a dead consumer's messages back at once."""
+    def backlog(self) -> "Backlog | None":
+        """The queue lists that hold messages (None: none does): one LLEN per list, whatever the number of jobs
+        queued (reading the messages to find a job's would grow with the backlog), and how far the lists
+        that hold messages have got (the workers record it as they start messages). Always None on
+        RabbitMQ, which hands a dead consumer's messages back at once."""
         if scheme_of(str(self.app.conf.broker_url)) not in ("redis", "rediss", SENTINEL_SCHEME):
-            return False
+            return None
         broker = redis_client(str(self.app.conf.broker_url), self.sentinel)
         pipe = broker.pipeline(transaction=False)
         queues = [ROUTING_QUEUE, DEFAULT_QUEUE, *(stage_queue(name) for name in self.catalog.stages)]
-        for queue in [key for name in queues for key in queue_lists(name)]:  # one list per priority step
-            pipe.llen(queue)
-        return any(int(n) for n in pipe.execute())
+        lists = [key for name in queues for key in queue_lists(name)]  # one list per priority step
+        for name in lists:
+            pipe.llen(name)
+        waiting = [name for name, length in zip(lists, pipe.execute(), strict=True) if int(length)]
+        if not waiting:
+            return None
+        reached = self.checkpoints.client.hmget(QUEUE_PROGRESS_KEY, waiting)
+        return Backlog(waiting, min(float(r) if r else 0.0 for r in reached))
 
-    def waits_in_backlog(self, job_id: str, now: float) -> bool:
-        """A stalled job may be waiting behind a backlog rather than lost: it is given more time, for at most
-        `backlog_seconds` from the first sweep that found it so (then it is re-dispatched: a lost message
-        behind a backlog that never drains is recovered too, only later)."""
+    def waits_in_backlog(self, job_id: str, now: float, backlog: "Backlog") -> bool:
+        """A stalled job may be waiting behind a backlog rather than lost, unless every list that holds messages
+        has started messages sent well after the job last moved (each list is first in, first out: the
+        job's message would have started before them). A job that may be waiting is given more time: until
+        about when the lists' current wait says its message should start, for at most `backlog_seconds`
+        from the first sweep that found it so (then it is re-dispatched: a lost message behind a backlog
+        that never drains is recovered too, only later); its deadline is pushed here."""
+        moved = self.checkpoints.progress_at(job_id)
+        stall = self.checkpoints.stall
+        if moved + stall / 2 <= backlog.reached:  # half a stall: the time a message may take to go out
+            return False
         key = backlog_key(job_id)
         client = self.checkpoints.client
         client.set(key, now, nx=True, ex=int(self.backlog_seconds * 2) + 1)
         first = client.get(key)
-        return first is not None and now - float(first) < self.backlog_seconds
+        if first is None or now - float(first) >= self.backlog_seconds:
+            return False
+        # looked at again once the lists' current wait has passed for it (a backlog nothing drains: an eighth of
+        # the allowance later, so a deep backlog's jobs cost the sweep a few visits each, not one per stall)
+        expected = moved + (now - backlog.reached) + stall
+        deadline = min(max(expected, now + stall), now + max(stall, self.backlog_seconds / 8))
+        self.checkpoints.push_deadline(job_id, deadline)
+        return True
 
     def finish_cancelled(self, job_id: str) -> None:
         """A cancelled job that no stage will pick up again: it ends now, as cancelled."""
@@ -138,22 +169,20 @@ class Recovery:
 def sweep(recovery: Recovery) -> list[tuple[str, str]]:
     """One watchdog pass: every job past its deadline is closed, finished as cancelled, or re-dispatched;
     while the queues hold a backlog, a stalled job may be waiting in it, and is given more time (up to
-    STAGECOACH_WATCHDOG_BACKLOG_SECONDS). Its cost: one LLEN per queue, and a few round trips per stalled
-    job (a range of the watch index); a job waiting behind a backlog is looked at 8 times over the
-    allowance, not every stall period, and the queued messages are never read."""
+    STAGECOACH_WATCHDOG_BACKLOG_SECONDS) unless the lists' progress says its message is not among those
+    waiting. Its cost: one LLEN per queue list and one read of their progress, and a few round trips per
+    stalled job (a range of the watch index); a job waiting behind a backlog is looked at again when its
+    message should have started, at most 8 times over the allowance, and the queued messages are never read."""
     actions: list[tuple[str, str]] = []
     checkpoints = recovery.checkpoints
     now = time.time()
     stalled = checkpoints.stalled(now)
-    backlog = recovery.backlog() if stalled else False
+    backlog = recovery.backlog() if stalled else None
     for job_id in stalled:
         if checkpoints.is_finished(job_id) or recovery.result_state(job_id) is not None:
             checkpoints.unwatch(job_id)
             continue
-        if backlog and recovery.waits_in_backlog(job_id, now):
-            # looked at again an eighth of the allowance later, not every stall period: a deep backlog's
-            # jobs cost the sweep 8 visits each (a step that starts moves the deadline itself)
-            checkpoints.push_deadline(job_id, now + max(checkpoints.stall, recovery.backlog_seconds / 8))
+        if backlog is not None and recovery.waits_in_backlog(job_id, now, backlog):
             continue
         actions.append((job_id, _act(recovery, job_id)))
     return actions

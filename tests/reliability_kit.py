@@ -15,7 +15,7 @@ import redis
 
 from cli.stack import redis_binary
 from contracts.deadletters import DeadLetter
-from contracts.names import DEAD_LETTER_KEY, ROUTING_QUEUE, stage_queue
+from contracts.names import DEAD_LETTER_KEY, ROUTING_QUEUE, WATCH_KEY, stage_queue
 from tests.services import Fleet, default_catalog, free_port, reachable, worker_env
 
 JSON = "application/json"
@@ -118,3 +118,32 @@ def restartable_redis(password: str | None = None) -> Iterator[RestartableRedis]
         yield server
     finally:
         server.stop()
+
+
+def post_mortem(redis_url: str, job_id: str, logdir: Path, lines: int = 60) -> str:
+    """What Redis and the fleet's logs hold about one job: every key naming it (with its content) and the log
+    lines that mention it. Printed when a chaos run loses sight of a job, so the failure explains itself."""
+    db = redis.Redis.from_url(redis_url, decode_responses=True)
+    report = [f"--- post-mortem of job {job_id}"]
+    for key in sorted(db.scan_iter(match=f"*{job_id}*")):
+        report.append(f"{key!s} ({db.type(key)!s}, ttl {db.ttl(key)}): {_key_content(db, str(key))[:2000]}")
+    report.append(f"watch score: {db.zscore(WATCH_KEY, job_id)}")
+    for path in sorted(logdir.glob("*.out")) + sorted(logdir.glob("*.log")):
+        hits = [line for line in path.read_text(errors="replace").splitlines() if job_id in line]
+        report.extend(f"{path.name}: {line[:400]}" for line in hits[:lines])
+    return "\n".join(report)
+
+
+def _key_content(db: redis.Redis, key: str) -> str:
+    kind = str(db.type(key))
+    if kind == "string":
+        return str(db.get(key))
+    if kind == "hash":
+        return json.dumps(db.hgetall(key))
+    if kind == "list":
+        return json.dumps(db.lrange(key, 0, -1))
+    if kind == "stream":
+        return json.dumps([fields for _, fields in db.xrange(key) or []])
+    if kind == "zset":
+        return json.dumps(db.zrange(key, 0, -1, withscores=True))
+    return kind

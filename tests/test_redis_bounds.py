@@ -5,7 +5,9 @@
 - a Redis at maxmemory (noeviction) refuses writes: submitting is a clear error and writes nothing; a
   stage step whose checkpoint is refused leaves nothing half-written, and the job finishes once Redis
   takes writes again (re-dispatched by the watchdog, or its message handed back);
-- the watchdog gives a stalled job more time while the queues hold a backlog, for a bounded time.
+- the watchdog gives a stalled job more time while the queues hold a backlog, for a bounded time, unless
+  the lists that hold messages have started messages sent after the job last moved (then its message is
+  lost, not waiting, and it is re-dispatched at once).
 The 10,000-job version is the `scale` benchmark."""
 
 import subprocess
@@ -19,7 +21,8 @@ import pytest
 import redis
 
 from bench.budget import measure
-from contracts.names import WATCH_KEY, checkpoint_key, job_key, stage_queue
+from contracts.names import QUEUE_PROGRESS_KEY, WATCH_KEY, checkpoint_key, job_key, stage_queue
+from contracts.priority import queue_lists
 from routing.client import Client
 from routing.errors import RedisFullError
 from routing.recovery import Recovery, sweep
@@ -135,4 +138,30 @@ def test_a_stalled_job_waits_behind_a_backlog_for_a_bounded_time(client: Client,
         assert acted == ["re-dispatched (generation 1)"]  # the allowance is over: treated as lost
     finally:
         db.delete(stage_queue("rel_limited"))
+    assert client.handle(job_id).get(timeout=60).ok
+
+
+def test_a_lost_job_is_redispatched_at_once_when_every_backlogged_list_has_moved_past_it(
+        client: Client, private_redis: str) -> None:
+    """Each Redis list is first in, first out: a list whose workers have started messages sent after the
+    stalled job last moved does not hold the job's message, so its backlog gives the job no more time.
+    The workers record how far each list has got as they start messages (checked on a real job first)."""
+    db = redis.Redis.from_url(private_redis)
+    assert client.submit("qa", {"question": "How far has the queue got?"}).get(timeout=60).ok
+    recorded = {name.decode() for name in db.hkeys(QUEUE_PROGRESS_KEY)}  # by the begins, one list per priority
+    assert recorded & set(queue_lists(stage_queue("key_terms"))), recorded
+    job_id = uuid.uuid4().hex
+    request = {"pipeline": "qa", "inputs": {"question": "Lost behind a moving backlog?"}}
+    first, _, pinned = start_envelope(client.runtime.catalog, request, job_id)
+    ledger = Ledger(client.app, db, client.runtime.catalog, 3600, STALL)
+    ledger.start(first, request, pinned, "client", "test", final=True)  # recorded, never sent: it is lost
+    recovery = Recovery(client.app, client.runtime.catalog, ledger, backlog_seconds=3600)
+    db.lpush(stage_queue("rel_limited"), "a message nobody consumes here")  # a backlog...
+    try:
+        time.sleep(STALL + 0.2)
+        db.hset(QUEUE_PROGRESS_KEY, stage_queue("rel_limited"), time.time())  # ...that started later messages
+        assert (job_id, "re-dispatched (generation 1)") in sweep(recovery)  # at once, not after 3600 s
+    finally:
+        db.delete(stage_queue("rel_limited"))
+        db.hdel(QUEUE_PROGRESS_KEY, stage_queue("rel_limited"))
     assert client.handle(job_id).get(timeout=60).ok

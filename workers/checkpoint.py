@@ -28,6 +28,7 @@ from contracts.envelope import Envelope, StageTiming, Usage
 from contracts.events import JobFinished, JobQueued, StagecoachEvent, StageStarted
 from contracts.names import (
     JOBS_INDEX_KEY,
+    QUEUE_PROGRESS_KEY,
     WATCH_KEY,
     cancel_key,
     checkpoint_key,
@@ -39,6 +40,7 @@ from contracts.names import (
     open_jobs_key,
     pipeline_jobs_key,
 )
+from contracts.priority import PRIORITY_STEPS, queue_lists
 from workers.eventlog import APPEND_EACH_LUA, APPEND_LUA, EventLog
 
 
@@ -166,13 +168,22 @@ return 1
 
 
 # The start of a stage step in one round trip (it runs on every stage call, so round trips count):
-# KEYS checkpoint, claim, deliveries, cancel, watch, job status, job event stream, fleet event stream
+# KEYS checkpoint, claim, deliveries, cancel, watch, job status, job event stream, fleet event stream, the
+#      queues' progress
 # ARGV generation, owner, claim ttl, ttl, redelivered (0/1), done field, deadline, job id, the event's
-#      bounds, type and JSON (StageStarted), then field/value pairs of the job's status for a step that runs
+#      bounds, type and JSON (StageStarted), the Redis list the message came from ('' when unknown), the
+#      message's progress time (its job's previous stage end, or submit), now, then field/value pairs of the
+#      job's status for a step that runs
 # -> {begin, deliveries, cancelled (0/1), done record or false}
 _BEGIN = APPEND_LUA + """
+if ARGV[13] ~= '' then  -- the watchdog tells a job waiting in a queue from a lost one by this (routing/recovery.py)
+  local seen = tonumber(redis.call('HGET', KEYS[9], ARGV[13]) or '0')
+  if tonumber(ARGV[14]) > seen then redis.call('HSET', KEYS[9], ARGV[13], ARGV[14]) end
+  redis.call('EXPIRE', KEYS[9], ARGV[4])
+end
 local generation = tonumber(redis.call('HGET', KEYS[1], 'generation') or '0')
 if tonumber(ARGV[1]) < generation then return {'stale', 0, 0, false} end
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'progress_at', ARGV[15]) end
 local deliveries = redis.call('INCR', KEYS[3])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
 local owner = 'running:' .. ARGV[2]
@@ -186,8 +197,8 @@ local done = redis.call('HGET', KEYS[1], ARGV[6])
 if cancelled == 0 and not done then
   redis.call('ZADD', KEYS[5], 'XX', ARGV[7], ARGV[8])
   append(KEYS[7], KEYS[8], ARGV[9], ARGV[10], ARGV[4], ARGV[11], ARGV[12])
-  if #ARGV > 12 then
-    redis.call('HSET', KEYS[6], unpack(ARGV, 13))
+  if #ARGV > 15 then
+    redis.call('HSET', KEYS[6], unpack(ARGV, 16))
     redis.call('EXPIRE', KEYS[6], ARGV[4])
   end
 end
@@ -277,6 +288,17 @@ def delivery(task: Task) -> tuple[str, bool]:
     return str(task.request.id), bool(info.get("redelivered"))
 
 
+def source_list(task: Task) -> str:
+    """The Redis list the broker took this message from: kombu keeps one per queue and priority step, named by
+    the routing key (the queue) and the message's priority ('' when the delivery does not say)."""
+    info = task.request.delivery_info or {}
+    queue = info.get("routing_key")
+    if not queue:
+        return ""
+    step = min(max(int(info.get("priority") or 0), PRIORITY_STEPS[0]), PRIORITY_STEPS[-1])
+    return queue_lists(str(queue))[step]
+
+
 @dataclass(frozen=True)
 class Start:
     """What a job starts from, as the ledger records it before the job's first message is sent."""
@@ -352,7 +374,20 @@ class Checkpoints:
         return int(raw) if raw else 0
 
     def next_generation(self, job_id: str) -> int:
-        return int(self.client.hincrby(checkpoint_key(job_id), "generation", 1))
+        """The job's generation moved on (a re-dispatch): its first message goes out now, its progress time."""
+        pipe = self.client.pipeline()
+        pipe.hincrby(checkpoint_key(job_id), "generation", 1)
+        pipe.hset(checkpoint_key(job_id), "progress_at", time.time())
+        return int(pipe.execute()[0])
+
+    def progress_at(self, job_id: str) -> float:
+        """When the job last moved (a step began or was saved, a re-dispatch, else its submit): its current
+        message went out no earlier than shortly before this."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(checkpoint_key(job_id), ["progress_at", "updated_at"])
+        pipe.hget(job_key(job_id), "submitted_at")
+        times, submitted = pipe.execute()
+        return max([float(t) for t in times if t] + [float(json.loads(submitted)) if submitted else 0.0])
 
     def unwatch(self, job_id: str) -> None:
         self.client.zrem(WATCH_KEY, job_id)
@@ -383,18 +418,21 @@ class Checkpoints:
     # --- once-only steps ---------------------------------------------------------------------------
 
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
-              deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
+              deadline: float, status: dict[str, str], started: StageStarted, source: str = "") -> Begun:
         """Claim (job, generation, step) for the message `owner` (its task id); `step` names the node path
         and attempt. The broker handing the same message back (`redelivered`: its consumer died, or the
         visibility timeout passed) takes over its own claim; any other copy is a duplicate. Also what
         the step needs to know before it runs (cancelled? done by an earlier generation?), and for a
         step that runs: its deadline in the watch index and `status` (encoded job-status fields)
-        written and its `started` event appended. One round trip."""
+        written and its `started` event appended. `source`: the Redis list the message came from; the job's
+        progress time goes into that list's progress, and the time of this step into the job's checkpoint,
+        for the watchdog to tell a job waiting in a queue from a lost one. One round trip."""
         key = claim_key(job.job_id, f"{job.generation}:{step}")
         keys = [checkpoint_key(job.job_id), key, deliveries_key(key), cancel_key(job.job_id), WATCH_KEY,
-                job_key(job.job_id), *self.events.script_keys(job.job_id)]
+                job_key(job.job_id), *self.events.script_keys(job.job_id), QUEUE_PROGRESS_KEY]
         args: list[Any] = [job.generation, owner, max(int(ttl), 1), self.ttl, int(redelivered), f"done:{path}",
-                           deadline, job.job_id, *self.events.script_args(started)]
+                           deadline, job.job_id, *self.events.script_args(started), source, job.moved_at,
+                           started.at]
         for field, value in status.items():
             args += [field, value]
         begin, deliveries, cancelled, done = self._begin(keys=keys, args=args)

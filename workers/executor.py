@@ -21,7 +21,7 @@ from contracts.events import StagecoachEvent
 from contracts.names import stage_queue, stage_task
 from contracts.specs import StageNode, StageSpec
 from workers import outcome
-from workers.checkpoint import BROKER_DOWN, Begin, Begun, Claim, Done, delivery
+from workers.checkpoint import BROKER_DOWN, Begin, Begun, Claim, Done, delivery, source_list
 from workers.errors import PermanentStageError, StageError, StageTimeoutError
 from workers.jobs import JobStore, running_fields
 from workers.ledger import Closer, Closing, Finish, Ledger
@@ -139,7 +139,8 @@ class StageExecutor:
         # the step's lease: its job's deadline stays one lease ahead while this worker runs it (workers/lease.py)
         begun = ledger.begin(call.job, f"{call.path}#{call.attempt}", call.path, self.hard_limit,
                              *delivery(call.task), report.at + ledger.lease_seconds,
-                             running_fields(call.path, self.spec.name), outcome.started(report))
+                             running_fields(call.path, self.spec.name), outcome.started(report),
+                             source_list(call.task))
         if begun.claim.begin is not Begin.RUN:
             raise Ignore()  # a redelivery or a stale generation: another delivery carries the job on
         with ledger.leased(call.job.job_id, until=report.at + self.hard_limit):

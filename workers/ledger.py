@@ -163,8 +163,8 @@ class Ledger:
     # --- steps ----------------------------------------------------------------------------------
 
     def begin(self, job: Envelope, step: str, path: str, ttl: float, owner: str, redelivered: bool,
-              deadline: float, status: dict[str, str], started: StageStarted) -> Begun:
-        return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status, started)
+              deadline: float, status: dict[str, str], started: StageStarted, source: str = "") -> Begun:
+        return self.checkpoints.begin(job, step, path, ttl, owner, redelivered, deadline, status, started, source)
 
     def leased(self, job_id: str, until: float) -> AbstractContextManager[None]:
         """The job's lease renewed while a step it claimed runs (workers/lease.py), up to `until`."""

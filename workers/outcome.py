@@ -48,8 +48,7 @@ def waited(job: Envelope, now: float) -> float:
     """Seconds since the job's latest stage ended (since it was submitted, before its first): the checkpoint,
     the hop through the broker and the wait in the queue. The monitor's queue waits come from this, off the
     event log, so replicas of the monitor count each once (Celery's task events are Flower's)."""
-    ends = [t.started_at + t.seconds for t in job.timings]
-    return max(0.0, now - max(ends, default=job.submitted_at))
+    return max(0.0, now - job.moved_at)
 
 
 def ended(report: StepReport, done: Envelope) -> StageOutcome:

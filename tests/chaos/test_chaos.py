@@ -25,7 +25,8 @@ import pytest
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client, JobHandle
-from tests.reliability_kit import RestartableRedis, catalog_paths, restartable_redis
+from routing.errors import JobTimeoutError
+from tests.reliability_kit import RestartableRedis, catalog_paths, post_mortem, restartable_redis
 from tests.services import Fleet, Worker, client_for, private_redis, worker_env
 from tests.services import test_lm as start_test_lm
 
@@ -33,6 +34,8 @@ STAGECOACH = str(Path(sys.executable).with_name("stagecoach"))
 STAGES = ("key_terms", "answer")
 CHAOS_ENV = {"STAGECOACH_STAGE_TIME_LIMIT": "5", "STAGECOACH_VISIBILITY_TIMEOUT": "10",
              "STAGECOACH_WATCHDOG_STALL_SECONDS": "5", "STAGECOACH_WATCHDOG_INTERVAL": "1"}
+
+SETTLE = 3.0  # seconds after its start before a worker's pool children are fair game
 
 
 class Chaos:
@@ -44,6 +47,7 @@ class Chaos:
         self.serial = 0
         self.watchdog_log = logdir / "watchdog.out"
         self.watchdog: subprocess.Popen[bytes] | None = None
+        self.started: dict[str, float] = {}  # worker name -> when it was started (monotonic)
 
     def start(self) -> None:
         self.fleet.start("routing", [ROUTING_QUEUE], concurrency=6)
@@ -57,13 +61,17 @@ class Chaos:
 
     def add(self, stage: str, pool: str) -> Worker:
         self.serial += 1
-        return self.fleet.start(f"{stage}-{pool}-{self.serial}", [stage_queue(stage)], pool=pool,
-                                concurrency=4 if pool == "threads" else 2)
+        name = f"{stage}-{pool}-{self.serial}"
+        self.started[name] = time.monotonic()
+        return self.fleet.start(name, [stage_queue(stage)], pool=pool, concurrency=4 if pool == "threads" else 2)
 
     def kill(self, stage: str, pool: str, target: str) -> str:
-        """SIGKILL a worker's main process (a replacement starts) or one of its pool children."""
+        """SIGKILL a worker's main process (a replacement starts) or one of its pool children. A child is
+        killed only in a worker that finished starting: Celery exits with "Could not start worker
+        processes" when a pool child dies during the pool's start (a supervisor would restart it)."""
         worker = next(w for w in self.fleet.workers if w.name.startswith(f"{stage}-{pool}-") and w.proc.poll() is None)
         if target == "child":
+            self.settle(worker)
             kids = pool_children(worker.proc.pid)
             if kids:
                 os.kill(random.choice(kids), signal.SIGKILL)
@@ -73,6 +81,11 @@ class Chaos:
         self.fleet.workers.remove(worker)
         self.add(stage, pool)
         return f"{worker.name} main process"
+
+    def settle(self, worker: Worker) -> None:
+        """Wait until `worker` has served for a while (its pool started), SETTLE seconds after it was started."""
+        self.fleet.wait_ready()
+        time.sleep(max(0.0, self.started.get(worker.name, 0.0) + SETTLE - time.monotonic()))
 
     def stop(self) -> None:
         if self.watchdog is not None:
@@ -113,6 +126,18 @@ def submit_all(client: Client, count: int, tag: str, pause: float = 0.0) -> list
     return handles
 
 
+def collect(handles: list[JobHandle], timeout: float, redis_url: str, logdir: Path) -> list[JobResult]:
+    """Every job's result; a job not finished within `timeout` fails the test with its post-mortem (its keys in
+    Redis and the log lines naming it), read before the private Redis goes away."""
+    results = []
+    for handle in handles:
+        try:
+            results.append(handle.get(timeout=timeout))
+        except JobTimeoutError:
+            pytest.fail(f"job {handle.id} not finished after {timeout}s\n{post_mortem(redis_url, handle.id, logdir)}")
+    return results
+
+
 def check_once(client: Client, results: list[JobResult], tag: str, submitted: int | None = None) -> None:
     """Every job submitted (`submitted`: how many the test meant to: a submit that raised in the submitter
     thread must not shrink the check) succeeded with its own answer, each stage exactly once in its result
@@ -146,7 +171,7 @@ def test_sigkills_of_stage_workers_lose_no_job_and_repeat_none(tmp_path: Path) -
             time.sleep(1.2)
             killed.append(chaos.kill(*plan[number % len(plan)]))
         submitter.join()
-        results = [h.get(timeout=240) for h in handles]
+        results = collect(handles, 240, url, tmp_path)
         seconds = time.monotonic() - started
         check_once(client, results, "Kill", 200)
         chaos.fleet.wait_ready()
@@ -175,7 +200,7 @@ def test_redis_restart_under_load_loses_and_repeats_nothing(tmp_path: Path) -> N
             restart(server)
             restarts += 1
         submitter.join()
-        results = [h.get(timeout=240) for h in handles]
+        results = collect(handles, 240, server.url, tmp_path)
         seconds = time.monotonic() - started
         check_once(client, results, "Restart", 100)
         assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
@@ -199,7 +224,7 @@ def test_lm_faults_429_and_500_every_job_ends(tmp_path: Path) -> None:
         client = client_for(url, lm, catalog_paths())
         started = time.monotonic()
         handles = submit_all(client, 100, "Faulty")
-        results = [h.get(timeout=240) for h in handles]  # a hang would raise JobTimeoutError here
+        results = collect(handles, 240, url, tmp_path)  # a hang fails here, with its post-mortem
         seconds = time.monotonic() - started
         failed = [r for r in results if not r.ok]
         for result in failed:
@@ -275,7 +300,7 @@ def test_killed_thread_pool_workers_jobs_finish_within_a_minute_with_defaults(tm
             killed.append(chaos.kill(STAGES[number % 2], "threads", "main"))
         last_fault = time.time()
         submitter.join()
-        results = [h.get(timeout=300) for h in handles]
+        results = collect(handles, 300, url, tmp_path)
         check_once(client, results, "Lease", 200)
         tail = recovery_figures("sigkill_defaults", results, last_fault, chaos, kills=len(killed))
         assert tail <= RECOVERY_BOUND, f"the last job ended {tail:.0f}s after the last kill"
@@ -295,7 +320,7 @@ def test_redis_restart_jobs_finish_within_a_minute_with_defaults(tmp_path: Path)
         server.start()
         last_fault = time.time()
         submitter.join()
-        results = [h.get(timeout=300) for h in handles]
+        results = collect(handles, 300, server.url, tmp_path)
         check_once(client, results, "Lease restart", 100)
         assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
         tail = recovery_figures("redis_restart_defaults", results, last_fault, chaos)
