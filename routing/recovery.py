@@ -7,7 +7,6 @@ stopped; messages of older generations still in the broker are dropped when they
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -34,16 +33,6 @@ log = logging.getLogger(__name__)
 # errors that say the store is away for now, not that the job is bad: the job stays watched
 OUTAGES = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 MAX_BACKOFF = 8  # a job re-dispatched again and again waits at most this many stall periods
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """The queue lists that hold messages, and how far the least advanced of them has got: the latest
-    progress time (a job's previous stage end, or submit) of a message started from it (0.0: unknown, a
-    list no worker has recorded a start from)."""
-
-    lists: list[str]
-    reached: float
 
 
 class RecoveryError(PipelineError):
@@ -111,10 +100,11 @@ class Recovery:
         value: Any = result.result
         return str(value.get("state")) if isinstance(value, dict) else "failed"
 
-    def backlog(self) -> "Backlog | None":
-        """The queue lists that hold messages (None: none does): one LLEN per list, whatever the number of jobs
-        queued (reading the messages to find a job's would grow with the backlog), and how far the lists
-        that hold messages have got (the workers record it as they start messages). Always None on
+    def backlog(self) -> float | None:
+        """How far the least advanced queue list that holds messages has got: the latest progress time (a job's
+        previous stage end, or submit) of a message the workers started from it (0.0: unknown). None when no
+        list holds messages. One LLEN per list, whatever the number of jobs queued (reading the messages to
+        find a job's would grow with the backlog), and one read of the lists' progress. Always None on
         RabbitMQ, which hands a dead consumer's messages back at once."""
         if scheme_of(str(self.app.conf.broker_url)) not in ("redis", "rediss", SENTINEL_SCHEME):
             return None
@@ -128,9 +118,9 @@ class Recovery:
         if not waiting:
             return None
         reached = self.checkpoints.client.hmget(QUEUE_PROGRESS_KEY, waiting)
-        return Backlog(waiting, min(float(r) if r else 0.0 for r in reached))
+        return min(float(r) if r else 0.0 for r in reached)
 
-    def waits_in_backlog(self, job_id: str, now: float, backlog: "Backlog") -> bool:
+    def waits_in_backlog(self, job_id: str, now: float, reached: float) -> bool:
         """A stalled job may be waiting behind a backlog rather than lost, unless every list that holds messages
         has started messages sent well after the job last moved (each list is first in, first out: the
         job's message would have started before them). A job that may be waiting is given more time: until
@@ -139,7 +129,7 @@ class Recovery:
         that never drains is recovered too, only later); its deadline is pushed here."""
         moved = self.checkpoints.progress_at(job_id)
         stall = self.checkpoints.stall
-        if moved + stall / 2 <= backlog.reached:  # half a stall: the time a message may take to go out
+        if moved + stall / 2 <= reached:  # half a stall: the time a message may take to go out
             return False
         key = backlog_key(job_id)
         client = self.checkpoints.client
@@ -149,7 +139,7 @@ class Recovery:
             return False
         # looked at again once the lists' current wait has passed for it (a backlog nothing drains: an eighth of
         # the allowance later, so a deep backlog's jobs cost the sweep a few visits each, not one per stall)
-        expected = moved + (now - backlog.reached) + stall
+        expected = moved + (now - reached) + stall
         deadline = min(max(expected, now + stall), now + max(stall, self.backlog_seconds / 8))
         self.checkpoints.push_deadline(job_id, deadline)
         return True
@@ -177,12 +167,12 @@ def sweep(recovery: Recovery) -> list[tuple[str, str]]:
     checkpoints = recovery.checkpoints
     now = time.time()
     stalled = checkpoints.stalled(now)
-    backlog = recovery.backlog() if stalled else None
+    reached = recovery.backlog() if stalled else None
     for job_id in stalled:
         if checkpoints.is_finished(job_id) or recovery.result_state(job_id) is not None:
             checkpoints.unwatch(job_id)
             continue
-        if backlog is not None and recovery.waits_in_backlog(job_id, now, backlog):
+        if reached is not None and recovery.waits_in_backlog(job_id, now, reached):
             continue
         actions.append((job_id, _act(recovery, job_id)))
     return actions
