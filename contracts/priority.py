@@ -25,3 +25,9 @@ def broker_priority(priority: int | None, redis_broker: bool) -> int:
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists kombu keeps for one queue, most urgent first (Redis broker)."""
     return [queue if step == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def priority_list(queue: str, priority: int | None) -> str:
+    """The Redis list kombu keeps for `queue`'s messages of broker priority `priority` (None: the default)."""
+    step = min(max(priority or 0, PRIORITY_STEPS[0]), PRIORITY_STEPS[-1])
+    return queue_lists(queue)[step]

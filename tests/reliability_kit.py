@@ -11,11 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from cli.stack import redis_binary
+from contracts.connections import redis_client
 from contracts.deadletters import DeadLetter
+from contracts.jobs import JobResult
 from contracts.names import DEAD_LETTER_KEY, ROUTING_QUEUE, WATCH_KEY, stage_queue
+from routing.client import JobHandle
+from routing.errors import JobTimeoutError
 from tests.services import Fleet, default_catalog, free_port, reachable, worker_env
 
 JSON = "application/json"
@@ -120,10 +125,22 @@ def restartable_redis(password: str | None = None) -> Iterator[RestartableRedis]
         server.stop()
 
 
+def collect(handles: list[JobHandle], timeout: float, redis_url: str, logdir: Path) -> list[JobResult]:
+    """Every job's result; a job not finished within `timeout` fails the test with its post-mortem (its keys in
+    Redis and the log lines naming it), read before the private Redis goes away."""
+    results = []
+    for handle in handles:
+        try:
+            results.append(handle.get(timeout=timeout))
+        except JobTimeoutError:
+            pytest.fail(f"job {handle.id} not finished after {timeout}s\n{post_mortem(redis_url, handle.id, logdir)}")
+    return results
+
+
 def post_mortem(redis_url: str, job_id: str, logdir: Path, lines: int = 60) -> str:
     """What Redis and the fleet's logs hold about one job: every key naming it (with its content) and the log
     lines that mention it. Printed when a chaos run loses sight of a job, so the failure explains itself."""
-    db = redis.Redis.from_url(redis_url, decode_responses=True)
+    db = redis_client(redis_url, decode_responses=True)
     report = [f"--- post-mortem of job {job_id}"]
     for key in sorted(db.scan_iter(match=f"*{job_id}*")):
         report.append(f"{key!s} ({db.type(key)!s}, ttl {db.ttl(key)}): {_key_content(db, str(key))[:2000]}")

@@ -40,7 +40,7 @@ from contracts.names import (
     open_jobs_key,
     pipeline_jobs_key,
 )
-from contracts.priority import PRIORITY_STEPS, queue_lists
+from contracts.priority import priority_list
 from workers.eventlog import APPEND_EACH_LUA, APPEND_LUA, EventLog
 
 
@@ -295,8 +295,7 @@ def source_list(task: Task) -> str:
     queue = info.get("routing_key")
     if not queue:
         return ""
-    step = min(max(int(info.get("priority") or 0), PRIORITY_STEPS[0]), PRIORITY_STEPS[-1])
-    return queue_lists(str(queue))[step]
+    return priority_list(str(queue), int(info.get("priority") or 0))
 
 
 @dataclass(frozen=True)

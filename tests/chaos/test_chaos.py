@@ -25,8 +25,7 @@ import pytest
 from contracts.jobs import JobResult
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import Client, JobHandle
-from routing.errors import JobTimeoutError
-from tests.reliability_kit import RestartableRedis, catalog_paths, post_mortem, restartable_redis
+from tests.reliability_kit import RestartableRedis, catalog_paths, collect, restartable_redis
 from tests.services import Fleet, Worker, client_for, private_redis, worker_env
 from tests.services import test_lm as start_test_lm
 
@@ -124,18 +123,6 @@ def submit_all(client: Client, count: int, tag: str, pause: float = 0.0) -> list
         handles.append(client.submit("qa", {"question": f"{tag} {index}?"}))
         time.sleep(pause)
     return handles
-
-
-def collect(handles: list[JobHandle], timeout: float, redis_url: str, logdir: Path) -> list[JobResult]:
-    """Every job's result; a job not finished within `timeout` fails the test with its post-mortem (its keys in
-    Redis and the log lines naming it), read before the private Redis goes away."""
-    results = []
-    for handle in handles:
-        try:
-            results.append(handle.get(timeout=timeout))
-        except JobTimeoutError:
-            pytest.fail(f"job {handle.id} not finished after {timeout}s\n{post_mortem(redis_url, handle.id, logdir)}")
-    return results
 
 
 def check_once(client: Client, results: list[JobResult], tag: str, submitted: int | None = None) -> None:

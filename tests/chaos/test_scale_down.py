@@ -26,7 +26,7 @@ from contracts.catalog import load_catalog
 from contracts.names import ROUTING_QUEUE, stage_queue
 from routing.client import JobHandle
 from tests.chaos.test_chaos import CHAOS_ENV, STAGECOACH, check_once, figures, submit_all
-from tests.reliability_kit import catalog_paths, wait_for
+from tests.reliability_kit import catalog_paths, collect, wait_for
 from tests.services import client_for, private_redis, worker_env
 from tests.services import test_lm as start_test_lm
 from workers.settings import Settings
@@ -71,7 +71,7 @@ def started_tasks(worker: Worker) -> int:
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_sigterm_mid_burst_finishes_what_the_worker_holds_and_loses_nothing(pool: str) -> None:
     with private_redis() as url, start_test_lm("--latency-ms", "400") as lm, \
-            burst_fleet(url, lm, pool) as (_, victim, _):
+            burst_fleet(url, lm, pool) as (_, victim, logdir):
         client = client_for(url, lm, catalog_paths())
         handles: list[JobHandle] = []
         submitter = threading.Thread(target=lambda: handles.extend(submit_all(client, JOBS, "Term", 0.05)))
@@ -82,7 +82,7 @@ def test_sigterm_mid_burst_finishes_what_the_worker_holds_and_loses_nothing(pool
         code = victim.proc.wait(60)
         stop_seconds = time.monotonic() - stopped_at
         submitter.join()
-        results = [h.get(timeout=120) for h in handles]  # a lost message would wait 690 s: a timeout here
+        results = collect(handles, 120, url, logdir)  # a lost message would wait 690 s: a timeout here
         check_once(client, results, "Term")
         by_victim = sum(1 for r in results for t in r.timings if t.worker.startswith("key_terms-victim@"))
         figures(f"sigterm_{pool}", jobs=len(results), victim_stages=by_victim, stop_seconds=round(stop_seconds, 1),
@@ -105,7 +105,7 @@ def test_sigkill_after_a_short_grace_loses_nothing() -> None:
             victim.proc.send_signal(signal.SIGKILL)
             victim.proc.wait(10)
             started = time.monotonic()
-            results = [h.get(timeout=180) for h in handles]
+            results = collect(handles, 180, url, logdir)
             check_once(client, results, "Kill")
             redispatched = (logdir / "watchdog.out").read_text(errors="replace").count("re-dispatched")
             figures("sigkill_after_grace", jobs=len(results), seconds_after_kill=round(time.monotonic() - started, 1),

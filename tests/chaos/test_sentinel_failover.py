@@ -18,7 +18,7 @@ import pytest
 from contracts.jobs import JobResult
 from routing.client import Client, JobHandle
 from tests.chaos.test_chaos import DefaultFleet, check_once, figures
-from tests.reliability_kit import catalog_paths
+from tests.reliability_kit import catalog_paths, collect
 from tests.sentinel_kit import SentinelSet, sentinel_set
 from tests.services import client_for
 from tests.services import test_lm as start_test_lm
@@ -76,7 +76,7 @@ def test_killing_the_master_mid_burst_loses_and_repeats_no_job(tmp_path: Path) -
         new = sentinels.wait_failover(old)
         promoted_at = time.time()
         submitter.join()
-        results = [job.handle.get(timeout=300) for job in burst]
+        results = collect([job.handle for job in burst], 300, sentinels.url, tmp_path)
         check_once(client, results, "Failover")
         assert len(results) == JOBS
         assert chaos.alive(), [(w.name, w.proc.returncode) for w in chaos.fleet.workers]
